@@ -1,0 +1,367 @@
+"""The one typed schema of a kitdist run: dataclasses, YAML loading, `key=value` overrides, validation.
+
+A run is a `RunConfig` made of sections (`model`, `data`, `degrade`, `train`, `dist`, `storage`). YAML files
+under `configs/` hold values; the dataclasses below are the only place that says what may be set, with
+which type and default. Every error names the key and the file (or the command line) it came from:
+
+    >>> cfg = load_config("configs/pretrain/debug.yaml", ["train.lr=1e-4", "data.crop_size=64"])
+
+Validation that needs one section lives in its `__post_init__`; validation across sections (a batch that
+must split over workers, a crop that must suit the model) lives in `RunConfig.__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+# Inputs are padded to, and training crops must be, a multiple of this: patch size r=4 times 2^3 from the
+# three 2x downsamplings of the U-net.
+SPATIAL_MULTIPLE = 32
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and where it came from."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _fail(key: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}: {message}", key=key)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which KiT to build. `size` picks a row of the named-size table in `kitdist.model`; the fields set
+    to a value here override that row (None keeps the size's own value)."""
+
+    size: str = "debug"
+    attention_impl: Literal["reference", "sdpa"] = "sdpa"
+    checkpoint_activations: bool = False
+    patch_size: int | None = None  # r: a patch is r x r pixels
+    chunk_size: int | None = None  # k: patches per group (encoder/decoder stages)
+    hash_rounds: int | None = None  # b: independent LSH rounds, merged by log-sum-exp
+    num_buckets: int | None = None  # LSH buckets per round; None = N / k (rounded to even)
+    look_back: bool | None = None  # also attend to the previous chunk (Reformer's look-one-back)
+    eval_hash_seed: int = 0  # evaluation draws its rotations from this seed, so it is deterministic
+    fused_layernorm: bool = False  # apex FusedLayerNorm when importable
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "chunk_size", "hash_rounds", "num_buckets"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                _fail(f"model.{name}", f"must be >= 1, got {value}")
+        if self.num_buckets is not None and self.num_buckets % 2:
+            _fail("model.num_buckets", f"angular LSH needs an even bucket count, got {self.num_buckets}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DegradeConfig:
+    """Synthetic degradations for pre-training on clean images. Each enabled kind is applied with its
+    probability; sigma and quality are drawn per sample from the ranges."""
+
+    noise_prob: float = 1.0
+    noise_sigma: tuple[float, float] = (0.0, 50.0)  # Gaussian noise std on the 0-255 scale
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 3.0)  # Gaussian blur std in pixels
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple[int, int] = (30, 95)
+
+    def __post_init__(self) -> None:
+        for name in ("noise_prob", "blur_prob", "jpeg_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                _fail(f"degrade.{name}", f"is a probability in [0, 1], got {value}")
+        for name in ("noise_sigma", "blur_sigma", "jpeg_quality"):
+            low, high = getattr(self, name)
+            if low < 0 or high < low:
+                _fail(f"degrade.{name}", f"needs 0 <= low <= high, got [{low}, {high}]")
+        if self.jpeg_quality[1] > 100 or self.jpeg_quality[0] < 1:
+            _fail("degrade.jpeg_quality", f"JPEG quality lies in [1, 100], got {list(self.jpeg_quality)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where training and validation samples come from and how they are cut into batches.
+
+    Shard URLs point at a folder (or its `manifest.json`) written by `python -m kitdist.shards build`.
+    """
+
+    train_shards: str = ""
+    val_shards: str = ""
+    kind: Literal["clean", "paired"] = "clean"  # clean: degrade on the fly; paired: input/target shards
+    crop_size: int = 64
+    global_batch_size: int = 8
+    num_workers: int = 1  # DataLoader processes per training worker
+    shuffle_buffer: int = 64
+    mode: Literal["epoch", "resampled"] = "epoch"  # resampled: shards drawn with replacement, stateless
+    val_crop_size: int = 0  # 0: validate on whole images (padded to a multiple of 32)
+    max_val_samples: int = 0  # 0: all
+
+    def __post_init__(self) -> None:
+        if self.crop_size < SPATIAL_MULTIPLE or self.crop_size % SPATIAL_MULTIPLE:
+            _fail(
+                "data.crop_size", f"must be a positive multiple of {SPATIAL_MULTIPLE}, got {self.crop_size}"
+            )
+        if self.val_crop_size % SPATIAL_MULTIPLE or self.val_crop_size < 0:
+            _fail(
+                "data.val_crop_size",
+                f"must be 0 or a multiple of {SPATIAL_MULTIPLE}, got {self.val_crop_size}",
+            )
+        if self.global_batch_size < 1:
+            _fail("data.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
+        if self.num_workers < 0:
+            _fail("data.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            _fail("data.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The optimisation: steps, schedule, loss, precision, logging and checkpoint cadence."""
+
+    max_steps: int = 100
+    lr: float = 2e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 10
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accum_steps: int = 1
+    loss: Literal["charbonnier", "l1"] = "charbonnier"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    fused_optimizer: bool = False  # apex FusedAdam when importable
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 0  # 0: validate only at the end
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    init_weights: str = ""  # URL of weights.safetensors to start from (fine-tuning)
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                _fail(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            _fail("train.lr", f"needs 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            _fail(
+                "train.warmup_steps", f"must lie in [0, max_steps={self.max_steps}], got {self.warmup_steps}"
+            )
+        if self.grad_clip < 0:
+            _fail("train.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            _fail("train.betas", f"each beta lies in [0, 1), got {list(self.betas)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistConfig:
+    """How the work is spread: engine, ZeRO stage, workers and their resources, failure handling."""
+
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: int = 1
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 3  # worker-group restarts Ray Train may do before the run fails
+    ray_address: str = ""  # "" = RAY_ADDRESS from the environment, else a local cluster
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            _fail("dist.zero_stage", f"DeepSpeed ZeRO stages are 0, 1, 2 and 3, got {self.zero_stage}")
+        if self.num_workers < 1:
+            _fail("dist.num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker < 1:
+            _fail("dist.cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
+        if self.max_failures < 0:
+            _fail("dist.max_failures", f"must be >= 0, got {self.max_failures}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    """Where a run keeps its checkpoints and metrics. Credentials and endpoints never live here: S3 reads
+    AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY from the environment."""
+
+    root: str = "runs"  # a local folder, file:// or s3://bucket/prefix
+    run_name: str = "kit"
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            _fail("storage.root", "must name a folder or URL")
+        if not self.run_name or "/" in self.run_name:
+            _fail("storage.run_name", f"must be a non-empty name without '/', got {self.run_name!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A whole run: every section, with checks that span sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        per_step = self.dist.num_workers * self.train.grad_accum_steps
+        if self.data.global_batch_size % per_step:
+            _fail(
+                "data.global_batch_size",
+                f"{self.data.global_batch_size} does not split over dist.num_workers={self.dist.num_workers}"
+                f" x train.grad_accum_steps={self.train.grad_accum_steps}",
+            )
+        if self.train.precision == "fp16" and not self.dist.use_gpu:
+            _fail("train.precision", "fp16 needs a GPU (dist.use_gpu=true); use bf16 or fp32 on CPU")
+        if self.dist.strategy == "ddp" and self.dist.zero_stage > 0:
+            _fail(
+                "dist.zero_stage", "ZeRO is a DeepSpeed feature; set dist.zero_stage=0 with dist.strategy=ddp"
+            )
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Builds a RunConfig from an optional YAML file plus `section.key=value` overrides (YAML values)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+    overridden = {_apply_override(tree, item) for item in overrides}
+    try:
+        return from_dict(RunConfig, tree)
+    except ConfigError as err:
+        if err.key in overridden or path is None:
+            source = "command line"
+        else:
+            source = str(path)
+        raise ConfigError(f"{source}: {err}", key=err.key) from None
+
+
+def from_dict(cls: type, tree: dict[str, Any], prefix: str = "") -> Any:
+    """Turns a nested dict into dataclass `cls`, failing on unknown keys and wrong types."""
+    if not isinstance(tree, dict):
+        _fail(prefix.rstrip(".") or "<top>", f"expected a mapping, got {type(tree).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(tree) - names)
+    if unknown:
+        _fail(f"{prefix}{unknown[0]}", f"unknown key (known keys: {', '.join(sorted(names))})")
+    values = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in tree.items()}
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The plain-data form of a config (tuples as lists), as written beside every checkpoint."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> str:
+    """Sets one `a.b=value` in the nested tree; returns the dotted key."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {item!r}: empty key")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {key} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        node[keys[-1]] = raw
+    return ".".join(keys)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, f"{key}.")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        _fail(key, f"expected {_type_name(hint)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            _fail(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            _fail(key, f"expected a list of {len(args)} values, got {value!r}")
+        return tuple(
+            _coerce(arg, item, f"{key}[{i}]") for i, (arg, item) in enumerate(zip(args, value, strict=True))
+        )
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(key, f"expected a list, got {value!r}")
+        return [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+    return _coerce_scalar(hint, value, key)
+
+
+def _coerce_scalar(hint: Any, value: Any, key: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is Any:
+        return value
+    _fail(key, f"expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -1,0 +1,159 @@
+"""Storage helpers over fsspec: one way to reach a local path, `file://` or `s3://` URL.
+
+Everything that reads or writes run data (shards, manifests, checkpoints, metrics, coordinator state)
+goes through here, so that:
+- S3 endpoints and credentials come only from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+  AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), never from configs that end up in logs;
+- every network call has a timeout and bounded retries, so a dead endpoint fails with the URL named
+  instead of hanging;
+- writes are atomic: a reader sees the whole file or no file. Locally that is write-to-temp + rename;
+  on object stores a single PUT already publishes all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+# Bounded so that an unreachable endpoint or a wrong port fails in seconds, not minutes.
+_S3_CLIENT_CONFIG = {
+    "connect_timeout": 5,
+    "read_timeout": 60,
+    "retries": {"max_attempts": 4, "mode": "standard"},
+}
+
+
+class StorageError(OSError):
+    """A URL that cannot be reached, read or written; the message names the URL."""
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for `url`'s protocol, built from the environment only."""
+    if protocol_of(url) in ("s3", "s3a"):
+        options: dict[str, Any] = {"config_kwargs": dict(_S3_CLIENT_CONFIG)}
+        if os.environ.get("AWS_ENDPOINT_URL"):
+            options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+        return options
+    return {}
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for `url` and the path within it."""
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options(url))
+    except (ImportError, ValueError) as err:
+        raise StorageError(f"{url}: cannot open this URL ({err})") from err
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) in ("file", "local")
+
+
+def join(url: str, *parts: str) -> str:
+    """Appends path parts to a URL or local path with '/'."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return _call(url, fs.exists, path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = url_to_fs(url)
+    return _call(url, fs.cat_file, path)
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Writes `data` so that readers see either the old file, or none, or all of the new one."""
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        _call(url, fs.makedirs, fs._parent(path), exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except OSError as err:
+            _remove_quietly(temporary)
+            raise StorageError(f"{url}: cannot write ({err})") from err
+    else:
+        _call(url, fs.pipe_file, path, data)
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Uploads (or copies) a finished local file to `url` atomically."""
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        _call(url, fs.makedirs, fs._parent(path), exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            fs.cp_file(local_path, temporary)
+            os.replace(temporary, path)
+        except OSError as err:
+            _remove_quietly(temporary)
+            raise StorageError(f"{url}: cannot write ({err})") from err
+    else:
+        _call(url, fs.put_file, local_path, path)
+
+
+def list_names(url: str) -> list[str]:
+    """Names (not paths) directly under a folder URL; [] when it does not exist."""
+    fs, path = url_to_fs(url)
+    if not _call(url, fs.exists, path):
+        return []
+    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in _call(url, fs.ls, path, detail=False))
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = url_to_fs(url)
+    if _call(url, fs.exists, path):
+        _call(url, fs.rm, path, recursive=recursive)
+
+
+def check_writable(url: str) -> None:
+    """Fails fast, naming the URL, when a destination cannot take writes (bad bucket, credentials, path)."""
+    probe = join(url, f".kitdist-probe-{uuid.uuid4().hex[:8]}")
+    write_bytes(probe, b"ok")
+    remove(probe)
+
+
+def _call(url: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise StorageError(f"{url}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # botocore and aiohttp raise their own types for network failures
+        if type(err).__module__.split(".")[0] in ("botocore", "aiohttp", "aiobotocore", "s3fs"):
+            raise StorageError(f"{url}: {type(err).__name__}: {err}") from err
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
