@@ -106,4 +106,6 @@ class SeaweedS3:
                 last_error = err
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"SeaweedFS S3 not ready after {timeout:.0f}s ({last_error}); log: {self.log_path}")
+        raise TimeoutError(
+            f"SeaweedFS S3 not ready after {timeout:.0f}s ({last_error}); log: {self.log_path}"
+        )
