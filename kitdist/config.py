@@ -49,7 +49,7 @@ class ModelConfig:
     patch_size: int | None = None  # r: a patch is r x r pixels
     chunk_size: int | None = None  # k: patches per group (encoder/decoder stages)
     hash_rounds: int | None = None  # b: independent LSH rounds, merged by log-sum-exp
-    num_buckets: int | None = None  # LSH buckets per round; None = N / k (rounded to even)
+    num_buckets: int | None = None  # LSH buckets per round; None = N / k (rounded to even); 1 = no hashing
     look_back: bool | None = None  # also attend to the previous chunk (Reformer's look-one-back)
     eval_hash_seed: int = 0  # evaluation draws its rotations from this seed, so it is deterministic
     fused_layernorm: bool = False  # apex FusedLayerNorm when importable
@@ -59,8 +59,11 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 _fail(f"model.{name}", f"must be >= 1, got {value}")
-        if self.num_buckets is not None and self.num_buckets % 2:
-            _fail("model.num_buckets", f"angular LSH needs an even bucket count, got {self.num_buckets}")
+        if self.num_buckets is not None and self.num_buckets % 2 and self.num_buckets != 1:
+            _fail(
+                "model.num_buckets",
+                f"angular LSH needs an even bucket count (or 1: no hashing), got {self.num_buckets}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
