@@ -51,6 +51,8 @@ class ModelConfig:
     hash_rounds: int | None = None  # b: independent LSH rounds, merged by log-sum-exp
     num_buckets: int | None = None  # LSH buckets per round; None = N / k (rounded to even); 1 = no hashing
     look_back: bool | None = None  # also attend to the previous chunk (Reformer's look-one-back)
+    # order of patches inside an LSH bucket: "similarity" (one more random projection) or "position"
+    bucket_order: Literal["similarity", "position"] = "similarity"
     eval_hash_seed: int = 0  # evaluation draws its rotations from this seed, so it is deterministic
     fused_layernorm: bool = False  # apex FusedLayerNorm when importable
 

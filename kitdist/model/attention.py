@@ -104,6 +104,7 @@ class KNNLocalAttention(nn.Module):
         patch_size: r, a patch is r x r pixels. chunk_size: k, patches per group.
         hash_rounds: b, independent LSH rounds. num_buckets: per round; None = N/k rounded to even.
         look_back: keys also include the previous chunk of the sorted order (Reformer's look-one-back).
+        bucket_order: order inside a bucket, "similarity" (a further random projection) or "position".
         attention_impl: "reference" or "sdpa" (see the module docstring).
         eval_hash_seed: evaluation rotations come from this seed (mixed with layer_id), so eval is
             deterministic; training draws fresh rotations from the default generator every call.
@@ -119,6 +120,7 @@ class KNNLocalAttention(nn.Module):
         hash_rounds: int,
         num_buckets: int | None = None,
         look_back: bool = False,
+        bucket_order: str = "similarity",
         attention_impl: str = "sdpa",
         eval_hash_seed: int = 0,
         layer_id: int = 0,
@@ -130,9 +132,11 @@ class KNNLocalAttention(nn.Module):
             raise ValueError(
                 f"KLA: attention_impl must be one of {sorted(ATTENTION_IMPLS)}, got {attention_impl!r}"
             )
+        if bucket_order not in ("similarity", "position"):
+            raise ValueError(f"KLA: bucket_order must be 'similarity' or 'position', got {bucket_order!r}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.patch_size, self.chunk_size, self.hash_rounds = patch_size, chunk_size, hash_rounds
-        self.num_buckets, self.look_back = num_buckets, look_back
+        self.num_buckets, self.look_back, self.bucket_order = num_buckets, look_back, bucket_order
         self.eval_seed = eval_hash_seed * 1_000_003 + layer_id  # distinct, fixed rotations per layer
         self.attend = ATTENTION_IMPLS[attention_impl]
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -191,7 +195,7 @@ class KNNLocalAttention(nn.Module):
         descriptors = keys.permute(0, 2, 1, 3, 4).reshape(batch, heads, num_patches, pixels * head_dim)
         num_buckets = lsh.resolve_num_buckets(num_patches, self.chunk_size, self.num_buckets)
         radices = lsh.bucket_radices(num_buckets)
-        columns = sum(radix // 2 for radix in radices)
+        columns = lsh.num_rotation_columns(radices)
         rotations = lsh.draw_rotations(
             pixels * head_dim,
             heads,
@@ -200,8 +204,9 @@ class KNNLocalAttention(nn.Module):
             keys.device,
             None if self.training else self.eval_seed,
         )
-        codes = lsh.hash_codes(descriptors, rotations, radices, self.hash_rounds)
-        return lsh.group_by_codes(codes, self.chunk_size)
+        codes, projection = lsh.hash_codes(descriptors, rotations, radices, self.hash_rounds)
+        within_bucket = projection if self.bucket_order == "similarity" else None
+        return lsh.group_by_codes(codes, self.chunk_size, within_bucket)
 
     @staticmethod
     def _with_previous_chunk(t: torch.Tensor, sequences: int, num_chunks: int) -> torch.Tensor:

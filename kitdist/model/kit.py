@@ -69,6 +69,7 @@ class KTB(nn.Module):
             hash_rounds=size.hash_rounds,
             num_buckets=size.num_buckets,
             look_back=size.look_back,
+            bucket_order=cfg.bucket_order,
             attention_impl=cfg.attention_impl,
             eval_hash_seed=cfg.eval_hash_seed,
             layer_id=layer_id,
