@@ -89,22 +89,19 @@ def planted_photo_descriptors(photo_path, size: int = 64, r: int = 4) -> tuple[t
 def same_chunk_rate(
     planted: list, bucket_order: str, chunk_size: int = 4, draws: int = 100
 ) -> tuple[float, float]:
-    """How often the planted pair shares a chunk over random rotations, and the rate by chance."""
-    hits = total = 0
+    """How often the planted pair shares a chunk over random rotations (one draw = one hash round), and the
+    rate by chance."""
+    hits = 0
     for descriptors, source, target in planted:
         num_patches = descriptors.shape[2]
         radices = lsh.bucket_radices(lsh.resolve_num_buckets(num_patches, chunk_size, None))
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(draws):
-            shape = (1, descriptors.shape[-1], lsh.num_rotation_columns(radices))
-            codes, projection = lsh.hash_codes(
-                descriptors, torch.randn(shape, generator=generator), radices, 1
-            )
-            within = projection if bucket_order == "similarity" else None
-            slot_of = lsh.group_by_codes(codes, chunk_size, within).slot_of[0, 0, 0]
-            hits += int(slot_of[source] // chunk_size == slot_of[target] // chunk_size)
-            total += 1
-    return hits / total, (chunk_size - 1) / (num_patches - 1)
+        shape = (1, descriptors.shape[-1], draws * lsh.num_rotation_columns(radices))
+        rotations = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        codes, projection = lsh.hash_codes(descriptors, rotations, radices, draws)
+        within = projection if bucket_order == "similarity" else None
+        chunk_of = lsh.group_by_codes(codes, chunk_size, within).slot_of[0, 0] // chunk_size  # [draws, N]
+        hits += int((chunk_of[:, source] == chunk_of[:, target]).sum())
+    return hits / (draws * len(planted)), (chunk_size - 1) / (num_patches - 1)
 
 
 def test_planted_identical_patches_far_apart_share_a_chunk_far_more_often_than_chance(photo_paths):
