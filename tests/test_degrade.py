@@ -33,7 +33,9 @@ def test_blur_smooths_and_keeps_the_mean(photo):
 
 
 def test_jpeg_lowers_psnr_with_quality(photo):
-    psnr = {q: peak_signal_noise_ratio(photo, D.jpeg_compress(photo, q), data_range=1.0) for q in (10, 50, 95)}
+    psnr = {
+        q: peak_signal_noise_ratio(photo, D.jpeg_compress(photo, q), data_range=1.0) for q in (10, 50, 95)
+    }
     assert psnr[10] < psnr[50] < psnr[95] < 60
     assert psnr[10] > 20  # still the same picture
 
