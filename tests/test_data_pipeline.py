@@ -154,3 +154,37 @@ def test_kind_mismatch_names_the_key(clean_set):
     folder, _ = clean_set
     with pytest.raises(ConfigError, match="data.kind"):
         TrainStream(make_cfg(folder, kind="paired"), 0, 1)
+
+
+@pytest.fixture(scope="module")
+def paired_set(tmp_path_factory, photo_paths):
+    folder = str(tmp_path_factory.mktemp("paired"))
+    return folder, shardkit.write_set(folder, photo_paths, [8] * 4, kind="paired", tile=64)
+
+
+def test_paired_crops_are_aligned(paired_set):
+    folder, _ = paired_set
+    batch = next(iter(TrainStream(make_cfg(folder, kind="paired"), 0, 1)))
+    residual = (batch["input"] - batch["target"]) * 255  # the shards' inputs are target + N(0, 25), clipped
+    assert 18 < float(residual.std()) < 27  # misaligned crops would differ by image content, far more
+    assert abs(float(residual.mean())) < 3
+
+
+def test_paired_validation_gives_whole_pairs(paired_set):
+    folder, keys = paired_set
+    batches = list(val_batches(make_cfg(folder, kind="paired"), 0, 1))
+    assert [b["keys"][0] for b in batches] == keys
+    assert all(b["input"].shape == b["target"].shape == (1, 3, 64, 64) for b in batches)
+
+
+def test_resampled_mode_draws_shards_and_resumes_without_replaying(clean_set):
+    folder, keys = clean_set
+    cfg = make_cfg(folder, mode="resampled", num_workers=2)
+    stream = TrainStream(cfg, 0, 1)
+    first = take(stream, 20)
+    assert set(k for b in first for k in b["keys"]) <= set(keys)
+    assert (
+        Counter(k for b in first for k in b["keys"]).most_common(1)[0][1] > 2
+    )  # drawn with replacement: no epoch bounds it
+    resumed = take(TrainStream(cfg, 0, 1, resume=[stream.state_dict()]), 4)
+    assert flat(resumed) != flat(first[:4])  # a resumed run draws on, it does not start over

@@ -85,7 +85,7 @@ def split_name(name: str) -> tuple[str, str]:
 
 def tar_samples(stream: io.RawIOBase, on_damage: Any) -> Iterator[Sample]:
     """Groups consecutive tar members by key. A damaged tar ends the stream after its last whole sample
-    and calls on_damage(reason)."""
+    and calls on_damage(reason, unreadable)."""
     current: Sample | None = None
     try:
         with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|") as archive:
@@ -103,9 +103,9 @@ def tar_samples(stream: io.RawIOBase, on_damage: Any) -> Iterator[Sample]:
         if current is not None:
             yield current
     except ShardUnavailable as err:
-        on_damage(str(err))
+        on_damage(str(err), True)
     except (tarfile.TarError, EOFError, OSError) as err:
-        on_damage(f"damaged tar after {stream.offset} bytes: {type(err).__name__}: {err}")
+        on_damage(f"damaged tar after {stream.offset} bytes: {type(err).__name__}: {err}", False)
 
 
 def window_shuffle(samples: Iterator[Sample], window: int, rng: np.random.Generator) -> Iterator[Sample]:
@@ -153,6 +153,7 @@ class ShardCursor:
         self._at: tuple[int, int] | None = None
         self._stream: Iterator[Sample] | None = None
         self._next = 0
+        self._unreadable: set[tuple[int, int]] = set()  # (epoch, shard) given up on: not retried again
 
     def get(self, epoch: int, shard: int, offset: int) -> Sample | None:
         """The sample, or None when the shard has no readable sample at that offset."""
@@ -176,9 +177,14 @@ class ShardCursor:
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, shard, 0x5B0F])
         reader = RetryingReader(self.urls[shard], self.retries, self.max_wait_s)
 
-        def on_damage(reason: str) -> None:
+        def on_damage(reason: str, unreadable: bool) -> None:
             self.damaged[self.names[shard]] = reason
+            if unreadable:
+                self._unreadable.add((epoch, shard))
             log.error("shard %s: %s", self.urls[shard], reason)
 
-        self._stream = window_shuffle(tar_samples(reader, on_damage), self.window, rng)
         self._at, self._next = (epoch, shard), 0
+        if (epoch, shard) in self._unreadable:
+            self._stream = None
+            return
+        self._stream = window_shuffle(tar_samples(reader, on_damage), self.window, rng)
