@@ -17,20 +17,31 @@ from kitdist import storage
 from kitdist.shards.manifest import Manifest, ShardInfo, write_manifest
 
 
-def photo_tiles(photo_paths: list[Path], tile: int, count: int) -> list[tuple[str, np.ndarray]]:
-    """The first `count` non-overlapping tile x tile RGB tiles, photo after photo, named photo-row-col."""
+def photo_tiles(
+    photo_paths: list[Path], tile: int, count: int, repeat: bool = False
+) -> list[tuple[str, np.ndarray]]:
+    """The first `count` non-overlapping tile x tile RGB tiles, photo after photo, named photo-row-col;
+    with `repeat`, the photos are gone through again (keys get a -r<n> suffix) until there are enough."""
+    tiles = []
+    for lap in range(1000 if repeat else 1):
+        tiles += _tiles_of(photo_paths, tile, count - len(tiles), f"-r{lap}" if lap else "")
+        if len(tiles) == count:
+            return tiles
+    raise AssertionError(f"the photographs hold fewer than {count} tiles of {tile} px")
+
+
+def _tiles_of(photo_paths: list[Path], tile: int, count: int, suffix: str) -> list[tuple[str, np.ndarray]]:
     tiles = []
     for path in photo_paths:
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
         for top in range(0, pixels.shape[0] - tile + 1, tile):
             for left in range(0, pixels.shape[1] - tile + 1, tile):
-                tiles.append(
-                    (f"{path.stem}-{top:04d}-{left:04d}", pixels[top : top + tile, left : left + tile])
-                )
+                name = f"{path.stem}-{top:04d}-{left:04d}{suffix}"
+                tiles.append((name, pixels[top : top + tile, left : left + tile]))
                 if len(tiles) == count:
                     return tiles
-    raise AssertionError(f"the photographs hold fewer than {count} tiles of {tile} px")
+    return tiles
 
 
 def encode(pixels: np.ndarray, fmt: str = "png") -> bytes:
@@ -72,10 +83,11 @@ def write_set(
     tile: int = 96,
     fmt: str = "png",
     first_tile: int = 0,
+    repeat: bool = False,
 ) -> list[str]:
     """Writes shards with the given sample counts (and the manifest) under `folder`, a path or URL;
     returns every sample key in manifest order."""
-    tiles = photo_tiles(photo_paths, tile, first_tile + sum(shard_sizes))[first_tile:]
+    tiles = photo_tiles(photo_paths, tile, first_tile + sum(shard_sizes), repeat)[first_tile:]
     infos, keys = [], []
     for index, size in enumerate(shard_sizes):
         chunk, tiles = tiles[:size], tiles[size:]

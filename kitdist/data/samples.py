@@ -37,7 +37,8 @@ def decode_rgb(data: bytes, key: str) -> np.ndarray:
     """uint8 HWC RGB pixels of an encoded image."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
+            image.load()
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except Exception as err:  # PIL raises many types for bad data
         raise CorruptSample(f"sample {key!r}: cannot decode image ({type(err).__name__}: {err})") from None
 
