@@ -76,12 +76,14 @@ def build_sets(root: Path, samples: int, tile: int, s3_url: str) -> None:
         shardkit.write_set(target, photos, sizes, tile=tile, repeat=True)
 
 
-def best(fn, repeats: int) -> float:
-    return max(fn() for _ in range(repeats))
+def best(fn, repeats: int, *args) -> float:
+    return max(fn(*args) for _ in range(repeats))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--samples", type=int, default=400, help="samples in the shard set (20 per shard)")
     parser.add_argument("--tile", type=int, default=256, help="stored tile size in pixels (PNG)")
     parser.add_argument("--crop", type=int, default=128, help="training crop size (data.crop_size)")
@@ -98,13 +100,17 @@ def main() -> None:
             s3_url = f"s3://{BUCKET}/bench"
             build_sets(Path(scratch), args.samples, args.tile, s3_url)
             local = str(Path(scratch) / "local")
-            print(f"{args.samples} PNG tiles of {args.tile}px, crop {args.crop}, batch {args.batch}, {os.cpu_count()} cores")
-            print("| workers | decode-only local | pipeline local | pipeline S3 | pipeline/decode | S3/local |")
+            print(
+                f"{args.samples} PNG tiles of {args.tile}px, crop {args.crop}, batch {args.batch}, {os.cpu_count()} cores"
+            )
+            print(
+                "| workers | decode-only local | pipeline local | pipeline S3 | pipeline/decode | S3/local |"
+            )
             print("|---|---|---|---|---|---|")
             for workers in (1, 2):
-                limit = best(lambda: decode_only_rate(local, workers), args.repeats)
-                ours = best(lambda: pipeline_rate(local, workers, args.crop, args.batch), args.repeats)
-                remote = best(lambda: pipeline_rate(s3_url, workers, args.crop, args.batch), args.repeats)
+                limit = best(decode_only_rate, args.repeats, local, workers)
+                ours = best(pipeline_rate, args.repeats, local, workers, args.crop, args.batch)
+                remote = best(pipeline_rate, args.repeats, s3_url, workers, args.crop, args.batch)
                 print(
                     f"| {workers} | {limit:.0f}/s | {ours:.0f}/s | {remote:.0f}/s | {ours / limit:.0%} |"
                     f" {remote / ours:.0%} |"
