@@ -108,10 +108,16 @@ class DataConfig:
     num_workers: int = 1  # DataLoader processes per training worker
     shuffle_buffer: int = 64
     mode: Literal["epoch", "resampled"] = "epoch"  # resampled: shards drawn with replacement, stateless
-    val_crop_size: int = 0  # 0: validate on whole images (padded to a multiple of 32)
+    val_crop_size: int = 0  # 0: validate on whole images as they are (the model pads them)
     max_val_samples: int = 0  # 0: all
+    read_retries: int = 8  # reopen attempts of a shard whose connection fails, before it counts as unreadable
+    read_retry_max_wait_s: float = 10.0  # longest pause between attempts (they back off from 0.5 s)
 
     def __post_init__(self) -> None:
+        if self.read_retries < 0 or self.read_retry_max_wait_s < 0:
+            _fail("data.read_retries", "read_retries and read_retry_max_wait_s must be >= 0")
+        if self.max_val_samples < 0:
+            _fail("data.max_val_samples", f"must be >= 0, got {self.max_val_samples}")
         if self.crop_size < SPATIAL_MULTIPLE or self.crop_size % SPATIAL_MULTIPLE:
             _fail(
                 "data.crop_size", f"must be a positive multiple of {SPATIAL_MULTIPLE}, got {self.crop_size}"
