@@ -131,7 +131,10 @@ def _check_inputs(recipe_name: str, src: str | Path, out: str, splits: Sequence[
         )
     for split in missing:
         print(f"note: split {split} has no files under {source}; skipped", file=sys.stderr)
-    storage.check_writable(out)
+    try:
+        storage.check_writable(out)
+    except (OSError, FileNotFoundError) as err:  # StorageError, or a local parent that is missing
+        raise BuildError(f"--out {out}: cannot write there ({err})") from err
     return recipe, source, found
 
 
