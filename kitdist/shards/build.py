@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import random
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,11 +25,13 @@ import kitdist
 from kitdist import storage
 from kitdist.shards.manifest import MANIFEST_NAME, Manifest, ManifestError, Reject, ShardInfo, read_manifest
 from kitdist.shards.manifest import write_manifest as _write_manifest
+from kitdist.shards.parallel import WorkerPool
 from kitdist.shards.recipes import Recipe, SourceItem, list_split, load_recipe
 from kitdist.shards.samples import EncodeOptions, ProbedItem, RejectError, probe
-from kitdist.shards.writer import BUILD_DIR, ShardResult, ShardTask, read_sidecar, write_shard
+from kitdist.shards.writer import BUILD_DIR, ShardResult, ShardTask, publish_staged, read_sidecar, write_shard
 
 DEFAULT_SHARD_BYTES = 256 * 10**6
+_UPLOAD_THREADS = 4  # concurrent shard uploads to an object store; also the most shards staged locally
 
 
 class BuildError(ValueError):
@@ -91,7 +94,7 @@ def build_shards(
     options = _options(options, option_values)
     the_recipe, source, selected = _check_inputs(recipe, src, out, splits)
     manifests = {}
-    with _Pool(options.workers) as pool:
+    with WorkerPool(options.workers) as pool:
         for split, (items, list_rejects) in selected.items():
             target = split_url(out, the_recipe, split)
             manifests[split] = _build_split(
@@ -166,7 +169,7 @@ def _build_split(recipe, source, split, target, items, list_rejects, options, po
     return manifest
 
 
-def _probe_all(items: list[SourceItem], source: Path, options: BuildOptions, pool: _Pool, split: str):
+def _probe_all(items: list[SourceItem], source: Path, options: BuildOptions, pool: WorkerPool, split: str):
     probed, rejects = [], []
     jobs = [(item, source, options.encode) for item in items]
     bar = _bar(options, len(jobs), f"{split}: probing", "file")
@@ -254,22 +257,51 @@ def _remove_partials(target: str) -> None:
             storage.remove(storage.join(target, name))
 
 
-def _run_tasks(tasks: list[ShardTask], pool: _Pool, options: BuildOptions, split: str) -> list[ShardResult]:
+def _run_tasks(
+    tasks: list[ShardTask], pool: WorkerPool, options: BuildOptions, split: str
+) -> list[ShardResult]:
+    """Writes the shards not yet published; uploads to object stores overlap with encoding."""
     done = {task.name: read_sidecar(task) for task in tasks}
     todo = [task for task in tasks if done[task.name] is None]
-    skipped = len(tasks) - len(todo)
-    if skipped:
-        print(f"{split}: resuming: {skipped} of {len(tasks)} shards already published", file=sys.stderr)
-    planned = {task.name: sum(item.num_samples for item in task.items) for task in todo}
-    bar = _bar(options, sum(planned.values()), f"{split}: writing", "sample")
-    written_bytes = 0
-    for result in pool.imap_unordered(write_shard, todo):
-        done[result.name] = result
-        written_bytes += result.bytes
-        bar.update(planned[result.name])  # rejected samples count as done: the ETA stays honest
-        bar.set_postfix_str(f"{written_bytes / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.1f} MB/s")
-    bar.close()
+    if len(todo) < len(tasks):
+        print(
+            f"{split}: resuming: {len(tasks) - len(todo)} of {len(tasks)} shards already published",
+            file=sys.stderr,
+        )
+    progress = _WriteProgress(options, todo, split)
+    with ThreadPoolExecutor(max_workers=_UPLOAD_THREADS) as uploader:
+        uploads: deque = deque()
+        for result, staged in pool.bounded(write_shard, todo, ahead=2 * options.workers):
+            if staged is None:
+                done[result.name] = progress.finished(result)
+            else:
+                uploads.append(uploader.submit(publish_staged, todo[0].split_url, result, staged))
+            while uploads and (uploads[0].done() or len(uploads) > _UPLOAD_THREADS):
+                result = uploads.popleft().result()
+                done[result.name] = progress.finished(result)
+        for upload in uploads:
+            done[upload.result().name] = progress.finished(upload.result())
+    progress.close()
     return [done[task.name] for task in tasks]
+
+
+class _WriteProgress:
+    """Samples/s, MB/s and ETA of the shards being written (to stderr)."""
+
+    def __init__(self, options: BuildOptions, todo: list[ShardTask], split: str) -> None:
+        self.planned = {task.name: sum(item.num_samples for item in task.items) for task in todo}
+        self.bar = _bar(options, sum(self.planned.values()), f"{split}: writing", "sample")
+        self.bytes = 0
+
+    def finished(self, result: ShardResult) -> ShardResult:
+        self.bytes += result.bytes
+        self.bar.update(self.planned[result.name])  # rejected samples count as done: the ETA stays honest
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s")
+        return result
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _recorded_options(source: Path, options: BuildOptions, plan_fingerprint: str) -> dict:
@@ -295,31 +327,3 @@ def _bar(options: BuildOptions, total: int, description: str, unit: str) -> tqdm
     return tqdm(
         total=total, desc=description, unit=unit, file=sys.stderr, disable=not options.progress, smoothing=0.1
     )
-
-
-class _Pool:
-    """Worker processes (spawned: safe beside threads of Ray or torch), or in-process for one worker."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._pool = None
-
-    def __enter__(self) -> _Pool:
-        if self.workers > 1:
-            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-
-    def map(self, fn, jobs: list) -> Iterator:
-        if self._pool is None:
-            return map(fn, jobs)
-        return self._pool.imap(fn, jobs, chunksize=max(1, min(256, len(jobs) // (8 * self.workers) or 1)))
-
-    def imap_unordered(self, fn, jobs: list) -> Iterator:
-        if self._pool is None:
-            return map(fn, jobs)
-        return self._pool.imap_unordered(fn, jobs)

@@ -23,6 +23,7 @@ from kitdist.shards.samples import EncodeOptions, ProbedItem, RejectError, encod
 
 BUILD_DIR = "_build"  # sidecars of a build in progress; removed once the manifest is written
 TAR_MTIME = 946684800  # 2000-01-01: fixed so rebuilt shards are byte-identical
+_COPY_BUFFER = 8 << 20  # one write per image instead of one per 16 KiB
 
 
 @dataclass(frozen=True)
@@ -67,27 +68,51 @@ def read_sidecar(task: ShardTask) -> ShardResult | None:
     return result if result.fingerprint == task.fingerprint else None
 
 
-def write_shard(task: ShardTask) -> ShardResult:
-    """Encodes, writes and publishes one shard; runs in a worker process."""
+def write_shard(task: ShardTask) -> tuple[ShardResult, str | None]:
+    """Encodes and writes one shard; runs in a worker process.
+
+    A local destination is published here (rename, then sidecar) and None is returned with the result;
+    for object stores the finished file stays in a local temp file whose path is returned, and the
+    caller publishes it with `publish_staged` (uploads then overlap with encoding).
+    """
     destination = storage.join(task.split_url, task.name)
-    local_dir, publish = _staging(destination)
+    local_dir = _local_folder(destination)
     handle, temporary = tempfile.mkstemp(prefix=f"{task.name}.", suffix=".partial", dir=local_dir)
     try:
         with os.fdopen(handle, "wb") as raw:
             hashing = _HashingWriter(raw)
             samples, rejects = _write_tar(task, hashing)
-        if samples:
-            publish(temporary)
         result = ShardResult(task.name, task.fingerprint, samples, hashing.size, hashing.sha256(), rejects)
+        if local_dir is None:
+            return result, temporary
+        if samples:
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, os.path.join(local_dir, task.name))
     finally:
-        _remove_quietly(temporary)
-    storage.write_text(sidecar_url(task.split_url, task.name), json.dumps(asdict(result)))
+        if local_dir is not None:
+            _remove_quietly(temporary)
+    _write_sidecar(task.split_url, result)
+    return result, None
+
+
+def publish_staged(split_url: str, result: ShardResult, staged: str) -> ShardResult:
+    """Uploads a shard written by `write_shard` to an object store, then its sidecar."""
+    try:
+        if result.samples:
+            storage.put_file(staged, storage.join(split_url, result.name))
+    finally:
+        _remove_quietly(staged)
+    _write_sidecar(split_url, result)
     return result
+
+
+def _write_sidecar(split_url: str, result: ShardResult) -> None:
+    storage.write_text(sidecar_url(split_url, result.name), json.dumps(asdict(result)))
 
 
 def _write_tar(task: ShardTask, out: BinaryIO) -> tuple[int, list[tuple[str, str]]]:
     samples, rejects = 0, []
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT, copybufsize=_COPY_BUFFER) as tar:
         for probed in task.items:
             try:
                 encoded = encode(probed, Path(task.src), task.dataset, task.encode)
@@ -112,14 +137,14 @@ def _add_sample(tar: tarfile.TarFile, sample: dict[str, bytes | str]) -> None:
         tar.addfile(info, io.BytesIO(data))
 
 
-def _staging(destination: str):
-    """A local folder for the temporary file and the function that publishes it to `destination`."""
-    if storage.is_local(destination):
-        _, path = storage.url_to_fs(destination)
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        return folder, lambda temporary: os.replace(temporary, path)
-    return None, lambda temporary: storage.put_file(temporary, destination)
+def _local_folder(destination: str) -> str | None:
+    """The destination's local folder (temp files go beside it, publishing is a rename); None if remote."""
+    if not storage.is_local(destination):
+        return None
+    _, path = storage.url_to_fs(destination)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 class _HashingWriter(io.RawIOBase):
