@@ -178,3 +178,18 @@ def test_structural_checks_accept_real_files_and_refuse_damage(photo_paths):
             check_png(damaged)
     with pytest.raises(ValueError):
         check_jpeg(jpeg[: len(jpeg) - 5000])
+
+
+def test_header_sizes_match_pil(photo_paths, tmp_path):
+    from kitdist.shards.headers import image_size
+
+    progressive = tmp_path / "progressive.jpg"
+    Image.open(photo_paths[0]).convert("RGB").save(
+        progressive, progressive=True, exif=b"Exif\x00\x00" + b"x" * 9000
+    )
+    for path in [*photo_paths, progressive]:
+        with Image.open(path) as image:
+            assert image_size(path) == image.size
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\x00\x00garbage")
+    with pytest.raises(ValueError):
+        image_size(tmp_path / "bad.jpg")

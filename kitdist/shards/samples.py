@@ -17,10 +17,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from kitdist.shards.headers import PNG_SIGNATURE, image_size
 from kitdist.shards.recipes import SourceItem
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (PIL crop order)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COPIED_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 
 
@@ -82,9 +82,8 @@ def probe(item: SourceItem, src: Path, options: EncodeOptions) -> ProbedItem:
             num_bytes = path.stat().st_size
             if num_bytes == 0:
                 raise RejectError(f"{relative}: empty file (0 bytes)")
-            with Image.open(path) as image:
-                sizes.append(image.size)
-        except (OSError, Image.DecompressionBombError) as err:
+            sizes.append(image_size(path))
+        except (OSError, ValueError, struct.error, Image.DecompressionBombError) as err:
             raise RejectError(f"{relative}: cannot read image header ({_short(err)})") from None
         file_bytes.append(num_bytes)
     if len(set(sizes)) > 1:
@@ -172,13 +171,11 @@ def check_png(data: bytes) -> None:
 
 
 def check_jpeg(data: bytes) -> None:
-    """Start-of-image marker, a readable header and an end-of-image marker near the end."""
+    """Start-of-image marker and an end-of-image marker near the end (the header was read by `probe`)."""
     if not data.startswith(b"\xff\xd8"):
         raise ValueError("no JPEG start marker")
     if b"\xff\xd9" not in data[-4096:].rstrip(b"\x00"):
         raise ValueError("truncated: no JPEG end marker")
-    with Image.open(io.BytesIO(data)) as image:
-        image.size  # noqa: B018 - parsing the header is the check
 
 
 def decode_bytes(data: bytes) -> Image.Image:
