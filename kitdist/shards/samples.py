@@ -80,11 +80,11 @@ def probe(item: SourceItem, src: Path, options: EncodeOptions) -> ProbedItem:
         path = src / relative
         try:
             num_bytes = path.stat().st_size
-            if num_bytes == 0:
-                raise RejectError(f"{relative}: empty file (0 bytes)")
-            sizes.append(image_size(path))
+            sizes.append(image_size(path) if num_bytes else None)
         except (OSError, ValueError, struct.error, Image.DecompressionBombError) as err:
             raise RejectError(f"{relative}: cannot read image header ({_short(err)})") from None
+        if num_bytes == 0:
+            raise RejectError(f"{relative}: empty file (0 bytes)")
         file_bytes.append(num_bytes)
     if len(set(sizes)) > 1:
         shown = ", ".join(f"{role} {w}x{h}" for (role, _), (w, h) in zip(item.paths, sizes, strict=True))
