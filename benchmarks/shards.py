@@ -28,6 +28,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from kitdist import storage  # noqa: E402
 from kitdist.shards import build_shards  # noqa: E402
 from kitdist.shards.samples import tile_boxes  # noqa: E402
 
@@ -111,6 +112,7 @@ def measure_build(recipe: str, src: Path, out: str, workers: int, tile: int | No
         recipe, src, out, samples_per_shard=64, tile=tile, stride=stride, workers=workers, progress=False
     )
     seconds = time.perf_counter() - start
+    storage.remove(out, recursive=True)  # the next repeat builds from scratch
     return (
         seconds,
         sum(m.total_samples for m in manifests.values()),

@@ -180,3 +180,14 @@ def test_tiles_are_aligned_crops_of_input_and_target(photo_paths, tmp_path):
     width, height = load_rgb(src / provenance["source"]["input"]).size
     assert (provenance["source"]["input"], (width - 128, height - 128, width, height)) in boxes_seen
     assert len(samples) == len(boxes_seen) == manifests["train"].total_samples
+
+
+def test_build_help_explains_split_folders_and_every_layout(capsys):
+    from kitdist.shards.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build", "--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "OUT/<split>/" in text and "--tile" in text
+    assert all(f"  {recipe} (" in text for recipe in LAYOUTS)
+    assert "SRC/Data/<scene>/<id>_NOISY_SRGB_<n>.PNG" in text

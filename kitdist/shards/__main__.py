@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         "build",
         help="raw dataset -> shards",
         description=BUILD_HELP,
+        epilog=_recipe_layouts(),
         formatter_class=argparse.RawTextHelpFormatter,
     )
     build.add_argument("recipe", help="recipe name or path to a recipe .yaml")
@@ -106,6 +107,18 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("url")
     stats.set_defaults(run=_stats)
     return parser
+
+
+def _recipe_layouts() -> str:
+    from kitdist.shards.recipes import available_recipes, load_recipe
+
+    lines = ["recipes and the raw layouts they expect:"]
+    for name in available_recipes():
+        recipe = load_recipe(name)
+        splits = "OUT" if recipe.flat else ", ".join(f"OUT/{split}" for split in recipe.splits)
+        lines.append(f"  {name} ({recipe.kind}; writes {splits}):")
+        lines += [f"    {line}" for line in recipe.layout.strip().splitlines()]
+    return "\n".join(lines)
 
 
 def _build(args: argparse.Namespace) -> int:

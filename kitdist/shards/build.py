@@ -252,6 +252,8 @@ def _finished_manifest(target: str, plan_fingerprint: str, options: BuildOptions
 
 def _remove_partials(target: str) -> None:
     """Temporary files left by a killed local build (object stores never see partial shards)."""
+    if not storage.is_local(target):
+        return
     for name in storage.list_names(target):
         if name.endswith(".partial"):
             storage.remove(storage.join(target, name))
