@@ -150,3 +150,15 @@ def launch(cfg: RunConfig, paired: bool = False) -> Any:
     print(f"checkpoints: {result.checkpoint.path if result.checkpoint else run} (weights.safetensors inside)")
     print(f"metrics:     {storage.join(run, 'metrics', 'metrics.jsonl')} and TensorBoard events beside it")
     return result
+
+
+def run_or_exit(cfg: RunConfig, paired: bool) -> None:
+    """`launch` for the command line: a bad config, dataset or storage URL ends in one error line."""
+    import sys
+
+    from kitdist.shards.manifest import ManifestError
+
+    try:
+        launch(cfg, paired=paired)
+    except (ConfigError, ManifestError, storage.StorageError) as err:
+        sys.exit(f"error: {err}")
