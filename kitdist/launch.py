@@ -11,6 +11,7 @@ The loop reaches Ray only through `RaySession` below.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,22 @@ def ray_storage(url: str) -> tuple[str, Any]:
 
     fs, path = storage.url_to_fs(url)
     return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local relative paths made absolute: Ray workers run in another working directory."""
+
+    def absolute(url: str) -> str:
+        if not url or not storage.is_local(url):
+            return url
+        return os.path.abspath(url.removeprefix("file://"))
+
+    data = dataclasses.replace(
+        cfg.data, train_shards=absolute(cfg.data.train_shards), val_shards=absolute(cfg.data.val_shards)
+    )
+    train = dataclasses.replace(cfg.train, init_weights=absolute(cfg.train.init_weights))
+    store = dataclasses.replace(cfg.storage, root=absolute(cfg.storage.root))
+    return dataclasses.replace(cfg, data=data, train=train, storage=store)
 
 
 def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
@@ -125,6 +142,7 @@ def launch(cfg: RunConfig, paired: bool = False) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg = with_absolute_paths(cfg)
     check_launchable(cfg, paired=paired)
     connect_ray(cfg)
     storage_path, filesystem = ray_storage(cfg.storage.root)
