@@ -119,7 +119,8 @@ def connect_ray(cfg: RunConfig) -> None:
             ray.init(address=address, log_to_driver=True)
         else:
             need = cfg.dist.num_workers * cfg.dist.cpus_per_worker
-            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+            # "local": a new cluster of our own, never whichever one this machine happens to run.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
     _check_resources(cfg, ray.cluster_resources())
 
 
