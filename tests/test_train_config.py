@@ -33,7 +33,7 @@ def test_bad_config_names_the_key(override, key):
 
 def test_missing_dataset_url(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("train:\n  max_steps: 2\n")
+    config.write_text("train:\n  max_steps: 20\n")
     message = fails_with(pretrain_main, ["--config", str(config)])
     assert "data.train_shards" in message
 
@@ -55,8 +55,9 @@ def test_finetune_needs_pretrained_weights(tmp_path):
 def test_unreachable_storage_fails_fast_naming_the_url(tmp_path, monkeypatch):
     import time
 
-    from kitdist.pretrain import ensure_photo_shards
     from s3server import free_port
+
+    from kitdist.pretrain import ensure_photo_shards
 
     train_url, _ = ensure_photo_shards(str(tmp_path / "shards"))
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
