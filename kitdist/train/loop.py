@@ -201,13 +201,24 @@ def save_checkpoint(cfg, session, strategy, stream, step: int, metrics: dict[str
     print0(f"checkpoint {ckpt.checkpoint_name(step)} saved")
 
 
-@torch.no_grad()
 def validate(cfg: RunConfig, strategy: Strategy, session: Session) -> dict[str, Any]:
-    """PSNR/SSIM over each rank's part of the validation set, summed over ranks."""
-    from kitdist.data import val_batches
-
+    """PSNR/SSIM over each rank's part of the validation set, summed over ranks. RNG states are left as
+    they were, so validating (or not, e.g. at the end of a shorter run) never changes the training that
+    follows: a resumed run stays the run that would have happened."""
     if not cfg.data.val_shards:
         return {}
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[strategy.device] if strategy.device.type == "cuda" else []):
+        result = _validate(cfg, strategy, session)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    return result
+
+
+@torch.no_grad()
+def _validate(cfg: RunConfig, strategy: Strategy, session: Session) -> dict[str, Any]:
+    from kitdist.data import val_batches
+
     strategy.train(False)
     images = list(val_batches(cfg, session.rank, session.world_size))
     # ZeRO-3 gathers parameters inside forward, a collective: every rank runs as many forwards as the
