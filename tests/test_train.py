@@ -89,12 +89,14 @@ def test_zero2_resume_gives_the_uninterrupted_run(tmp_path, ray_cluster, photo_s
     train(root, "resumed", photo_shards, "train.max_steps=2", "dist.zero_stage=2")
     resumed = train(root, "resumed", photo_shards, "train.max_steps=4", "dist.zero_stage=2")
     assert sorted(losses(resumed)) == [1, 2, 3, 4]
+    # bf16 on 2 ranks: equal up to reduction noise (~1e-5 relative); another batch or a lost optimizer
+    # state would move the loss by percents and the weights by ~lr per step.
     for step, loss in losses(straight).items():
-        assert losses(resumed)[step] == pytest.approx(loss, rel=1e-6, abs=1e-7)
+        assert losses(resumed)[step] == pytest.approx(loss, rel=1e-3)
     a, b = final_weights(root, "straight", 4), final_weights(root, "resumed", 4)
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
     for record in resumed:
         assert 0 < record["val_psnr_rgb"] < 60 if "val_psnr_rgb" in record else True
 
