@@ -160,7 +160,9 @@ class KNNLocalAttention(nn.Module):
         qkv = self.qkv(patches).view(batch, num_patches, pixels, 3, heads, self.head_dim)
         qkv = qkv.permute(0, 1, 4, 3, 2, 5).contiguous()  # [B, N, h, 3, P, d]: one copy, gathered once
         bias = self.bias_table[:, self.bias_index]  # [h, P, P]
-        if self.chunk_size == 1 and not self.look_back:  # a patch alone: no grouping to do
+        if self.chunk_size == 1 and not self.look_back:
+            # k = 1 (the bottleneck): each patch attends to itself, whatever the hash; every round would
+            # give the same output and lse, so one round and no hashing compute exactly the merged result
             q, k, v = (qkv[:, :, :, i].flatten(0, 1) for i in range(3))  # each [B*N, h, P, d]
             out, _ = self.attend(q, k, v, bias, self.head_dim**-0.5, False)
             out = out.view(batch, num_patches, heads, pixels, self.head_dim)
@@ -175,10 +177,10 @@ class KNNLocalAttention(nn.Module):
         grouping = self._group(qkv[:, :, :, 1])
         num_padded = grouping.order.shape[-1]
         num_chunks, rounds = num_padded // self.chunk_size, self.hash_rounds
-        rows = lsh.sorted_row_index(grouping, num_patches, self.chunk_size, 3)  # [B, R, chunks, 3, h, k]
-        gathered = lsh.gather_rows(qkv.view(-1, pixels * head_dim), rows)  # [B, R, chunks, 3, h, k, P*d]
-        gathered = gathered.view(batch * rounds * num_chunks, 3, heads, self.chunk_size * pixels, head_dim)
-        sq, sk, sv = gathered.unbind(1)  # each a [B*R*chunks, h, k*P, d] view
+        rows = lsh.sorted_row_index(grouping, num_patches, self.chunk_size, 3)  # [3, B, R, chunks, h, k]
+        gathered = lsh.gather_rows(qkv.view(-1, pixels * head_dim), rows)  # [3, B, R, chunks, h, k, P*d]
+        gathered = gathered.view(3, batch * rounds * num_chunks, heads, self.chunk_size * pixels, head_dim)
+        sq, sk, sv = gathered.unbind(0)  # each a contiguous [B*R*chunks, h, k*P, d]
         if self.look_back and num_chunks > 1:
             sk, sv = (self._with_previous_chunk(t, batch * rounds, num_chunks) for t in (sk, sv))
         out, lse = self.attend(sq, sk, sv, bias, head_dim**-0.5, rounds > 1)

@@ -142,14 +142,15 @@ def gather_rows(source: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
 
 def sorted_row_index(grouping: Grouping, num_patches: int, chunk_size: int, num_parts: int) -> torch.Tensor:
     """Rows of a `[B, N, heads, parts]`-flattened tensor (parts: q, k, v) in sorted, chunked order:
-    `[B, rounds, chunks, parts, heads, k]`, so each part of the gathered rows is a `[.., heads, k, ..]` view."""
+    `[parts, B, rounds, chunks, heads, k]`, so each part of the gathered rows is contiguous (a strided part
+    would make every later copy, e.g. torch.cat, several times slower on CPU)."""
     order = grouping.order  # [B, h, R, Np]
     batch, heads, rounds, num_padded = order.shape
     batch_offset = torch.arange(batch, device=order.device).view(batch, 1, 1, 1) * num_patches
     head = torch.arange(heads, device=order.device).view(1, heads, 1, 1)
     rows = ((batch_offset + order) * heads + head) * num_parts  # [B, h, R, Np]: row of part 0
-    rows = rows.view(batch, heads, rounds, num_padded // chunk_size, 1, chunk_size).permute(0, 2, 3, 4, 1, 5)
-    parts = torch.arange(num_parts, device=order.device).view(1, 1, 1, num_parts, 1, 1)
+    rows = rows.view(1, batch, heads, rounds, num_padded // chunk_size, chunk_size).permute(0, 1, 3, 4, 2, 5)
+    parts = torch.arange(num_parts, device=order.device).view(num_parts, 1, 1, 1, 1, 1)
     return rows + parts
 
 
