@@ -15,8 +15,7 @@ gradients:
   kernels apply (a mask that needs a gradient sends PyTorch back to the unfused math path). The bias is
   folded into the dot product instead: queries carry their row of the P x P bias table and keys a one-hot
   of their pixel, so q'.k' = q.k + bias exactly. When rounds must be merged, one extra "sink" key with a
-  known logit (the query's own score, so the sink holds at most half the mass) and a one-hot value yields
-  each query's log-sum-exp from the fused output.
+  known logit and two extra value channels yield each query's log-sum-exp from the fused output.
 """
 
 from __future__ import annotations
@@ -53,44 +52,52 @@ def reference_attention(
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, need_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same as `reference_attention`, through one fused `scaled_dot_product_attention` call."""
-    head_dim, pixels = q.shape[-1], bias.shape[-1]
+    """The same as `reference_attention`, through one fused `scaled_dot_product_attention` call.
+
+    Bias: q gets its pixel's row of the P x P table (divided by scale), k a one-hot of its pixel, so
+    scale * q'.k' = scale * q.k + bias. Log-sum-exp: one extra "sink" key, the mean of the chunk's keys,
+    whose logit s0 = scale * q.mean(k) lies below the lse (Jensen) but not far below; v gets two extra
+    channels, 1 on real keys and 1 on the sink, so the fused output carries Z / (Z + e^s0) and
+    e^s0 / (Z + e^s0), each to full relative precision, and lse = s0 + log of their ratio. The identity
+    holds for any sink key, so values and gradients are exact.
+    """
+    batch_heads, head_dim, pixels = q.shape[:2], q.shape[-1], bias.shape[-1]
     queries, keys = q.shape[-2], k.shape[-2]
+    width = _kernel_width(head_dim + pixels, q.device)
     q_bias = (bias / scale).to(q.dtype).repeat(1, queries // pixels, 1)  # [h, L, P]: the query's bias row
     k_onehot = torch.eye(pixels, dtype=q.dtype, device=q.device).repeat(keys // pixels, 1)  # [S, P]
-    q_aug = torch.cat([q, q_bias.expand(q.shape[0], -1, -1, -1)], dim=-1)
-    k_aug = torch.cat([k, k_onehot.expand(*k.shape[:2], -1, -1)], dim=-1)
+    q_aug = _concat_last([q, q_bias.expand(*batch_heads, -1, -1)], width)
+    k_aug = _concat_last([k, k_onehot.expand(*batch_heads, -1, -1)], width)
     if not need_lse:
-        q_aug, k_aug, v = _pad_for_kernel(q_aug, k_aug, v)
-        out = F.scaled_dot_product_attention(q_aug, k_aug, v, scale=scale)
+        out = F.scaled_dot_product_attention(q_aug, k_aug, _concat_last([v], width), scale=scale)
         return out[..., :head_dim], None
-    # the sink's logit s0 is the query's own score: s0 <= lse, so the sink's share c lies in (0, 1/2]
-    self_score = (q * k[..., :queries, :]).sum(-1) * scale + bias[:, 0, 0].view(1, -1, 1)  # [X, h, L]
-    self_score = (self_score.detach() / scale).to(q.dtype)
-    q_aug = torch.cat([q_aug, self_score.unsqueeze(-1)], dim=-1)
-    k_aug = torch.cat([F.pad(k_aug, (0, 1)), _unit_row(k_aug, k_aug.shape[-1] + 1)], dim=-2)
-    v_aug = torch.cat([F.pad(v, (0, 1)), _unit_row(v, head_dim + 1)], dim=-2)
-    q_aug, k_aug, v_aug = _pad_for_kernel(q_aug, k_aug, v_aug)
+    mean_key = k.mean(dim=-2, keepdim=True)  # [X, h, 1, d]: the sink key
+    sink_logit = (q @ mean_key.transpose(-1, -2)).squeeze(-1).float() * scale  # [X, h, L]
+    k_aug = torch.cat([k_aug, _concat_last([mean_key], width)], dim=-2)
+    ones = v.new_ones(()).expand(*v.shape[:-1], 1)
+    sink_row = torch.zeros(width, dtype=v.dtype, device=v.device)
+    sink_row[head_dim + 1] = 1.0
+    v_aug = torch.cat([_concat_last([v, ones], width), sink_row.expand(*batch_heads, 1, -1)], dim=-2)
     out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=scale)
-    sink_share = out[..., head_dim].float().clamp(min=torch.finfo(torch.float32).tiny, max=0.75)
-    sink_logit = self_score.float() * scale
-    lse = sink_logit + torch.log1p(-sink_share) - torch.log(sink_share)
-    return out[..., :head_dim] / (1.0 - sink_share).unsqueeze(-1).to(out.dtype), lse
+    tiny = torch.finfo(torch.float32).tiny
+    real_share = out[..., head_dim].float().clamp(min=tiny)  # Z / (Z + e^s0)
+    sink_share = out[..., head_dim + 1].float().clamp(min=tiny)  # e^s0 / (Z + e^s0)
+    lse = sink_logit + torch.log(real_share) - torch.log(sink_share)
+    return out[..., :head_dim] / real_share.unsqueeze(-1).to(out.dtype), lse
 
 
-def _unit_row(like: torch.Tensor, width: int) -> torch.Tensor:
-    """One extra row `[X, h, 1, width]` that is zero except a 1 in its last column (the sink)."""
-    row = like.new_zeros((*like.shape[:2], 1, width))
-    row[..., -1] = 1.0
-    return row
+def _kernel_width(width: int, device: torch.device) -> int:
+    """One head size for q, k and v: fused kernels (CPU flash included) need them equal, else PyTorch
+    falls back to the unfused math path; CUDA kernels also want a multiple of 8."""
+    return -(-width // 8) * 8 if device.type == "cuda" else width
 
 
-def _pad_for_kernel(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """On CUDA, flash/memory-efficient kernels want one head size, a multiple of 8; CPU takes any."""
-    if tensors[0].device.type != "cuda":
-        return tensors
-    width = -(-max(t.shape[-1] for t in tensors) // 8) * 8
-    return tuple(F.pad(t, (0, width - t.shape[-1])) for t in tensors)
+def _concat_last(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Concatenates along the last dim and zero-fills up to `width`, in one copy."""
+    used = sum(part.shape[-1] for part in parts)
+    if used < width:
+        parts = [*parts, parts[0].new_zeros(()).expand(*parts[0].shape[:-1], width - used)]
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
 ATTENTION_IMPLS = {"reference": reference_attention, "sdpa": sdpa_attention}
@@ -151,32 +158,29 @@ class KNNLocalAttention(nn.Module):
         patches = partition(x, r)  # [B, N, P, c]
         num_patches, pixels = patches.shape[1], r * r
         qkv = self.qkv(patches).view(batch, num_patches, pixels, 3, heads, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each [B, N, h, P, d]
+        qkv = qkv.permute(0, 1, 4, 3, 2, 5).contiguous()  # [B, N, h, 3, P, d]: one copy, gathered once
         bias = self.bias_table[:, self.bias_index]  # [h, P, P]
-        if self.chunk_size == 1 and not self.look_back:  # a patch alone: no grouping to do
-            out, _ = self.attend(
-                *(t.reshape(-1, heads, pixels, self.head_dim) for t in (q, k, v)),
-                bias,
-                self.head_dim**-0.5,
-                False,
-            )
+        if self.chunk_size == 1 and not self.look_back:
+            # k = 1 (the bottleneck): each patch attends to itself, whatever the hash; every round would
+            # give the same output and lse, so one round and no hashing compute exactly the merged result
+            q, k, v = (qkv[:, :, :, i].flatten(0, 1) for i in range(3))  # each [B*N, h, P, d]
+            out, _ = self.attend(q, k, v, bias, self.head_dim**-0.5, False)
             out = out.view(batch, num_patches, heads, pixels, self.head_dim)
         else:
-            out = self._grouped(q, k, v, bias)
+            out = self._grouped(qkv, bias)
         out = out.permute(0, 1, 3, 2, 4).reshape(batch, num_patches, pixels, channels)
         return unpartition(self.proj(out), height, width)
 
-    def _grouped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Hash, sort, chunk, attend, un-sort and merge rounds. q, k, v [B, N, h, P, d] -> [B, N, h, P, d]."""
-        batch, num_patches, heads, pixels, head_dim = q.shape
-        grouping = self._group(k)
+    def _grouped(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Hash, sort, chunk, attend, un-sort and merge rounds. qkv [B, N, h, 3, P, d] -> [B, N, h, P, d]."""
+        batch, num_patches, heads, _, pixels, head_dim = qkv.shape
+        grouping = self._group(qkv[:, :, :, 1])
         num_padded = grouping.order.shape[-1]
         num_chunks, rounds = num_padded // self.chunk_size, self.hash_rounds
-        rows = lsh.sorted_row_index(grouping, num_patches)  # [B, R, Np, h]
-        rows = rows.view(batch, rounds, num_chunks, self.chunk_size, heads).transpose(-1, -2)
-        sorted_qkv = [lsh.gather_rows(t.reshape(-1, pixels * head_dim), rows) for t in (q, k, v)]
-        chunk_shape = (batch * rounds * num_chunks, heads, self.chunk_size * pixels, head_dim)
-        sq, sk, sv = (t.view(chunk_shape) for t in sorted_qkv)  # [B*R*chunks, h, k*P, d]
+        rows = lsh.sorted_row_index(grouping, num_patches, self.chunk_size, 3)  # [3, B, R, chunks, h, k]
+        gathered = lsh.gather_rows(qkv.view(-1, pixels * head_dim), rows)  # [3, B, R, chunks, h, k, P*d]
+        gathered = gathered.view(3, batch * rounds * num_chunks, heads, self.chunk_size * pixels, head_dim)
+        sq, sk, sv = gathered.unbind(0)  # each a contiguous [B*R*chunks, h, k*P, d]
         if self.look_back and num_chunks > 1:
             sk, sv = (self._with_previous_chunk(t, batch * rounds, num_chunks) for t in (sk, sv))
         out, lse = self.attend(sq, sk, sv, bias, head_dim**-0.5, rounds > 1)

@@ -134,18 +134,24 @@ def group_by_codes(
 
 
 def gather_rows(source: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
-    """`source[row_index]` over the flattened leading dims: source [R, F], row_index [...] -> [..., F]."""
-    return source.index_select(0, row_index.reshape(-1)).view(*row_index.shape, source.shape[-1])
+    """`source[row_index]`: source [R, F], row_index [...] -> [..., F]. torch.gather with an expanded index
+    is ~5x faster than index_select or advanced indexing for rows of a few hundred floats on CPU."""
+    flat = row_index.reshape(-1, 1).expand(-1, source.shape[-1])
+    return torch.gather(source, 0, flat).view(*row_index.shape, source.shape[-1])
 
 
-def sorted_row_index(grouping: Grouping, num_patches: int) -> torch.Tensor:
-    """Rows of a `[B, N, heads]`-flattened tensor in sorted order: `[B, rounds, N_padded, heads]`."""
+def sorted_row_index(grouping: Grouping, num_patches: int, chunk_size: int, num_parts: int) -> torch.Tensor:
+    """Rows of a `[B, N, heads, parts]`-flattened tensor (parts: q, k, v) in sorted, chunked order:
+    `[parts, B, rounds, chunks, heads, k]`, so each part of the gathered rows is contiguous (a strided part
+    would make every later copy, e.g. torch.cat, several times slower on CPU)."""
     order = grouping.order  # [B, h, R, Np]
-    batch, heads = order.shape[:2]
+    batch, heads, rounds, num_padded = order.shape
     batch_offset = torch.arange(batch, device=order.device).view(batch, 1, 1, 1) * num_patches
     head = torch.arange(heads, device=order.device).view(1, heads, 1, 1)
-    rows = (batch_offset + order) * heads + head  # [B, h, R, Np]
-    return rows.permute(0, 2, 3, 1)
+    rows = ((batch_offset + order) * heads + head) * num_parts  # [B, h, R, Np]: row of part 0
+    rows = rows.view(1, batch, heads, rounds, num_padded // chunk_size, chunk_size).permute(0, 1, 3, 4, 2, 5)
+    parts = torch.arange(num_parts, device=order.device).view(num_parts, 1, 1, 1, 1, 1)
+    return rows + parts
 
 
 def unsorted_row_index(grouping: Grouping, chunk_size: int, num_chunks: int) -> torch.Tensor:

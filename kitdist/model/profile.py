@@ -1,6 +1,6 @@
 """Parameters, forward MACs and (optionally) measured forward time of a KiT size.
 
-    python -m kitdist.model.profile --model kit --size 256            # 20.6 M params, 43.08 GMACs
+    python -m kitdist.model.profile --model kit --size 256            # 20.55 M params, 43.50 GMACs
     python -m kitdist.model.profile --model debug --height 64 --width 96 --json
     python -m kitdist.model.profile --model kit --size 256 hash_rounds=1 --time
 
@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kitdist.config import ConfigError, ModelConfig, from_dict
 from kitdist.model.kit import build_model
+from kitdist.model.sizes import SIZES
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Print a KiT size's parameter count and forward MACs (meta device, FlopCounterMode, "
         "batch 1, MACs = FLOPs/2); optionally the measured CPU forward time.",
     )
-    parser.add_argument("--model", default="kit", help="a named size (debug, small, kit); default kit")
+    parser.add_argument("--model", default="kit", help=f"a named size ({', '.join(SIZES)}); default kit")
     parser.add_argument("--size", type=int, help="square input side in pixels (sets height and width)")
     parser.add_argument("--height", type=int, default=256, help="input height in pixels (default 256)")
     parser.add_argument("--width", type=int, default=256, help="input width in pixels (default 256)")
