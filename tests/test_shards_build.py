@@ -97,8 +97,8 @@ def test_rebuild_of_a_finished_set_does_nothing_and_other_options_need_overwrite
 def test_killed_build_resumes_to_the_same_shards(photo_paths, tmp_path):
     src = tmp_path / "gopro"
     lay_out("gopro", photo_paths, src)
-    # small overlapping tiles: ~1000 samples in ~70 shards, a build long enough to kill midway
-    args = ["build", "gopro", "--src", str(src), "--split", "train", "--tile", "48", "--stride", "32"]
+    # small tiles: ~500 samples in ~30 shards, a build long enough to kill midway
+    args = ["build", "gopro", "--src", str(src), "--split", "train", "--tile", "48", "--stride", "48"]
     args += ["--samples-per-shard", "16", "--no-progress"]
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
