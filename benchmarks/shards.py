@@ -8,7 +8,7 @@ started here (tests/s3server.py):
 The limit runs the bare work in a pool of as many processes as the build has workers, so the ratio is
 per core. Build times include everything: listing, probing, process start, upload, manifest.
 
-    PYTHONPATH=$PWD python benchmarks/shards.py [--files 600] [--frames 32] [--workers 1 2] [--repeat 2] [--no-s3]
+    PYTHONPATH=$PWD python benchmarks/shards.py [--files 600] [--frames 32] [--workers 1 2] [--repeat 3] [--no-s3]
 """
 
 from __future__ import annotations
@@ -87,11 +87,6 @@ def decode_tile_encode(pair: tuple[Path, Path]) -> tuple[int, int]:
     return len(boxes), num_bytes
 
 
-def best_of(repeat: int, measure, *args) -> tuple[float, int, int]:
-    """The fastest of `repeat` runs: the machine is shared, and slow runs measure the neighbours."""
-    return min((measure(*args) for _ in range(repeat)), key=lambda outcome: outcome[0])
-
-
 def measure_limit(work, jobs: list, workers: int) -> tuple[float, int, int]:
     """Seconds for the bare work over `jobs` in `workers` processes (started and warm before timing)."""
     if workers == 1:
@@ -128,7 +123,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=32, help="1280x720 frame pairs in the tile case")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-s3", action="store_true", help="local destination only")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per measurement; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the fastest counts")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kitdist-bench-") as tmp:
         root = Path(tmp)
@@ -159,19 +154,21 @@ def start_s3(folder: Path):
 
 
 def run_all(cases, destinations, worker_counts, root: Path, repeat: int) -> list[dict]:
+    """Limit and builds alternate within each repeat, so both see the same neighbours on the machine."""
     rows = []
     for name, recipe, src, tile, work, jobs in cases:
         for workers in worker_counts:
-            limit_s, limit_samples, _ = best_of(repeat, measure_limit, work, jobs, workers)
-            for destination in destinations:
-                out = (
-                    str(root / "out" / f"{name}-{workers}")
-                    if destination == "local"
-                    else f"s3://kitdist/{name}-{workers}"
-                )
-                seconds, samples, num_bytes = best_of(repeat, measure_build, recipe, src, out, workers, tile)
+            limits, builds = [], {destination: [] for destination in destinations}
+            for _ in range(repeat):
+                limits.append(measure_limit(work, jobs, workers))
+                for destination in destinations:
+                    out = str(root / "out" / name) if destination == "local" else f"s3://kitdist/{name}"
+                    builds[destination].append(measure_build(recipe, src, out, workers, tile))
+            limit_s, limit_samples, _ = min(limits)
+            for destination, outcomes in builds.items():
+                seconds, samples, num_bytes = min(outcomes)
                 assert samples == limit_samples, (
-                    f"{name}: built {samples} samples, limit work made {limit_samples}"
+                    f"{name}: built {samples} samples, the limit made {limit_samples}"
                 )
                 rows.append(
                     dict(

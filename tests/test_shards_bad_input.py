@@ -32,6 +32,8 @@ def test_damaged_clean_images_are_rejected_and_the_rest_kept(photo_paths, tmp_pa
     (src / "bad" / "truncated.png").write_bytes(png[: len(png) // 2])
     (src / "bad" / "flipped.png").write_bytes(png[:5000] + bytes([png[5000] ^ 0xFF]) + png[5001:])
     (src / "bad" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (src / "bad" / "twin.png").write_bytes(png)
+    (src / "bad" / "twin.jpg").write_bytes(jpeg)  # the same key as twin.png
     manifest = build_shards("folder", src, str(tmp_path / "out"), samples_per_shard=4, progress=False)[
         "train"
     ]
@@ -40,13 +42,14 @@ def test_damaged_clean_images_are_rejected_and_the_rest_kept(photo_paths, tmp_pa
     assert "cannot read image header" in reasons["bad/garbage.png"]
     assert "truncated" in reasons["bad/truncated.png"] and "truncated" in reasons["bad/truncated.jpg"]
     assert "CRC mismatch" in reasons["bad/flipped.png"]
-    assert manifest.total_samples == len(good) and len(reasons) == 5
+    assert "duplicate key bad__twin (already used by bad/twin.jpg)" in reasons["bad/twin.png"]
+    assert manifest.total_samples == len(good) + 1 and len(reasons) == 6
     keys = {sample["__key__"] for sample in read_samples(shard_urls(str(tmp_path / "out"), manifest))}
-    assert len(keys) == len(good)
-    assert "5 rejected" in capsys.readouterr().err
+    assert len(keys) == len(good) + 1
+    assert "6 rejected" in capsys.readouterr().err
     assert main(["stats", str(tmp_path / "out")]) == 0
     summary = capsys.readouterr().out
-    assert "rejected: 5" in summary and "empty file" in summary and "corrupt image" in summary
+    assert "rejected: 6" in summary and "empty file" in summary and "corrupt image" in summary
 
 
 def test_pair_problems_reject_the_pair(photo_paths, tmp_path):

@@ -18,6 +18,7 @@ from kitdist import storage
 from kitdist.shards import build_shards, split_url
 from kitdist.shards.__main__ import main
 from kitdist.shards.manifest import read_manifest, shard_urls
+from kitdist.shards.writer import sidecar_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,35 +96,47 @@ def test_rebuild_of_a_finished_set_does_nothing_and_other_options_need_overwrite
 
 @pytest.mark.slow
 def test_killed_build_resumes_to_the_same_shards(photo_paths, tmp_path):
-    src = tmp_path / "gopro"
-    lay_out("gopro", photo_paths, src)
-    # small overlapping tiles: ~1000 samples in ~70 shards, a build long enough to kill midway
-    args = ["build", "gopro", "--src", str(src), "--split", "train", "--tile", "48", "--stride", "32"]
-    args += ["--samples-per-shard", "16", "--no-progress"]
     killed, reference = tmp_path / "killed", tmp_path / "reference"
+    _kill_and_resume(photo_paths, tmp_path / "gopro", str(killed), str(reference))
+    assert _files(killed / "train") == _files(reference / "train")  # and no stray temporary files
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_killed_build_to_s3_resumes_to_the_same_shards(photo_paths, tmp_path, s3_env, monkeypatch):
+    monkeypatch.setitem(gopen_schemes, "s3", _open_with_fsspec)
+    _kill_and_resume(photo_paths, tmp_path / "gopro", f"{s3_env}/killed", f"{s3_env}/reference")
+
+
+def _kill_and_resume(photo_paths: list[Path], src: Path, killed: str, reference: str) -> None:
+    """SIGKILL a build after 3 published shards, re-run it: the same shards as an uninterrupted build."""
+    lay_out("gopro", photo_paths, src)
+    # small tiles: ~500 samples in ~30 shards, a build long enough to kill midway
+    args = ["build", "gopro", "--src", str(src), "--split", "train", "--tile", "48", "--stride", "48"]
+    args += ["--samples-per-shard", "16", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "kitdist.shards", *args, "--out", str(killed)], env=env)
-    published = _wait_for_shards(killed / "train", process, at_least=3)
+    process = subprocess.Popen([sys.executable, "-m", "kitdist.shards", *args, "--out", killed], env=env)
+    _wait_for_shards(f"{killed}/train", process, count=3)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (killed / "train" / "manifest.json").exists(), "the build finished before it could be killed"
-    assert main([*args, "--out", str(killed)]) == 0
-    assert main([*args, "--out", str(reference)]) == 0
-    assert _files(killed / "train") == _files(reference / "train")
-    manifest = read_manifest(str(killed / "train"))
-    assert len(published) < len(manifest.shards)
-    samples = read_samples(shard_urls(str(killed / "train"), manifest))
-    keys = [sample["__key__"] for sample in samples]
+    assert not storage.exists(f"{killed}/train/manifest.json"), "the build finished before it was killed"
+    assert main([*args, "--out", killed]) == 0
+    assert main([*args, "--out", reference]) == 0
+    manifest = read_manifest(f"{killed}/train")
+    assert manifest == read_manifest(f"{reference}/train") and len(manifest.shards) > 3
+    for killed_url, reference_url in zip(
+        shard_urls(f"{killed}/train", manifest), shard_urls(f"{reference}/train", manifest), strict=True
+    ):
+        assert storage.read_bytes(killed_url) == storage.read_bytes(reference_url)
+    keys = [sample["__key__"] for sample in read_samples(shard_urls(f"{killed}/train", manifest))]
     assert len(keys) == len(set(keys)) == manifest.total_samples > 0
 
 
-def _wait_for_shards(folder: Path, process: subprocess.Popen, at_least: int) -> list[str]:
+def _wait_for_shards(folder: str, process: subprocess.Popen, count: int) -> None:
+    """Until the first `count` shards are published (their sidecars exist; one worker goes in order)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
-        sidecars = list((folder / "_build").glob("*.json")) if (folder / "_build").exists() else []
-        if len(sidecars) >= at_least:
-            return [path.name for path in sidecars]
+        if storage.exists(sidecar_url(folder, f"train-{count - 1:06d}.tar")):
+            return
         time.sleep(0.01)
-    raise AssertionError(
-        f"build exited ({process.poll()}) or stalled before {at_least} shards were published"
-    )
+    raise AssertionError(f"build exited ({process.poll()}) or stalled before {count} shards were published")

@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kitdist.shards", description=__doc__)
     commands = parser.add_subparsers(required=True, metavar="{build,verify,stats}")
+    _add_build(commands)
+    _add_verify_and_stats(commands)
+    return parser
+
+
+def _add_build(commands) -> None:
     build = commands.add_parser(
         "build",
         help="raw dataset -> shards",
@@ -87,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     build.set_defaults(run=_build)
+
+
+def _add_verify_and_stats(commands) -> None:
     verify = commands.add_parser(
         "verify",
         help="check shards against the manifest",
@@ -106,7 +115,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("url")
     stats.set_defaults(run=_stats)
-    return parser
 
 
 def _recipe_layouts() -> str:

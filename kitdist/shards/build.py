@@ -28,7 +28,15 @@ from kitdist.shards.manifest import write_manifest as _write_manifest
 from kitdist.shards.parallel import WorkerPool
 from kitdist.shards.recipes import Recipe, SourceItem, list_split, load_recipe
 from kitdist.shards.samples import EncodeOptions, ProbedItem, RejectError, probe
-from kitdist.shards.writer import BUILD_DIR, ShardResult, ShardTask, publish_staged, read_sidecar, write_shard
+from kitdist.shards.writer import (
+    BUILD_DIR,
+    ShardResult,
+    ShardTask,
+    publish_staged,
+    read_sidecar,
+    remove_partials,
+    write_shard,
+)
 
 DEFAULT_SHARD_BYTES = 256 * 10**6
 _UPLOAD_THREADS = 4  # concurrent shard uploads to an object store; also the most shards staged locally
@@ -148,7 +156,7 @@ def _build_split(recipe, source, split, target, items, list_rejects, options, po
     finished = _finished_manifest(target, plan_fingerprint, options)
     if finished is not None:
         return finished
-    _remove_partials(target)
+    remove_partials(target)
     results = _run_tasks(tasks, pool, options, split)
     rejects = [Reject(path, reason) for path, reason in list_rejects + probe_rejects]
     rejects += [Reject(path, reason) for result in results for path, reason in result.rejects]
@@ -165,6 +173,7 @@ def _build_split(recipe, source, split, target, items, list_rejects, options, po
     )
     _write_manifest(target, manifest)
     storage.remove(storage.join(target, BUILD_DIR), recursive=True)
+    remove_partials(target, finished=True)
     _print_summary(target, manifest)
     return manifest
 
@@ -248,15 +257,6 @@ def _finished_manifest(target: str, plan_fingerprint: str, options: BuildOptions
         )
     storage.remove(storage.join(target, MANIFEST_NAME))
     return None
-
-
-def _remove_partials(target: str) -> None:
-    """Temporary files left by a killed local build (object stores never see partial shards)."""
-    if not storage.is_local(target):
-        return
-    for name in storage.list_names(target):
-        if name.endswith(".partial"):
-            storage.remove(storage.join(target, name))
 
 
 def _run_tasks(

@@ -132,6 +132,7 @@ def list_split(recipe: Recipe, src: Path, split: str) -> tuple[list[SourceItem],
     classes = None if names is None else {name: index for index, name in enumerate(names)}
     items: list[SourceItem] = []
     rejects: list[tuple[str, str]] = []
+    first_with_key: dict[str, str] = {}
     for relative in files:
         paths: tuple[tuple[str, str], ...] = (("clean", relative),)
         if rule.target is not None:
@@ -146,7 +147,12 @@ def list_split(recipe: Recipe, src: Path, split: str) -> tuple[list[SourceItem],
                 (relative, f"class folder {label!r} is not one of the {recipe.classes_from}/ classes")
             )
             continue
-        items.append(SourceItem(key=sample_key(relative), paths=paths, label=label, cls=cls))
+        key = sample_key(relative)
+        if key in first_with_key:  # e.g. x.png beside x.jpg: keys must be unique, so the second one goes
+            rejects.append((relative, f"duplicate key {key} (already used by {first_with_key[key]})"))
+            continue
+        first_with_key[key] = relative
+        items.append(SourceItem(key=key, paths=paths, label=label, cls=cls))
     if rule.target and rule.target_files:
         expected = {re.sub(rule.target[0], rule.target[1], path) for path in files}
         for target in _glob(src, rule.target_files, rule.extensions):

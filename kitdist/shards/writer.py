@@ -77,7 +77,8 @@ def write_shard(task: ShardTask) -> tuple[ShardResult, str | None]:
     """
     destination = storage.join(task.split_url, task.name)
     local_dir = _local_folder(destination)
-    handle, temporary = tempfile.mkstemp(prefix=f"{task.name}.", suffix=".partial", dir=local_dir)
+    staging = local_dir or staging_folder(task.split_url)
+    handle, temporary = tempfile.mkstemp(prefix=f"{task.name}.", suffix=".partial", dir=staging)
     try:
         with os.fdopen(handle, "wb") as raw:
             hashing = _HashingWriter(raw)
@@ -145,6 +146,27 @@ def _local_folder(destination: str) -> str | None:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     return folder
+
+
+def staging_folder(split_url: str) -> str:
+    """Where shards for an object store wait for upload: one local temp folder per destination, so
+    a resumed build finds (and removes) what a killed one left there."""
+    name = hashlib.sha256(split_url.encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), f"kitdist-shards-{name}")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def remove_partials(split_url: str, finished: bool = False) -> None:
+    """Temporary shards left by a killed build: beside a local destination, or in its staging folder
+    (which goes too once the build is `finished`)."""
+    local_dir = _local_folder(storage.join(split_url, "x"))
+    folder = local_dir or staging_folder(split_url)
+    for name in os.listdir(folder):
+        if name.endswith(".partial"):
+            _remove_quietly(os.path.join(folder, name))
+    if finished and local_dir is None:
+        os.rmdir(folder)
 
 
 class _HashingWriter(io.RawIOBase):
