@@ -49,8 +49,10 @@ class ModelConfig:
     patch_size: int | None = None  # r: a patch is r x r pixels
     chunk_size: int | None = None  # k: patches per group (encoder/decoder stages)
     hash_rounds: int | None = None  # b: independent LSH rounds, merged by log-sum-exp
-    num_buckets: int | None = None  # LSH buckets per round; None = N / k (rounded to even)
+    num_buckets: int | None = None  # LSH buckets per round; None = N / k (rounded to even); 1 = no hashing
     look_back: bool | None = None  # also attend to the previous chunk (Reformer's look-one-back)
+    # order of patches inside an LSH bucket: "similarity" (one more random projection) or "position"
+    bucket_order: Literal["similarity", "position"] = "similarity"
     eval_hash_seed: int = 0  # evaluation draws its rotations from this seed, so it is deterministic
     fused_layernorm: bool = False  # apex FusedLayerNorm when importable
 
@@ -59,8 +61,11 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 _fail(f"model.{name}", f"must be >= 1, got {value}")
-        if self.num_buckets is not None and self.num_buckets % 2:
-            _fail("model.num_buckets", f"angular LSH needs an even bucket count, got {self.num_buckets}")
+        if self.num_buckets is not None and self.num_buckets % 2 and self.num_buckets != 1:
+            _fail(
+                "model.num_buckets",
+                f"angular LSH needs an even bucket count (or 1: no hashing), got {self.num_buckets}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,10 +108,16 @@ class DataConfig:
     num_workers: int = 1  # DataLoader processes per training worker
     shuffle_buffer: int = 64
     mode: Literal["epoch", "resampled"] = "epoch"  # resampled: shards drawn with replacement, stateless
-    val_crop_size: int = 0  # 0: validate on whole images (padded to a multiple of 32)
+    val_crop_size: int = 0  # 0: validate on whole images as they are (the model pads them)
     max_val_samples: int = 0  # 0: all
+    read_retries: int = 8  # reopen attempts of a shard whose connection fails, before it counts as unreadable
+    read_retry_max_wait_s: float = 10.0  # longest pause between attempts (they back off from 0.5 s)
 
     def __post_init__(self) -> None:
+        if self.read_retries < 0 or self.read_retry_max_wait_s < 0:
+            _fail("data.read_retries", "read_retries and read_retry_max_wait_s must be >= 0")
+        if self.max_val_samples < 0:
+            _fail("data.max_val_samples", f"must be >= 0, got {self.max_val_samples}")
         if self.crop_size < SPATIAL_MULTIPLE or self.crop_size % SPATIAL_MULTIPLE:
             _fail(
                 "data.crop_size", f"must be a positive multiple of {SPATIAL_MULTIPLE}, got {self.crop_size}"

@@ -79,6 +79,12 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
+def open_read(url: str) -> Any:
+    """A seekable binary file object for reading `url` (on object stores it reads ahead in blocks)."""
+    fs, path = url_to_fs(url)
+    return _call(url, fs.open, path, "rb")
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Writes `data` so that readers see either the old file, or none, or all of the new one."""
     fs, path = url_to_fs(url)

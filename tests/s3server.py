@@ -31,10 +31,14 @@ class SeaweedS3:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "webdav", "admin")}
-        self.grpc_ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
         self.process: subprocess.Popen | None = None
         self.log_path = self.data_dir / "weed.log"
+        self.started_once = False
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "webdav", "admin")}
+        self.grpc_ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
 
     @property
     def endpoint(self) -> str:
@@ -60,7 +64,21 @@ class SeaweedS3:
         args += ["-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={BUCKET}"]
         return args
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> None:
+        """Starts the server; a first start that loses a port race (another process took a port between
+        choosing and binding it) retries on fresh ports. A restart keeps its ports, as clients expect."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except RuntimeError:
+                if self.started_once or attempt == attempts - 1 or "already in use" not in self._log_tail():
+                    raise
+                self._pick_ports()
+
+    def _log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+    def _start_once(self, timeout: float) -> None:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
@@ -68,6 +86,7 @@ class SeaweedS3:
         )
         log.close()
         self._wait_ready(timeout)
+        self.started_once = True
 
     def stop(self) -> None:
         if self.process is None:

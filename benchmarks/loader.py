@@ -1,0 +1,123 @@
+"""Loader throughput: the training pipeline against the decode-only limit, local against S3, 1 and 2 workers.
+
+    python benchmarks/loader.py [--samples 400] [--tile 256] [--crop 128] [--repeats 3]
+
+Builds one clean shard set from scikit-image's photographs (tiles, repeated under new keys to reach
+`--samples`), writes it to a local folder and to a SeaweedFS S3 server started here, and measures samples/s:
+
+- decode-only: DataLoader workers read the same shards and decode every image, nothing else (the limit);
+- pipeline: `TrainStream` (read, decode, random crop, flips, noise, batching, state tracking).
+
+Each figure is the best of `--repeats` runs of one epoch, DataLoader start included in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from kitdist.config import DataConfig, DistConfig, RunConfig  # noqa: E402
+from kitdist.data import TrainStream  # noqa: E402
+from kitdist.data.samples import decode_rgb, image_bytes  # noqa: E402
+from kitdist.data.shardio import RetryingReader, tar_samples  # noqa: E402
+from kitdist.shards.manifest import read_manifest, shard_urls  # noqa: E402
+
+
+class DecodeOnly(IterableDataset):
+    """Each worker reads its share of the shards and decodes every image."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+
+    def __iter__(self):
+        info = get_worker_info()
+        index, count = (info.id, info.num_workers) if info else (0, 1)
+        for url in self.urls[index::count]:
+            for sample in tar_samples(RetryingReader(url), lambda reason, unreadable: None):
+                decode_rgb(image_bytes(sample, "clean"), sample["__key__"])
+                yield 1
+
+
+def decode_only_rate(folder: str, workers: int) -> float:
+    urls = shard_urls(folder, read_manifest(folder))
+    start = time.perf_counter()
+    loader = DataLoader(DecodeOnly(urls), batch_size=None, num_workers=workers)
+    done = sum(loader)
+    return done / (time.perf_counter() - start)
+
+
+def pipeline_rate(folder: str, workers: int, crop: int, batch: int) -> float:
+    data = DataConfig(train_shards=folder, crop_size=crop, global_batch_size=batch, num_workers=workers)
+    cfg = RunConfig(data=data, dist=DistConfig(num_workers=1))
+    start = time.perf_counter()
+    stream = TrainStream(cfg, 0, 1)
+    steps = read_manifest(folder).total_samples // batch
+    done = sum(len(b["keys"]) for b in islice(iter(stream), steps))
+    return done / (time.perf_counter() - start)
+
+
+def build_sets(root: Path, samples: int, tile: int, s3_url: str) -> None:
+    import shardkit
+    from conftest import photo_paths
+
+    photos = photo_paths.__wrapped__()
+    per_shard = 20
+    sizes = [per_shard] * (samples // per_shard)
+    for target in (str(root / "local"), s3_url):
+        shardkit.write_set(target, photos, sizes, tile=tile, repeat=True)
+
+
+def best(fn, repeats: int, *args) -> float:
+    return max(fn(*args) for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=400, help="samples in the shard set (20 per shard)")
+    parser.add_argument("--tile", type=int, default=256, help="stored tile size in pixels (PNG)")
+    parser.add_argument("--crop", type=int, default=128, help="training crop size (data.crop_size)")
+    parser.add_argument("--batch", type=int, default=8, help="batch size")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is kept")
+    args = parser.parse_args()
+    from s3server import BUCKET, SeaweedS3
+
+    with tempfile.TemporaryDirectory() as scratch:
+        server = SeaweedS3(Path(scratch) / "s3")
+        server.start()
+        try:
+            os.environ.update(server.env)
+            s3_url = f"s3://{BUCKET}/bench"
+            build_sets(Path(scratch), args.samples, args.tile, s3_url)
+            local = str(Path(scratch) / "local")
+            print(
+                f"{args.samples} PNG tiles of {args.tile}px, crop {args.crop}, batch {args.batch}, {os.cpu_count()} cores"
+            )
+            print(
+                "| workers | decode-only local | pipeline local | pipeline S3 | pipeline/decode | S3/local |"
+            )
+            print("|---|---|---|---|---|---|")
+            for workers in (1, 2):
+                limit = best(decode_only_rate, args.repeats, local, workers)
+                ours = best(pipeline_rate, args.repeats, local, workers, args.crop, args.batch)
+                remote = best(pipeline_rate, args.repeats, s3_url, workers, args.crop, args.batch)
+                print(
+                    f"| {workers} | {limit:.0f}/s | {ours:.0f}/s | {remote:.0f}/s | {ours / limit:.0%} |"
+                    f" {remote / ours:.0%} |"
+                )
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

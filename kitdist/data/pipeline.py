@@ -1,0 +1,241 @@
+"""`TrainStream`: the training batches of one rank, resumable exactly and elastically.
+
+    stream = TrainStream(cfg, rank, world_size, resume=None)
+    for batch in stream:          # endless; batch["input"], batch["target"]: float32 [b, 3, H, W]
+        ...
+    stream.state_dict()           # this rank's position after the last batch yielded (JSON, small)
+
+A checkpoint stores `[state_dict() of every rank]`; `TrainStream(cfg, rank, world, resume=that_list)`
+continues. With the same world size, `data.num_workers` and batch size it continues with exactly the batches
+the uninterrupted run would have yielded; otherwise the unread positions of the current epoch(s) are split
+again over the new ranks and workers (see `kitdist.data.plan`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kitdist.config import ConfigError, RunConfig
+from kitdist.data import plan
+from kitdist.data.worker import EpochWorker, ResampledWorker, StreamSpec, fresh_worker_state
+from kitdist.shards.manifest import read_manifest, shard_urls
+
+STATE_FORMAT = "kitdist-stream/1"
+
+
+class ResumeError(ValueError):
+    """A saved stream state that does not fit this run; the message names the mismatch."""
+
+
+def open_shard_set(url: str, kind: str, key: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]:
+    """(urls, names, sample counts) of a shard set, checked against the run's data kind."""
+    if not url:
+        raise ConfigError(f"{key}: no shard set given (a folder or manifest.json URL)", key=key)
+    manifest = read_manifest(url)
+    if manifest.kind != kind:
+        raise ConfigError(
+            f"{key}: {url} holds {manifest.kind} samples but data.kind is {kind}", key="data.kind"
+        )
+    names = tuple(shard.name for shard in manifest.shards)
+    return tuple(shard_urls(url, manifest)), names, tuple(shard.samples for shard in manifest.shards)
+
+
+def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
+    per_step = world_size * cfg.train.grad_accum_steps
+    if cfg.data.global_batch_size % per_step:
+        raise ConfigError(
+            f"data.global_batch_size: {cfg.data.global_batch_size} does not split over {world_size} ranks x"
+            f" train.grad_accum_steps={cfg.train.grad_accum_steps}",
+            key="data.global_batch_size",
+        )
+    return cfg.data.global_batch_size // per_step
+
+
+class _Workers(IterableDataset):
+    """The DataLoader's dataset: torch worker i plays logical slot (i + rotation) % num_workers, so a
+    resumed DataLoader, which always starts its round-robin at worker 0, continues with the right slot."""
+
+    def __init__(self, spec: StreamSpec, states: list[dict], rotation: int, batches: int) -> None:
+        self.spec, self.states, self.rotation, self.batches = spec, states, rotation, batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        slot = ((info.id if info is not None else 0) + self.rotation) % self.spec.num_workers
+        if self.spec.cfg.data.mode == "resampled":
+            return ResampledWorker(self.spec, slot, self.batches).batches()
+        return EpochWorker(self.spec, copy.deepcopy(self.states[slot])).batches()
+
+
+class TrainStream:
+    """Endless training batches for `rank` of `world_size`; see the module docstring."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, resume: list[dict] | None = None) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        urls, names, sizes = open_shard_set(cfg.data.train_shards, cfg.data.kind, "data.train_shards")
+        batch = micro_batch_size(cfg, world_size)
+        slots = max(1, cfg.data.num_workers)
+        self.spec = StreamSpec(cfg, urls, names, sizes, rank, world_size, slots, batch)
+        self.digest = hashlib.sha256(
+            "\n".join(f"{n}:{s}" for n, s in zip(names, sizes, strict=True)).encode()
+        ).hexdigest()[:16]
+        per_rank = self.spec.total // (world_size * batch)
+        if cfg.data.mode == "epoch" and per_rank < slots:
+            raise ConfigError(
+                f"data.train_shards: {self.spec.total} samples give {per_rank} batches of {batch} per rank for"
+                f" {world_size} ranks, fewer than data.num_workers={slots}: every worker needs a batch per epoch",
+                key="data.train_shards",
+            )
+        self._batches = 0
+        self._next_slot = 0
+        self._carried: dict[str, Any] = {"problems": {}, "damaged": {}}
+        self._workers = [fresh_worker_state(self.spec, slot) for slot in range(slots)]
+        if resume is not None:
+            self._resume(resume)
+
+    # --- iteration -----------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = _Workers(self.spec, self._workers, self._next_slot, self._batches)
+        workers = self.spec.cfg.data.num_workers
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=2 if workers else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for batch in loader:
+            state = batch.pop("_state")
+            slot = state["slot"]
+            if self.spec.cfg.data.mode == "resampled":
+                self._workers[slot].update(problems=state["problems"], damaged=state["damaged"])
+            else:
+                self._workers[slot] = state
+            self._batches += 1
+            self._next_slot = (slot + 1) % self.spec.num_workers
+            yield batch
+
+    # --- state ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position after the last batch yielded: JSON-serialisable and small."""
+        return {
+            "format": STATE_FORMAT,
+            "mode": self.spec.cfg.data.mode,
+            "seed": self.spec.cfg.train.seed,
+            "shards": self.digest,
+            "total_samples": self.spec.total,
+            "rank": self.spec.rank,
+            "world_size": self.spec.world_size,
+            "num_workers": self.spec.num_workers,
+            "batch_size": self.spec.batch_size,
+            "batches": self._batches,
+            "next_slot": self._next_slot,
+            "workers": plan_copy(self._workers),
+            "carried": plan_copy(self._carried),
+        }
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch (the earliest epoch any worker of this rank is in)."""
+        return min(w["segments"][0]["epoch"] for w in self._workers) if "segments" in self._workers[0] else 0
+
+    def problems(self) -> dict[str, dict[str, int]]:
+        """Per shard name, the samples passed over on this rank ({"corrupt": n, "missing": n}), including
+        those carried from before an elastic resume (which rank 0 carries)."""
+        total: dict[str, dict[str, int]] = {}
+        for source in [self._carried] + self._workers:
+            for shard, counts in source["problems"].items():
+                for kind, count in counts.items():
+                    total.setdefault(shard, {}).setdefault(kind, 0)
+                    total[shard][kind] += count
+        return total
+
+    def damaged(self) -> dict[str, str]:
+        """Shard name -> why it was cut short (truncated, unreadable after retries: the URL is named)."""
+        out = dict(self._carried["damaged"])
+        for worker in self._workers:
+            out.update(worker["damaged"])
+        return out
+
+    def _resume(self, states: list[dict]) -> None:
+        check_states(states, self)
+        mine = states[self.spec.rank] if self.spec.rank < len(states) else None
+        old = states[0]
+        same_layout = (old["world_size"], old["num_workers"], old["batch_size"]) == (
+            self.spec.world_size,
+            self.spec.num_workers,
+            self.spec.batch_size,
+        )
+        if self.spec.cfg.data.mode == "resampled":
+            self._batches = mine["batches"] if mine is not None else old["batches"]
+            self._carry_all(states) if not same_layout else self._carry_own(mine)
+        elif same_layout and mine is not None:
+            self._batches, self._next_slot = mine["batches"], mine["next_slot"]
+            self._workers = plan_copy(mine["workers"])
+            self._carried = plan_copy(mine["carried"])
+        else:
+            segments = plan.replan(
+                states, self.spec.total, self.spec.world_size, self.spec.num_workers, self.spec.batch_size
+            )
+            self._workers = [
+                {**fresh_worker_state(self.spec, slot), "segments": segments[self.spec.rank][slot]}
+                for slot in range(self.spec.num_workers)
+            ]
+            self._batches = old["batches"]
+            self._carry_all(states)
+
+    def _carry_own(self, mine: dict) -> None:
+        self._carried = plan_copy(mine["carried"])
+        for worker in mine["workers"]:
+            merge_problems(self._carried, worker)
+
+    def _carry_all(self, states: list[dict]) -> None:
+        """After an elastic resume rank 0 carries every old count, so that summing ranks counts each once."""
+        if self.spec.rank != 0:
+            return
+        for state in states:
+            merge_problems(self._carried, state["carried"])
+            for worker in state["workers"]:
+                merge_problems(self._carried, worker)
+
+
+def merge_problems(into: dict[str, Any], source: dict[str, Any]) -> None:
+    for shard, counts in source.get("problems", {}).items():
+        for kind, count in counts.items():
+            into["problems"].setdefault(shard, {}).setdefault(kind, 0)
+            into["problems"][shard][kind] += count
+    into["damaged"].update(source.get("damaged", {}))
+
+
+def plan_copy(value: Any) -> Any:
+    return copy.deepcopy(value)
+
+
+def check_states(states: list[dict], stream: TrainStream) -> None:
+    """Fails with the field named when a saved state belongs to another shard set, seed or mode."""
+    if not isinstance(states, list) or not states:
+        raise ResumeError("resume: expected the list of every rank's state_dict()")
+    expected = {
+        "format": STATE_FORMAT,
+        "mode": stream.spec.cfg.data.mode,
+        "seed": stream.spec.cfg.train.seed,
+        "shards": stream.digest,
+        "total_samples": stream.spec.total,
+    }
+    for index, state in enumerate(states):
+        for field, value in expected.items():
+            if state.get(field) != value:
+                raise ResumeError(
+                    f"resume: rank {index}'s state has {field}={state.get(field)!r}, this run has {value!r}"
+                    " (a data position only resumes on the same shard set, seed and data.mode)"
+                )
+        if state.get("rank") != index or len(state.get("workers", ())) != state.get("num_workers"):
+            raise ResumeError(f"resume: entry {index} is not rank {index}'s complete state")

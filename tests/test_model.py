@@ -1,0 +1,182 @@
+"""KiT end to end on CPU: shapes for any input size, gradients, activation checkpointing, hashing randomness,
+the calibrated `kit` size, the profile CLI and config errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kitdist.config import ConfigError, ModelConfig
+from kitdist.model import SIZES, KiT, build_model
+from kitdist.model.kit import pad_to_multiple
+from kitdist.model.profile import count_macs, count_params
+from kitdist.model.profile import main as profile_main
+
+
+def debug_model(**overrides) -> KiT:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(size="debug", **overrides))
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (64, 64), (48, 80), (37, 53), (31, 33), (5, 7), (1, 1)])
+def test_forward_keeps_shape_for_any_size(height, width):
+    model = debug_model().eval()
+    image = torch.rand(2, 3, height, width)
+    with torch.no_grad():
+        restored = model(image)
+    assert restored.shape == image.shape
+    assert torch.isfinite(restored).all()
+
+
+def test_reflect_padding_reaches_a_multiple_and_keeps_the_image():
+    image = torch.rand(1, 3, 5, 70)
+    padded = pad_to_multiple(image, 32)
+    assert padded.shape[-2:] == (32, 96)
+    assert torch.equal(padded[..., :5, :70], image)
+    assert torch.equal(padded[..., 5, :70], image[..., 3, :])  # a reflection, not zeros or a copy of the edge
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_gradients_reach_every_parameter(impl):
+    model = debug_model(attention_impl=impl).train()
+    image = torch.rand(2, 3, 32, 32)
+    loss = (model(image) - image.flip(-1)).abs().mean()
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reached {missing}"
+
+
+def test_reference_and_sdpa_models_agree():
+    reference, fused = debug_model(attention_impl="reference"), debug_model(attention_impl="sdpa")
+    fused.load_state_dict(reference.state_dict())
+    image = torch.rand(2, 3, 64, 32)
+    outputs, grads = [], []
+    for model in (reference, fused):
+        torch.manual_seed(7)  # the same rotations for both
+        out = model(image)
+        out.square().mean().backward()
+        outputs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-3)
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_activation_checkpointing_gives_identical_outputs_and_gradients(impl):
+    plain, checkpointed = debug_model(attention_impl=impl), debug_model(attention_impl=impl)
+    checkpointed.checkpoint_activations = True
+    checkpointed.load_state_dict(plain.state_dict())
+    image = torch.rand(1, 3, 32, 64)
+    results = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(3)  # training rotations come from the global generator: same draws in both runs
+        out = model.train()(image)
+        out.abs().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    for grad_plain, grad_ckpt in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(grad_plain, grad_ckpt, atol=0, rtol=0)
+
+
+def test_checkpoint_switch_comes_from_config():
+    assert debug_model(checkpoint_activations=True).checkpoint_activations
+
+
+def test_eval_is_deterministic_and_leaves_the_global_rng_alone():
+    model = debug_model().eval()
+    image = torch.rand(1, 3, 64, 64)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        first, second = model(image), model(image)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, second)
+    other_seed = debug_model(eval_hash_seed=1).eval()
+    with torch.no_grad():
+        assert not torch.equal(other_seed(image), first)  # the seed really picks the rotations
+
+
+def test_training_rotations_follow_the_global_seed():
+    model = debug_model().train()
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        first = model(image)
+        torch.manual_seed(11)
+        again = model(image)
+        fresh = model(image)  # the next step draws new rotations
+    assert torch.equal(first, again)
+    assert not torch.equal(first, fresh)
+
+
+def test_bf16_autocast_forward_and_backward():
+    model = debug_model().train()
+    image = torch.rand(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(image)
+    out.float().mean().backward()
+    assert torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_sizes_table_and_debug_is_small():
+    assert {"debug", "small", "kit"} <= set(SIZES)
+    assert count_params(debug_model()) < 500_000
+
+
+def test_kit_matches_the_paper_within_3_percent():
+    cfg = ModelConfig(size="kit")
+    with torch.device("meta"):
+        params = count_params(build_model(cfg))
+    macs = count_macs(cfg, 256, 256)
+    assert abs(params / 20.6e6 - 1) < 0.03, f"{params / 1e6:.2f} M parameters"
+    assert abs(macs / 43.08e9 - 1) < 0.03, f"{macs / 1e9:.2f} GMACs"
+
+
+def test_macs_grow_linearly_with_pixels():
+    cfg = ModelConfig(size="debug")
+    small, large = count_macs(cfg, 64, 64), count_macs(cfg, 256, 256)
+    assert 15.0 < large / small < 17.0  # 16x the pixels; hashing adds only a log factor
+
+
+def test_unknown_size_names_the_key():
+    with pytest.raises(ConfigError, match="model.size.*'huge'.*debug"):
+        build_model(ModelConfig(size="huge"))
+
+
+def test_indivisible_heads_name_the_key(monkeypatch):
+    import dataclasses
+
+    monkeypatch.setitem(SIZES, "odd", dataclasses.replace(SIZES["debug"], channels=12))
+    with pytest.raises(ConfigError, match="model.size.*head_dim"):
+        build_model(ModelConfig(size="odd"))
+
+
+def run_profile(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kitdist.model.profile", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_profile_cli_json():
+    result = run_profile("--model", "debug", "--height", "64", "--width", "96", "--json", "hash_rounds=1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["params"] == count_params(debug_model())
+    assert report["macs"] == count_macs(ModelConfig(size="debug", hash_rounds=1), 64, 96)
+
+
+@pytest.mark.parametrize(
+    "args,key",
+    [
+        (["chunk_size=0"], "model.chunk_size"),
+        (["colour=red"], "model.colour"),
+        (["--model", "nope"], "model.size"),
+    ],
+)
+def test_profile_cli_bad_config_names_the_key(args, key, capsys):
+    assert profile_main(["--size", "64", *args]) == 2
+    assert key in capsys.readouterr().err
