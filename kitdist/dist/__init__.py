@@ -1,0 +1,1 @@
+"""Distributed execution: the Strategy interface (DeepSpeed or DDP) and process-environment helpers."""

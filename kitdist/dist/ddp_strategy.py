@@ -1,0 +1,112 @@
+"""Plain PyTorch DDP behind the Strategy interface: the baseline DeepSpeed is measured against.
+
+Mixed precision is autocast (bf16, or fp16 with a dynamic GradScaler) over fp32 weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kitdist.config import RunConfig
+from kitdist.dist.strategy import (
+    ADAM_MOMENTS,
+    DTYPES,
+    FullState,
+    Strategy,
+    load_scheduler_state,
+    optimizer_step_of,
+    set_optimizer_step,
+)
+from kitdist.train.optim import build_optimizer, build_scheduler
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.input_dtype = torch.float32
+        self.autocast_dtype = DTYPES[cfg.train.precision]
+        self._bare = model.to(device)
+        if dist.is_initialized():
+            device_ids = [device.index] if device.type == "cuda" else None
+            self._wrapped: nn.Module = DistributedDataParallel(self._bare, device_ids=device_ids)
+        else:
+            self._wrapped = self._bare
+        self.optimizer = build_optimizer(self._bare.parameters(), cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+
+    @property
+    def module(self) -> nn.Module:
+        return self._bare
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype == torch.float32:
+            return self._wrapped(x)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self._wrapped(x)
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        loss = loss / self.cfg.train.grad_accum_steps
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        no_sync = getattr(self._wrapped, "no_sync", None)
+        context = no_sync() if (no_sync is not None and not last_micro_batch) else contextlib.nullcontext()
+        with context:
+            loss.backward()
+
+    def step(self) -> float:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self._bare.parameters(), max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self, mode: bool = True) -> None:
+        self._bare.train(mode)
+
+    def full_state(self) -> FullState:
+        weights = {name: t.detach().float().cpu() for name, t in self._bare.state_dict().items()}
+        moments = {}
+        for name, param in self._bare.named_parameters():
+            state = self.optimizer.state.get(param, {})
+            for key in ADAM_MOMENTS:
+                if key in state:
+                    moments[f"{key}/{name}"] = state[key].detach().float().cpu()
+        meta = {
+            "optimizer_step": optimizer_step_of(self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "loss_scale": self.scaler.get_scale() if self.scaler is not None else None,
+        }
+        return FullState(weights=weights, moments=moments, meta=meta)
+
+    def load_full_state(self, state: FullState) -> None:
+        step = int(state.meta.get("optimizer_step", 0))
+        for name, param in self._bare.named_parameters():
+            if f"exp_avg/{name}" not in state.moments:
+                continue
+            self.optimizer.state[param] = {
+                "step": torch.tensor(float(step)),
+                **{key: state.moments[f"{key}/{name}"].to(param.device) for key in ADAM_MOMENTS},
+            }
+        set_optimizer_step(self.optimizer, step)
+        load_scheduler_state(self.scheduler, state.meta["scheduler"])
+        if self.scaler is not None and state.meta.get("loss_scale"):
+            self.scaler.update(float(state.meta["loss_scale"]))

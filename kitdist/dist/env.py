@@ -1,0 +1,59 @@
+"""Process environment of a training worker: device choice, rank queries, DeepSpeed's CPU accelerator.
+
+Works the same under Ray Train and torchrun: both initialise `torch.distributed` and set RANK,
+WORLD_SIZE and LOCAL_RANK, so nothing here knows which launcher started the process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from kitdist.config import DistConfig
+
+
+def worker_env_vars(cfg: DistConfig) -> dict[str, str]:
+    """Variables every worker needs before it imports DeepSpeed (which picks its accelerator at import)."""
+    env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+def device_for(cfg: DistConfig) -> torch.device:
+    if cfg.use_gpu:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def print0(*args: object) -> None:
+    """print() on rank 0 only, flushed so that Ray forwards it to the driver promptly."""
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def all_gather_objects(value: object) -> list[object]:
+    """Every rank's `value`, in rank order (a list of one outside torch.distributed)."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over ranks of a short list of floats (in float64)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()

@@ -1,0 +1,121 @@
+"""The one interface the training loop uses to run a model on many workers: `Strategy`.
+
+The loop only calls `forward`, `backward`, `step`, and the state methods below, so DeepSpeed ZeRO and
+plain DDP are interchangeable (A/B runs) and the loop never imports either.
+
+Two kinds of state are saved:
+- *native*: the engine's own per-rank files (DeepSpeed's ZeRO partitions), exact but tied to the
+  world size and ZeRO stage that wrote them;
+- *full*: the fp32 master weights, Adam moments and step, keyed by parameter name. It is the same
+  whatever the world size, so a run can resume on a different number of workers without conversion.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kitdist.config import RunConfig
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class FullState:
+    """World-size-independent training state (CPU tensors, fp32)."""
+
+    weights: dict[str, torch.Tensor]  # the bare model's state_dict, parameters as fp32 masters
+    moments: dict[str, torch.Tensor]  # "exp_avg/<param name>", "exp_avg_sq/<param name>"
+    meta: dict[str, Any] = field(default_factory=dict)  # optimizer step, scheduler state, loss scale
+
+
+class Strategy(ABC):
+    """Wraps a model, its optimizer and lr schedule for one worker of a data-parallel run."""
+
+    name: str
+    device: torch.device
+    input_dtype: torch.dtype  # what `forward` expects its input in
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The bare model (no wrapper), e.g. to export weights."""
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        """Backward for one micro-batch; gradients are synchronised on the last one of an update."""
+
+    @abstractmethod
+    def step(self) -> float:
+        """Clips, applies the update and advances the lr schedule; returns the global grad norm."""
+
+    @abstractmethod
+    def lr(self) -> float: ...
+
+    @abstractmethod
+    def train(self, mode: bool = True) -> None: ...
+
+    @abstractmethod
+    def full_state(self) -> FullState:
+        """Collective: every rank must call it; every rank gets the whole state."""
+
+    @abstractmethod
+    def load_full_state(self, state: FullState) -> None:
+        """Restores optimizer moments and fp32 masters (weights were loaded into the model before wrapping)."""
+
+    def save_native(self, folder: str) -> bool:
+        """Writes this rank's engine-native state under `folder`; False if the engine has none."""
+        return False
+
+    def load_native(self, folder: str) -> None:
+        raise NotImplementedError(f"{self.name} has no native checkpoint format")
+
+    def peak_memory_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return 0
+
+
+def build_strategy(cfg: RunConfig, model: nn.Module, device: torch.device) -> Strategy:
+    """The strategy named by `dist.strategy`, owning `model` (already on CPU, weights loaded)."""
+    if cfg.dist.strategy == "deepspeed":
+        from kitdist.dist.deepspeed_strategy import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(cfg, model, device)
+    from kitdist.dist.ddp_strategy import DDPStrategy
+
+    return DDPStrategy(cfg, model, device)
+
+
+def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
+    return cfg.data.global_batch_size // world_size // cfg.train.grad_accum_steps
+
+
+def optimizer_step_of(optimizer: torch.optim.Optimizer) -> int:
+    """Adam's update count (for bias correction), read from any parameter's state; 0 before the first."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def set_optimizer_step(optimizer: torch.optim.Optimizer, step: int) -> None:
+    for state in optimizer.state.values():
+        if "step" in state:
+            value = state["step"]
+            state["step"] = torch.tensor(float(step), dtype=value.dtype) if torch.is_tensor(value) else step
+
+
+def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any]) -> None:
+    """Restores the schedule and the optimizer's current lr (load_state_dict alone leaves the lr stale)."""
+    scheduler.load_state_dict(state)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr

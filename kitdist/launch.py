@@ -1,0 +1,183 @@
+"""Ray Train glue: checks a run before any worker starts, connects to (or starts) a Ray cluster, and
+runs the per-worker loop under a `TorchTrainer`, one worker per GPU (or per CPU slot).
+
+Checkpoints go through Ray Train (`ray.train.report` with a Checkpoint; `RunConfig.storage_path` /
+`storage_filesystem` point at the run's storage, local or s3://), so Ray tracks the latest complete
+checkpoint, keeps the newest `train.keep_checkpoints`, restarts failed workers from it
+(`dist.max_failures`) and, when the same command runs again with the same run name, resumes from it.
+The loop reaches Ray only through `RaySession` below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kitdist import storage
+from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
+from kitdist.dist.env import worker_env_vars
+
+
+class RaySession:
+    """The Session of a Ray Train worker."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield Path(folder)
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None, name: str | None) -> None:
+        import ray.train
+
+        reported = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+        plain = {key: value for key, value in metrics.items() if isinstance(value, (int, float, str))}
+        ray.train.report(plain, checkpoint=reported, checkpoint_dir_name=name)
+
+
+def _train_fn(config: dict[str, Any]) -> None:
+    from kitdist.train.loop import train_worker
+
+    train_worker(from_dict(RunConfig, config), RaySession())
+
+
+def ray_storage(url: str) -> tuple[str, Any]:
+    """`RunConfig.storage_path` and `storage_filesystem` for a storage root (local folder or any fsspec
+    URL; remote ones go through kitdist.storage, so S3 settings come from the environment)."""
+    if storage.is_local(url):
+        return os.path.abspath(url.removeprefix("file://")), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.url_to_fs(url)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local relative paths made absolute: Ray workers run in another working directory."""
+
+    def absolute(url: str) -> str:
+        if not url or not storage.is_local(url):
+            return url
+        return os.path.abspath(url.removeprefix("file://"))
+
+    data = dataclasses.replace(
+        cfg.data, train_shards=absolute(cfg.data.train_shards), val_shards=absolute(cfg.data.val_shards)
+    )
+    train = dataclasses.replace(cfg.train, init_weights=absolute(cfg.train.init_weights))
+    store = dataclasses.replace(cfg.storage, root=absolute(cfg.storage.root))
+    return dataclasses.replace(cfg, data=data, train=train, storage=store)
+
+
+def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
+    """Everything that can be checked on the driver, so a bad run fails before any worker starts."""
+    from kitdist.shards.manifest import read_manifest
+
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards: missing; set it to a shard folder URL (with manifest.json)")
+    manifest = read_manifest(cfg.data.train_shards)
+    if manifest.kind != cfg.data.kind:
+        raise ConfigError(
+            f"data.kind: is {cfg.data.kind!r} but {cfg.data.train_shards} holds {manifest.kind!r} samples"
+        )
+    if cfg.data.val_shards:
+        read_manifest(cfg.data.val_shards)
+    if paired and cfg.data.kind != "paired":
+        raise ConfigError("data.kind: fine-tuning trains on input/target pairs; set data.kind=paired")
+    if paired and not cfg.train.init_weights:
+        raise ConfigError("train.init_weights: fine-tuning starts from pre-trained weights; give their URL")
+    if cfg.train.init_weights:
+        from kitdist.train.loop import load_weights_url
+
+        load_weights_url(cfg.train.init_weights)  # fails naming the URL if missing or unreadable
+    storage.check_writable(storage.join(cfg.storage.root, cfg.storage.run_name))
+
+
+def connect_ray(cfg: RunConfig) -> None:
+    """Joins the cluster at dist.ray_address / RAY_ADDRESS, else starts a local one on this machine;
+    then checks the cluster can hold the workers (Ray would otherwise wait for them forever)."""
+    import ray
+
+    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            need = cfg.dist.num_workers * cfg.dist.cpus_per_worker
+            # "local": a new cluster of our own, never whichever one this machine happens to run.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    _check_resources(cfg, ray.cluster_resources())
+
+
+def _check_resources(cfg: RunConfig, resources: dict[str, float]) -> None:
+    dist = cfg.dist
+    if dist.use_gpu and resources.get("GPU", 0) < dist.num_workers:
+        raise ConfigError(
+            f"dist.num_workers: {dist.num_workers} GPU workers requested, the Ray cluster has "
+            f"{resources.get('GPU', 0):g} GPUs"
+        )
+    if resources.get("CPU", 0) < dist.num_workers * dist.cpus_per_worker:
+        raise ConfigError(
+            f"dist.num_workers: {dist.num_workers} workers x dist.cpus_per_worker={dist.cpus_per_worker} CPUs"
+            f" requested, the Ray cluster has {resources.get('CPU', 0):g} CPUs"
+        )
+
+
+def launch(cfg: RunConfig, paired: bool = False) -> Any:
+    """Checks, connects and runs training to the end; returns Ray Train's Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = with_absolute_paths(cfg)
+    check_launchable(cfg, paired=paired)
+    connect_ray(cfg)
+    storage_path, filesystem = ray_storage(cfg.storage.root)
+    run_config = ray.train.RunConfig(
+        name=cfg.storage.run_name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        worker_runtime_env={"env_vars": worker_env_vars(cfg.dist)},
+    )
+    resources = {"CPU": cfg.dist.cpus_per_worker} | ({"GPU": 1} if cfg.dist.use_gpu else {})
+    trainer = TorchTrainer(
+        _train_fn,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.dist.num_workers, use_gpu=cfg.dist.use_gpu, resources_per_worker=resources
+        ),
+        run_config=run_config,
+    )
+    result = trainer.fit()
+    run = storage.join(cfg.storage.root, cfg.storage.run_name)
+    print(f"checkpoints: {result.checkpoint.path if result.checkpoint else run} (weights.safetensors inside)")
+    print(f"metrics:     {storage.join(run, 'metrics', 'metrics.jsonl')} and TensorBoard events beside it")
+    return result
+
+
+def run_or_exit(cfg: RunConfig, paired: bool) -> None:
+    """`launch` for the command line: a bad config, dataset or storage URL ends in one error line."""
+    import sys
+
+    from kitdist.shards.manifest import ManifestError
+
+    try:
+        launch(cfg, paired=paired)
+    except (ConfigError, ManifestError, storage.StorageError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,76 @@
+"""Configs that cannot run fail on the driver, before any worker starts, with one message naming the key
+(or the URL)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kitdist.finetune import main as finetune_main
+from kitdist.pretrain import main as pretrain_main
+
+
+def fails_with(main, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert isinstance(exit_info.value.code, str), "expected an error message, not a bare exit status"
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.crop_size=48", "data.crop_size"),
+        ("data.global_batch_size=3", "data.global_batch_size"),
+        ("dist.zero_stage=4", "dist.zero_stage"),
+        ("train.precision=fp16", "train.precision"),
+        ("train.losss=l1", "train.losss"),
+    ],
+)
+def test_bad_config_names_the_key(override, key):
+    message = fails_with(pretrain_main, ["data.train_shards=/nowhere", override])
+    assert key in message and "command line" in message
+
+
+def test_missing_dataset_url(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  max_steps: 20\n")
+    message = fails_with(pretrain_main, ["--config", str(config)])
+    assert "data.train_shards" in message
+
+
+def test_dataset_without_manifest_names_the_url(tmp_path):
+    message = fails_with(pretrain_main, [f"data.train_shards={tmp_path}/none"])
+    assert f"{tmp_path}/none/manifest.json" in message
+
+
+def test_finetune_needs_pretrained_weights(tmp_path):
+    from kitdist.pretrain import ensure_photo_shards
+
+    train_url, _ = ensure_photo_shards(str(tmp_path / "shards"))
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"data:\n  train_shards: {train_url}\n  kind: clean\n")
+    assert "data.kind" in fails_with(finetune_main, ["--config", str(config)])
+
+
+def test_unreachable_storage_fails_fast_naming_the_url(tmp_path, monkeypatch):
+    import time
+
+    from s3server import free_port
+
+    from kitdist.pretrain import ensure_photo_shards
+
+    train_url, _ = ensure_photo_shards(str(tmp_path / "shards"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    start = time.monotonic()
+    message = fails_with(pretrain_main, [f"data.train_shards={train_url}", "storage.root=s3://nobucket/runs"])
+    assert "s3://nobucket/runs" in message
+    assert time.monotonic() - start < 120
+
+
+def test_help_lists_the_shipped_configs(capsys):
+    with pytest.raises(SystemExit):
+        pretrain_main(["--help"])
+    out = capsys.readouterr().out
+    assert "configs/pretrain/debug.yaml" in out and "section.key=value" in out
