@@ -62,7 +62,11 @@ class SlurmCluster:
         self._wait_idle(timeout)
 
     def stop(self) -> None:
+        """Cancels every job and waits for it to end (so its Ray nodes shut down), then stops the daemons."""
         subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self._jobs_left():
+            time.sleep(1)
         for process in reversed(self.daemons):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -78,6 +82,10 @@ class SlurmCluster:
                 os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
             except (ValueError, ProcessLookupError):
                 pass
+
+    def _jobs_left(self) -> bool:
+        result = subprocess.run(["squeue", "-h"], env=self.env, capture_output=True, text=True, timeout=30)
+        return result.returncode == 0 and bool(result.stdout.strip())
 
     def run(self, *command: str, timeout: float = 60) -> str:
         """Runs a SLURM client command against this cluster; returns its stdout."""
