@@ -1,0 +1,91 @@
+"""cluster/slurm on a real SLURM (munge + slurmctld + two slurmd on this machine): the sbatch script brings up
+a 2-node Ray cluster, submits the job, and on the pre-emption signal checkpoints, requeues and resumes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from s3server import free_port
+from slurmcluster import SlurmCluster, SlurmUnavailable
+
+REPO = Path(__file__).resolve().parent.parent
+SBATCH = REPO / "cluster" / "slurm" / "kitdist.sbatch"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as err:
+        pytest.skip(f"SLURM could not start here: {err}")
+    yield cluster
+    cluster.stop()
+
+
+def submit(slurm: SlurmCluster, out: Path, entrypoint: str, args: str = "", nodes: int = 2) -> str:
+    """sbatch the real script with loopback addresses and free ports; returns the job id."""
+    env = {
+        "KITDIST_ENTRYPOINT": entrypoint,
+        "KITDIST_ARGS": args,
+        "KITDIST_RAY_PORT": str(free_port()),
+        "KITDIST_DASHBOARD_PORT": str(free_port()),
+        "KITDIST_AGENT_PORT": str(free_port()),
+        "KITDIST_HEAD_IP": "127.0.0.1",
+        "KITDIST_WORKER_IP": "127.0.0.1",
+        "KITDIST_STOP_GRACE": "120",
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    command = ["sbatch", "--parsable", f"--nodes={nodes}", f"--output={out}", f"--chdir={REPO}", str(SBATCH)]
+    result = subprocess.run(command, env={**slurm.env, **env}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def pretrain_args(root: Path, steps: int, every: int) -> str:
+    """The embedded default (debug KiT, photographs), shortened; the two 'nodes' share this disk as a real
+    cluster shares its file system."""
+    return (
+        f"train.max_steps={steps} train.warmup_steps=1 train.checkpoint_every={every} train.log_every=1 "
+        f"storage.root={root} storage.run_name=slurm"
+    )
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return sorted(root.glob("slurm/**/weights.safetensors"))
+
+
+def test_two_node_pretrain_is_preempted_requeued_and_resumes(slurm, tmp_path):
+    """One run covers the script end to end: a 2-node Ray cluster forms, pre-training writes checkpoints, the
+    pre-emption signal requeues the job, and the requeued job resumes and finishes."""
+    out = tmp_path / "job.out"
+    root = tmp_path / "runs"
+    job = submit(slurm, out, f"{sys.executable} -m kitdist.pretrain", pretrain_args(root, 12, 4))
+    deadline = time.monotonic() + 420
+    while not checkpoints(root):
+        assert time.monotonic() < deadline, f"no checkpoint within 420 s:\n{out.read_text()[-4000:]}"
+        assert slurm.job_field(job, "JobState") in {"PENDING", "RUNNING"}, out.read_text()[-4000:]
+        time.sleep(3)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    deadline = time.monotonic() + 300
+    while int(slurm.job_field(job, "Restarts")) < 1:
+        assert time.monotonic() < deadline, f"not requeued:\n{out.read_text()[-4000:]}"
+        time.sleep(3)
+    # SLURM holds a requeued job back for a while (BeginTime); a test need not wait that out.
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    state = slurm.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
+    log = out.read_text()
+    assert "Ray cluster up: 2/2 nodes" in log
+    assert "pre-emption signal" in log and "requeueing" in log
+    assert state == "COMPLETED", log[-4000:]
+    assert "restart 1" in log
+    assert "resumed from step" in log.split("restart 1", 1)[1], "the requeued run must resume, not start over"
+    assert "finished: SUCCEEDED" in log
+    assert any(path.parent.name == "step-00000012" for path in checkpoints(root))
