@@ -89,17 +89,7 @@ def write_bytes(url: str, data: bytes) -> None:
     """Writes `data` so that readers see either the old file, or none, or all of the new one."""
     fs, path = url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
-        _call(url, fs.makedirs, fs._parent(path), exist_ok=True)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except OSError as err:
-            _remove_quietly(temporary)
-            raise StorageError(f"{url}: cannot write ({err})") from err
+        _publish_local(url, fs, path, lambda temporary: _write_synced(temporary, data))
     else:
         _call(url, fs.pipe_file, path, data)
 
@@ -112,16 +102,28 @@ def put_file(local_path: str, url: str) -> None:
     """Uploads (or copies) a finished local file to `url` atomically."""
     fs, path = url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
-        _call(url, fs.makedirs, fs._parent(path), exist_ok=True)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            fs.cp_file(local_path, temporary)
-            os.replace(temporary, path)
-        except OSError as err:
-            _remove_quietly(temporary)
-            raise StorageError(f"{url}: cannot write ({err})") from err
+        _publish_local(url, fs, path, lambda temporary: fs.cp_file(local_path, temporary))
     else:
         _call(url, fs.put_file, local_path, path)
+
+
+def _publish_local(url: str, fs: LocalFileSystem, path: str, fill: Any) -> None:
+    """Fills a temporary file beside `path`, then renames it into place (atomic on one file system)."""
+    _call(url, fs.makedirs, fs._parent(path), exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        fill(temporary)
+        os.replace(temporary, path)
+    except OSError as err:
+        _remove_quietly(temporary)
+        raise StorageError(f"{url}: cannot write ({err})") from err
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def list_names(url: str) -> list[str]:
