@@ -1,0 +1,195 @@
+"""From a PipelineSpec to the exact jobs it will run, checked before anything is submitted.
+
+Every stage's run config is loaded with `kitdist.config.load_config` (file + overrides), its datasets'
+manifests are read, the fine-tunes' model must have the pre-trained model's parameter shapes, and the
+storage must take writes. Any problem is one `PlanError` naming the stage and the key, file or URL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+from kitdist import storage
+from kitdist.config import ConfigError, ModelConfig, RunConfig, load_config
+from kitdist.coordinator.jobs import JobSpec
+from kitdist.coordinator.spec import PipelineSpec, Resources, TaskSpec
+from kitdist.launch import with_absolute_paths
+from kitdist.shards.manifest import ManifestError, read_manifest
+
+PRETRAIN = "pretrain"
+
+
+class PlanError(ValueError):
+    """A pipeline that cannot run; the message names the stage and what is wrong."""
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """A training stage: its resolved config and the arguments that reproduce it in a job."""
+
+    stage: str
+    module: str  # kitdist.pretrain or kitdist.finetune
+    config_path: str
+    overrides: list[str]  # everything after --config, init_weights excepted (known only later)
+    cfg: RunConfig
+    resources: Resources
+
+    @property
+    def run_url(self) -> str:
+        return storage.join(self.cfg.storage.root, self.cfg.storage.run_name)
+
+    def job(self, init_weights: str = "") -> JobSpec:
+        extra = [f"train.init_weights={absolute(init_weights)}"] if init_weights else []
+        argv = ["python", "-m", self.module, "--config", self.config_path, *self.overrides, *extra]
+        return JobSpec(argv, self.resources)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Evaluating one fine-tuned model on its task's test shards."""
+
+    stage: str
+    task: TaskSpec
+    test_shards: str
+    out: str  # folder URL; the evaluator writes results.json there
+    resources: Resources
+
+    def job(self, weights: str) -> JobSpec:
+        argv = ["python", "-m", "kitdist.evaluate", "--weights", absolute(weights)]
+        argv += ["--shards", self.test_shards, "--out", self.out, *self.task.eval_args]
+        return JobSpec(argv, self.resources)
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: PipelineSpec
+    pretrain: TrainPlan | None  # None: the fine-tunes start from spec.pretrain.weights
+    finetunes: dict[str, TrainPlan]  # by task stage name
+    evaluations: dict[str, EvalPlan]
+
+    def stage_kinds(self) -> dict[str, str]:
+        kinds = {PRETRAIN: "pretrain"} if self.pretrain else {}
+        kinds |= {f"finetune/{name}": "finetune" for name in self.finetunes}
+        return kinds | {f"evaluate/{name}": "evaluate" for name in self.evaluations}
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute (jobs run in another working directory); other URLs unchanged."""
+    if not url or not storage.is_local(url):
+        return url
+    return os.path.abspath(url.removeprefix("file://"))
+
+
+def make_plan(spec: PipelineSpec) -> Plan:
+    """Checks the whole pipeline and returns its jobs; raises PlanError before anything runs."""
+    pretrain = None
+    if spec.pretrain.config:
+        pretrain = _train_plan(spec, PRETRAIN, "kitdist.pretrain", spec.pretrain, paired=False)
+        reference, source = _shapes(pretrain.cfg.model), f"pretrain ({spec.pretrain.config})"
+    else:
+        reference, source = _weights_shapes(spec.pretrain.weights), spec.pretrain.weights
+    finetunes, evaluations = {}, {}
+    for task in spec.finetune:
+        plan = _train_plan(spec, task.stage, "kitdist.finetune", task, paired=True)
+        _check_same_model(task.stage, _shapes(plan.cfg.model), reference, source, plan.cfg.model)
+        finetunes[task.stage] = plan
+        evaluations[task.stage] = _eval_plan(spec, task)
+    storage_folders = {spec.state} | {p.run_url for p in [pretrain, *finetunes.values()] if p}
+    for folder in sorted(storage_folders):
+        _check(f"storage {folder}", storage.check_writable, folder)
+    return Plan(spec, pretrain, finetunes, evaluations)
+
+
+def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool) -> TrainPlan:
+    label = f"stage {stage}"
+    config_path = os.path.abspath(part.config)
+    generated = [f"storage.run_name={spec.name}-{stage.replace('_', '-')}"]
+    if spec.storage_root:
+        generated.append(f"storage.root={spec.storage_root}")
+    generated += [
+        f"data.{key}={getattr(part, key)}" for key in ("train_shards", "val_shards") if getattr(part, key)
+    ]
+    try:
+        cfg = with_absolute_paths(load_config(config_path, [*part.overrides, *generated]))
+    except ConfigError as err:
+        raise PlanError(f"{label}: {err}") from None
+    if paired and cfg.data.kind != "paired":
+        raise PlanError(
+            f"{label}: {config_path}: data.kind: fine-tuning needs paired shards (data.kind: paired)"
+        )
+    if not cfg.data.train_shards:
+        raise PlanError(f"{label}: data.train_shards: missing dataset URL (in {part.config} or train_shards)")
+    for key in ("train_shards", "val_shards"):
+        if getattr(cfg.data, key):
+            manifest = _check(f"{label}: data.{key}", read_manifest, getattr(cfg.data, key))
+            if key == "train_shards" and manifest.kind != cfg.data.kind:
+                raise PlanError(
+                    f"{label}: data.kind is {cfg.data.kind!r}, {cfg.data.train_shards} holds {manifest.kind!r}"
+                )
+    # Absolute local paths on the command line: the job does not run in this working directory.
+    pinned = [f"data.train_shards={cfg.data.train_shards}", f"storage.root={cfg.storage.root}"]
+    pinned += [f"data.val_shards={cfg.data.val_shards}"] if cfg.data.val_shards else []
+    overrides = [*part.overrides, generated[0], *pinned]
+    return TrainPlan(stage, module, config_path, overrides, cfg, part.resources)
+
+
+def _eval_plan(spec: PipelineSpec, task: TaskSpec) -> EvalPlan:
+    test_shards = absolute(task.test_shards)
+    manifest = _check(f"stage {task.stage}: test_shards", read_manifest, test_shards)
+    if manifest.kind != "paired":
+        raise PlanError(
+            f"stage {task.stage}: test_shards: {test_shards} holds {manifest.kind!r} samples, not pairs"
+        )
+    out = storage.join(absolute(spec.state), "eval", task.stage)
+    return EvalPlan(f"evaluate/{task.stage}", task, test_shards, out, task.eval_resources)
+
+
+def weights_url(url: str) -> str:
+    """The weights.safetensors of a checkpoint folder, or the file itself."""
+    url = absolute(url)
+    return url if url.endswith(".safetensors") else storage.join(url, "weights.safetensors")
+
+
+def _check(label: str, fn, *args):
+    try:
+        return fn(*args)
+    except (ManifestError, storage.StorageError, FileNotFoundError, ConfigError) as err:
+        raise PlanError(f"{label}: {err}") from None
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the model `cfg` builds, on the meta device (no memory, no time)."""
+    import torch
+
+    from kitdist.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _weights_shapes(url: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a weights.safetensors header (its first bytes; the tensors are not read)."""
+    url = weights_url(url)
+    try:
+        with storage.open_read(url) as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error) as err:
+        raise PlanError(f"pretrain.weights: {url}: not a readable weights.safetensors ({err})") from None
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def _check_same_model(stage, shapes, reference, source: str, cfg: ModelConfig) -> None:
+    if shapes == reference:
+        return
+    differing = sorted(set(shapes) ^ set(reference)) or sorted(n for n in shapes if shapes[n] != reference[n])
+    name = differing[0]
+    raise PlanError(
+        f"stage {stage}: model (size {cfg.size!r}) does not match the pre-trained model of {source}: "
+        f"parameter {name} is {shapes.get(name, 'absent')} here, {reference.get(name, 'absent')} there; "
+        "set model.* in the fine-tune config to the pre-trained model's"
+    )

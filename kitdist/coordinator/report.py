@@ -1,0 +1,105 @@
+"""The results table of a pipeline (Markdown and JSON, beside the state) and the `status` printout."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from kitdist import storage
+from kitdist.coordinator.state import State
+
+
+def result_rows(state: State, plan: Any) -> list[dict[str, Any]]:
+    """One row per fine-tuning task: what it was trained on, how it scores, where its weights are."""
+    rows = []
+    for name, task_plan in plan.evaluations.items():
+        finetune = state.stages.get(f"finetune/{name}")
+        evaluate = state.stages.get(f"evaluate/{name}")
+        results = evaluate.results if evaluate else {}
+        rows.append(
+            {
+                "task": task_plan.task.task,
+                "stage": name,
+                "dataset": task_plan.task.dataset,
+                "test_shards": task_plan.test_shards,
+                "psnr_rgb": results.get("psnr_rgb"),
+                "ssim_rgb": results.get("ssim_rgb"),
+                "psnr_y": results.get("psnr_y"),
+                "ssim_y": results.get("ssim_y"),
+                "convention": results.get("convention"),
+                "images": results.get("images"),
+                "params": results.get("params"),
+                "macs": results.get("macs"),
+                "checkpoint": finetune.checkpoint if finetune else "",
+                "train_wall_s": round(finetune.wall_s, 1) if finetune else None,
+                "eval_wall_s": round(evaluate.wall_s, 1) if evaluate else None,
+                "status": _row_status(finetune, evaluate),
+            }
+        )
+    return rows
+
+
+def _row_status(finetune: Any, evaluate: Any) -> str:
+    if finetune is None or finetune.status != "succeeded":
+        return f"fine-tune {finetune.status if finetune else 'missing'}"
+    return "done" if evaluate and evaluate.status == "succeeded" else f"evaluation {evaluate.status}"
+
+
+def markdown_table(state: State, rows: list[dict[str, Any]]) -> str:
+    head = "| task | dataset | PSNR RGB | SSIM RGB | PSNR Y | SSIM Y | convention | params | MACs | checkpoint | train time | status |"
+    lines = [f"# Results of pipeline {state.pipeline}", "", head, "|" + " --- |" * 12]
+    for row in rows:
+        cells = [
+            row["task"],
+            row["dataset"],
+            _number(row["psnr_rgb"], "{:.2f}"),
+            _number(row["ssim_rgb"], "{:.4f}"),
+            _number(row["psnr_y"], "{:.2f}"),
+            _number(row["ssim_y"], "{:.4f}"),
+            str(row["convention"] or "-"),
+            _number(row["params"] and row["params"] / 1e6, "{:.2f} M"),
+            _number(row["macs"] and row["macs"] / 1e9, "{:.2f} G"),
+            f"`{row['checkpoint']}`" if row["checkpoint"] else "-",
+            _duration(row["train_wall_s"]),
+            row["status"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; PSNR in dB, SSIM on [0, 1]."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(state: State, plan: Any, folder: str) -> dict[str, str]:
+    """Writes results.md and results.json into the state folder; returns their URLs."""
+    rows = result_rows(state, plan)
+    urls = {"markdown": storage.join(folder, "results.md"), "json": storage.join(folder, "results.json")}
+    storage.write_text(urls["markdown"], markdown_table(state, rows))
+    body = {"pipeline": state.pipeline, "status": state.status, "rows": rows}
+    storage.write_text(urls["json"], json.dumps(body, indent=1))
+    return urls
+
+
+def status_text(state: State) -> str:
+    """Where every stage stands, one line each, plus the cluster and the results."""
+    lines = [f"pipeline {state.pipeline}: {state.status} (cluster {state.cluster.get('address', '-')})"]
+    for stage in state.stages.values():
+        attempt = stage.current
+        job = f"job {attempt.job_id} {attempt.status}" if attempt else "no job yet"
+        extra = stage.weights or (f"PSNR {stage.results['psnr_rgb']:.2f} dB" if stage.results else "")
+        line = f"  {stage.name:<28} {stage.status:<10} attempts {len(stage.attempts)}  {job}  {extra}"
+        lines.append(line.rstrip())
+        if stage.error and stage.status != "succeeded":
+            lines.append(f"      last error: {stage.error.splitlines()[0][:200]}")
+    if state.results:
+        lines.append(f"results: {state.results.get('markdown')}")
+    return "\n".join(lines)
+
+
+def _number(value: Any, fmt: str) -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) and value is not None else "-"
+
+
+def _duration(seconds: Any) -> str:
+    if not seconds:
+        return "-"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.0f} s"
