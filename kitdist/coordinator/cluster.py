@@ -134,7 +134,7 @@ class LocalCluster:
             return False
         return True
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM to the cluster's process group, SIGKILL to what is left after `grace_s`."""
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:

@@ -1,0 +1,92 @@
+"""Bad pipelines fail with one message naming the stage and key, before any cluster is reached or any job
+submitted; the shipped pipelines parse; the state document survives a round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from coordkit import write_pipeline
+from safetensors.torch import save_file
+
+from kitdist.coordinator.__main__ import main
+from kitdist.coordinator.spec import load_pipeline
+from kitdist.coordinator.state import Attempt, State, new_state
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> dict[str, str]:
+    from kitdist.coordinator.demo import ensure_demo_shards
+
+    return ensure_demo_shards(str(tmp_path_factory.mktemp("demo-data")))
+
+
+def run_fails(path, capsys, monkeypatch) -> str:
+    # An address nothing listens on: reaching for the cluster would fail differently and much later.
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    assert main(["run", str(path)]) == 2
+    assert not (path.parent / "state" / "state.json").exists()  # nothing ran, no state written
+    return capsys.readouterr().err
+
+
+def edit(path, change) -> None:
+    tree = yaml.safe_load(path.read_text())
+    change(tree)
+    path.write_text(yaml.safe_dump(tree))
+
+
+def test_unknown_task(tmp_path, demo_data, capsys, monkeypatch):
+    path = write_pipeline(tmp_path / "p.yaml", demo_data)
+    edit(path, lambda t: t["finetune"][1].update(task="superresolve"))
+    err = run_fails(path, capsys, monkeypatch)
+    assert "finetune[1].task: unknown task 'superresolve'" in err and "denoise" in err
+
+
+def test_missing_dataset(tmp_path, demo_data, capsys, monkeypatch):
+    path = write_pipeline(tmp_path / "p.yaml", demo_data)
+    edit(path, lambda t: t["finetune"][0].update(train_shards=str(tmp_path / "no-such-set")))
+    err = run_fails(path, capsys, monkeypatch)
+    assert "stage denoise: data.train_shards" in err and "no-such-set" in err
+
+
+def test_missing_test_shards(tmp_path, demo_data, capsys, monkeypatch):
+    path = write_pipeline(tmp_path / "p.yaml", demo_data)
+    edit(path, lambda t: t["finetune"][0].pop("test_shards"))
+    assert "finetune[0].test_shards: missing" in run_fails(path, capsys, monkeypatch)
+
+
+def test_fine_tune_model_must_match_the_pretrained_one(tmp_path, demo_data, capsys, monkeypatch):
+    path = write_pipeline(tmp_path / "p.yaml", demo_data)
+    edit(path, lambda t: t["finetune"][1]["overrides"].append("model.size=small"))
+    err = run_fails(path, capsys, monkeypatch)
+    assert "stage deblur: model (size 'small') does not match the pre-trained model" in err
+
+
+def test_named_checkpoint_of_another_size(tmp_path, demo_data, capsys, monkeypatch):
+    weights = tmp_path / "weights.safetensors"
+    save_file({"conv_in.weight": torch.zeros(7, 3, 3, 3)}, str(weights))
+    path = write_pipeline(tmp_path / "p.yaml", demo_data, pretrain={"weights": str(weights)})
+    err = run_fails(path, capsys, monkeypatch)
+    assert "does not match the pre-trained model of" in err and str(weights) in err
+
+
+def test_bad_run_config_key_names_stage_and_key(tmp_path, demo_data, capsys, monkeypatch):
+    path = write_pipeline(tmp_path / "p.yaml", demo_data)
+    edit(path, lambda t: t["pretrain"]["overrides"].append("train.max_step=3"))
+    err = run_fails(path, capsys, monkeypatch)
+    assert "stage pretrain" in err and "train.max_step: unknown key" in err
+
+
+def test_shipped_pipelines_parse():
+    kit = load_pipeline("configs/pipeline/kit.yaml")
+    assert [t.task for t in kit.finetune] == ["denoise", "deblur", "derain", "deblur_jpeg"]
+    assert load_pipeline("configs/pipeline/demo.yaml").demo_data
+
+
+def test_state_round_trip():
+    state = new_state("p", {"pretrain": "pretrain", "finetune/a": "finetune"})
+    state.stages["pretrain"].attempts.append(Attempt(job_id="j1", status="FAILED", started=1.0, ended=3.5))
+    again = State.from_json(state.to_json(), "test")
+    assert (
+        again == state and again.stages["pretrain"].failures == 1 and again.stages["pretrain"].wall_s == 2.5
+    )
