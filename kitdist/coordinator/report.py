@@ -43,7 +43,9 @@ def result_rows(state: State, plan: Any) -> list[dict[str, Any]]:
 def _row_status(finetune: Any, evaluate: Any) -> str:
     if finetune is None or finetune.status != "succeeded":
         return f"fine-tune {finetune.status if finetune else 'missing'}"
-    return "done" if evaluate and evaluate.status == "succeeded" else f"evaluation {evaluate.status}"
+    if evaluate is None:
+        return "evaluation missing"
+    return "done" if evaluate.status == "succeeded" else f"evaluation {evaluate.status}"
 
 
 def markdown_table(state: State, rows: list[dict[str, Any]]) -> str:
