@@ -61,8 +61,8 @@ def conventions(crop_border: int) -> dict[str, str]:
 
 def image_metrics(output: np.ndarray, target: np.ndarray, crop_border: int = 0) -> dict[str, float]:
     """PSNR/SSIM on RGB and Y of two uint8 HWC RGB images (the numbers `evaluate` reports per image)."""
-    a = torch.from_numpy(output).permute(2, 0, 1)[None].double() / 255.0
-    b = torch.from_numpy(target).permute(2, 0, 1)[None].double() / 255.0
+    a = torch.tensor(output).permute(2, 0, 1)[None].double() / 255.0
+    b = torch.tensor(target).permute(2, 0, 1)[None].double() / 255.0
     values = {}
     for space in ("rgb", "y"):
         convention = MetricConvention(space=space, crop_border=crop_border)
