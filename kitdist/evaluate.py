@@ -227,7 +227,12 @@ def write_reports(out_url: str, results: dict[str, Any]) -> None:
 
     storage.write_text(storage.join(out_url, "results.json"), json.dumps(results, indent=1) + "\n")
     storage.write_text(storage.join(out_url, "results.md"), markdown(results))
-    storage.write_bytes(storage.join(out_url, "chart.png"), draw_chart([MeasuredPoint.from_results(results)]))
+    try:
+        chart = draw_chart([MeasuredPoint.from_results(results)])
+    except ImportError:  # matplotlib is the optional `viz` extra; the numbers do not need it
+        print("note: chart.png not drawn (matplotlib missing: pip install 'kitdist[viz]')", file=sys.stderr)
+        return
+    storage.write_bytes(storage.join(out_url, "chart.png"), chart)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
