@@ -1,0 +1,294 @@
+"""`python -m kitdist.evaluate`: PSNR and SSIM of trained weights over a test shard set, with figures.
+
+    python -m kitdist.evaluate --weights runs/embedded --shards runs/data/skimage-photos/val --out runs/eval
+    >>> from kitdist.evaluate import evaluate
+    >>> results = evaluate("runs/embedded", "runs/data/skimage-photos/val", out_url="runs/eval")
+
+Paired shard sets are evaluated on their own inputs; clean ones get the data pipeline's deterministic
+validation degradation (`kitdist.data.val`: a generator drawn from each sample's key, with the `degrade`
+settings of the run that trained the weights, overridable here), so every run sees the same inputs.
+Every image is restored whole or in tiles (as `python -m kitdist.restore` does), rounded to 8 bits like a
+saved file, and measured on RGB and on BT.601 luma. Written to --out: `results.json` (means, per-image
+values, the convention of every number, model size, params, MACs), `results.md` (the same as tables),
+`grids/<key>.png` (input | restored | target with a zoomed detail) and `chart.png` (PSNR vs GMACs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from kitdist import storage
+from kitdist.config import ConfigError, RunConfig, load_config, to_dict
+from kitdist.inference import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    Restorer,
+    WeightsError,
+    load_restorer,
+    recorded_run_config,
+)
+from kitdist.shards.manifest import ManifestError, read_manifest
+from kitdist.train.metrics import MetricConvention, psnr, ssim
+
+METRICS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
+SSIM_NOTE = (
+    "SSIM: Wang et al. 2004, Gaussian window 11 px sigma 1.5, K1 0.01, K2 0.03, valid region, mean over "
+    "channels = skimage structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)"
+)
+
+
+def conventions(crop_border: int) -> dict[str, str]:
+    """The convention each reported number was measured with, in words."""
+    common = "8-bit rounded output and target, data range 1 (255 on 8 bits)"
+    space = {"rgb": "RGB, 3 channels", "y": "Y = BT.601 luma (MATLAB rgb2ycbcr, 16-235)"}
+    out = {}
+    for name in METRICS:
+        kind, colour = name.split("_")
+        method = "PSNR = 10 log10(1 / MSE)" if kind == "psnr" else SSIM_NOTE
+        out[name] = f"{space[colour]}; border {crop_border} px cropped; {common}; {method}"
+    return out
+
+
+def image_metrics(output: np.ndarray, target: np.ndarray, crop_border: int = 0) -> dict[str, float]:
+    """PSNR/SSIM on RGB and Y of two uint8 HWC RGB images (the numbers `evaluate` reports per image)."""
+    a = torch.tensor(output).permute(2, 0, 1)[None].double() / 255.0
+    b = torch.tensor(target).permute(2, 0, 1)[None].double() / 255.0
+    values = {}
+    for space in ("rgb", "y"):
+        convention = MetricConvention(space=space, crop_border=crop_border)
+        values[f"psnr_{space}"] = float(psnr(a, b, convention)[0])
+        values[f"ssim_{space}"] = float(ssim(a, b, convention)[0])
+    return values
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    return (np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def eval_config(restorer: Restorer, shards_url: str, overrides: Sequence[str], max_images: int) -> RunConfig:
+    """The run config validation would use: the training run's own (degradations included) if its
+    config.yaml is beside the weights, pointed at `shards_url`, whole images, then the user's overrides."""
+    kind = read_manifest(shards_url).kind
+    recorded = recorded_run_config(restorer.weights_url)
+    base = _flatten(to_dict(recorded)) if recorded is not None else [f"model.size={restorer.size_name}"]
+    fixed = [
+        f"data.val_shards={shards_url}",
+        f"data.kind={kind}",
+        "data.val_crop_size=0",
+        "data.num_workers=0",
+    ]
+    fixed.append(f"data.max_val_samples={max_images}")
+    return load_config(None, [*base, *fixed, *overrides])
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append(
+                f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            )
+    return items
+
+
+def evaluate(
+    weights_url: str,
+    shards_url: str,
+    *,
+    out_url: str | None = None,
+    model_size: str | None = None,
+    overrides: Sequence[str] = (),
+    crop_border: int = 0,
+    max_images: int = 0,
+    num_grids: int = 4,
+    save_images: bool = False,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measures the weights on the shard set; writes the reports under `out_url` when given."""
+    from kitdist.data.val import val_batches
+    from kitdist.model.profile import count_macs, count_params
+
+    restorer = load_restorer(weights_url, model_size, device)
+    cfg = eval_config(restorer, shards_url, overrides, max_images)
+    total = read_manifest(shards_url).total_samples
+    total = min(total, max_images) if max_images else total
+    records, started = [], time.perf_counter()
+    for index, batch in enumerate(
+        tqdm(val_batches(cfg, 0, 1), total=total, unit="image", disable=not progress)
+    ):
+        degraded = batch["input"][0].permute(1, 2, 0).numpy()
+        target = to_uint8(batch["target"][0].permute(1, 2, 0).numpy())
+        restored = to_uint8(restorer.restore(degraded, tile, overlap))
+        record = {"key": batch["keys"][0], "height": target.shape[0], "width": target.shape[1]}
+        record.update(image_metrics(restored, target, crop_border))
+        record["input_psnr_rgb"] = image_metrics(to_uint8(degraded), target, crop_border)["psnr_rgb"]
+        records.append(record)
+        if out_url is not None:
+            _write_figures(out_url, record, degraded, restored, target, index < num_grids, save_images)
+    if not records:
+        raise ValueError(f"{shards_url}: no readable test images")
+    results = _summary(restorer, cfg, shards_url, records, crop_border)
+    results.update(params=count_params(restorer.model), macs=count_macs(restorer.model_cfg, 256, 256))
+    results["seconds"] = round(time.perf_counter() - started, 2)
+    if out_url is not None:
+        write_reports(out_url, results)
+    return results
+
+
+def _summary(restorer: Restorer, cfg: RunConfig, shards_url: str, records: list, crop_border: int) -> dict:
+    means = {name: float(np.mean([r[name] for r in records])) for name in (*METRICS, "input_psnr_rgb")}
+    described = conventions(crop_border)
+    if cfg.data.kind == "clean":
+        source = (
+            f"clean images degraded by kitdist.data.val (per-key generator), degrade = {to_dict(cfg.degrade)}"
+        )
+    else:
+        source = "the shard set's own input images"
+    return {
+        **means,
+        "convention": f"mean over images of per-image values; {described['psnr_rgb']} (Y: BT.601 luma)",
+        "conventions": described,
+        "inputs": source,
+        "images": len(records),
+        "model_size": restorer.size_name,
+        "weights": restorer.weights_url,
+        "shards": shards_url,
+        "device": str(restorer.device),
+        "per_image": records,
+    }
+
+
+def _write_figures(out_url, record, degraded, restored, target, grid: bool, save_images: bool) -> None:
+    from kitdist.report import comparison_grid
+
+    key = record["key"]
+    if save_images:
+        from kitdist.restore import encode_png
+
+        storage.write_bytes(
+            storage.join(out_url, "restored", f"{key}.png"), encode_png(restored / 255.0, False)
+        )
+    if grid:
+        panels = [
+            (f"input {record['input_psnr_rgb']:.2f} dB", np.clip(degraded, 0, 1)),
+            (f"restored {record['psnr_rgb']:.2f} dB / {record['ssim_rgb']:.4f}", restored / 255.0),
+            ("target", target / 255.0),
+        ]
+        storage.write_bytes(storage.join(out_url, "grids", f"{key}.png"), comparison_grid(panels))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as Markdown tables: means with their conventions, then every image."""
+    lines = [
+        f"# Evaluation of `{results['weights']}`",
+        "",
+        f"Test set `{results['shards']}`: "
+        f"{results['images']} images; inputs: {results['inputs']}. Model `{results['model_size']}`, "
+        f"{results['params'] / 1e6:.3f} M parameters, {results['macs'] / 1e9:.3f} GMACs at 256x256.",
+        "",
+        "| metric | mean | convention |",
+        "|---|---|---|",
+    ]
+    for name in METRICS:
+        value = f"{results[name]:.4f}" if name.startswith("ssim") else f"{results[name]:.2f} dB"
+        lines.append(f"| {name} | {value} | {results['conventions'][name]} |")
+    lines.append(f"| input psnr_rgb | {results['input_psnr_rgb']:.2f} dB | the degraded input itself |")
+    lines += [
+        "",
+        "| image | size | input PSNR | PSNR RGB | SSIM RGB | PSNR Y | SSIM Y |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["per_image"]:
+        lines.append(
+            f"| {r['key']} | {r['width']}x{r['height']} | {r['input_psnr_rgb']:.2f} | {r['psnr_rgb']:.2f} | "
+            f"{r['ssim_rgb']:.4f} | {r['psnr_y']:.2f} | {r['ssim_y']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"  # fmt: skip
+
+
+def write_reports(out_url: str, results: dict[str, Any]) -> None:
+    """results.json, results.md and chart.png under `out_url`."""
+    from kitdist.report import MeasuredPoint, draw_chart
+
+    storage.write_text(storage.join(out_url, "results.json"), json.dumps(results, indent=1) + "\n")
+    storage.write_text(storage.join(out_url, "results.md"), markdown(results))
+    try:
+        chart = draw_chart([MeasuredPoint.from_results(results)])
+    except ImportError:  # matplotlib is the optional `viz` extra; the numbers do not need it
+        print("note: chart.png not drawn (matplotlib missing: pip install 'kitdist[viz]')", file=sys.stderr)
+        return
+    storage.write_bytes(storage.join(out_url, "chart.png"), chart)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kitdist.evaluate",
+        description="PSNR/SSIM (RGB and Y) of trained KiT weights over a test shard set; with --out also "
+        "results.json, results.md, comparison grids and the PSNR-vs-GMACs chart.",
+        epilog="Clean shard sets are degraded as validation does (per-key generator, the training run's "
+        "degrade settings); change them with overrides, e.g. 'degrade.noise_sigma=[25,25]'. "
+        "Weights: a weights.safetensors, a checkpoint folder or a run folder (newest step-*).",
+    )
+    parser.add_argument("--weights", required=True, help="URL of the weights")
+    parser.add_argument("--shards", required=True, help="test shard set (folder or manifest.json URL)")
+    parser.add_argument("--out", help="folder URL for results.json, results.md, grids/, chart.png")
+    parser.add_argument("--model", help="model size of a bare weights file")
+    parser.add_argument(
+        "--crop-border", type=int, default=0, help="pixels cut from every side before measuring"
+    )
+    parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
+    parser.add_argument("--grids", type=int, default=4, help="comparison grids for the first N images (4)")
+    parser.add_argument("--save-images", action="store_true", help="also write restored/<key>.png")
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile side ({DEFAULT_TILE})")
+    parser.add_argument(
+        "--overlap", type=int, default=DEFAULT_OVERLAP, help=f"tile overlap ({DEFAULT_OVERLAP})"
+    )
+    parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="e.g. degrade.noise_sigma=[25,25]"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.crop_border < 0 or args.max_images < 0:
+            raise ValueError("--crop-border and --max-images must be >= 0")
+        results = evaluate(
+            args.weights, args.shards, out_url=args.out, model_size=args.model, overrides=args.overrides,
+            crop_border=args.crop_border, max_images=args.max_images, num_grids=args.grids,
+            save_images=args.save_images, tile=args.tile, overlap=args.overlap, device=args.device,
+            progress=not args.quiet,
+        )  # fmt: skip
+    except (ValueError, WeightsError, ConfigError, ManifestError, storage.StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name in METRICS:
+        print(f"{name}: {results[name]:.4f}  [{results['conventions'][name].split(';')[0]}]")
+    print(
+        f"{results['images']} images, model {results['model_size']}, {results['macs'] / 1e9:.3f} GMACs at 256x256"
+    )
+    if args.out:
+        print(f"reports: {storage.join(args.out, 'results.json')}, results.md, grids/, chart.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,246 @@
+"""A trained KiT ready to restore: weights from any storage URL, the model size they belong to, tiling.
+
+    >>> restorer = load_restorer("runs/embedded/step-00000060")       # folder or weights.safetensors
+    >>> restored = restorer.restore(noisy)                              # float32 HWC in [0, 1], any size
+
+The model size comes from the `config.yaml` that training writes beside `weights.safetensors`; a bare
+weights file is matched against the named sizes by its tensor shapes. Asking for one size while the
+weights hold another fails with a message naming both.
+
+Large images are restored in overlapping tiles. Each tile's result is weighted by a window that is 0 in a
+margin along every edge that borders another tile, then ramps linearly to 1 across the rest of the overlap:
+a seam would come from pixels near a tile's inner edge (they see less context), and those get no weight,
+while the ramp hides the remaining tile-to-tile difference of a non-local model. Inside tiles the model pads
+to its multiple of 32 itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import yaml
+
+from kitdist import storage
+from kitdist.config import ConfigError, ModelConfig, RunConfig, from_dict
+from kitdist.model import SIZES, build_model
+
+WEIGHTS_NAME = "weights.safetensors"  # as written by kitdist.train.checkpoint
+CONFIG_NAME = "config.yaml"
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 64
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be used: missing, unreadable, or for another model; the message names the URL."""
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where tiles go along one axis: their start offsets and common length."""
+
+    starts: tuple[int, ...]
+    length: int
+
+
+def plan_axis(size: int, tile: int, overlap: int) -> TilePlan:
+    """Tile starts covering [0, size): step `tile - overlap`, the last tile flush with the end."""
+    if size <= tile:
+        return TilePlan((0,), size)
+    step = tile - overlap
+    starts = list(range(0, size - tile, step)) + [size - tile]
+    return TilePlan(tuple(starts), tile)
+
+
+def blend_window(length: int, lead: bool, trail: bool, overlap: int) -> torch.Tensor:
+    """1-D tile weights [length]: 0 in a margin of overlap/4 at an edge shared with another tile (`lead`
+    / `trail`), then a linear ramp to 1 over the rest of the overlap; 1 at the image's own edges."""
+    window = torch.ones(length, dtype=torch.float64)
+    margin = overlap // 4
+    ramp = torch.arange(1, overlap - 2 * margin + 1, dtype=torch.float64) / (overlap - 2 * margin + 1)
+    profile = torch.cat([torch.zeros(margin, dtype=torch.float64), ramp])  # [overlap - margin]
+    if lead:
+        window[: profile.numel()] = profile
+    if trail:
+        window[length - profile.numel() :] = torch.minimum(
+            window[length - profile.numel() :], profile.flip(0)
+        )
+    return window
+
+
+def check_tiling(tile: int, overlap: int) -> None:
+    if tile < 32 or tile % 32:
+        raise ValueError(f"--tile must be a positive multiple of 32 (the model's padding unit), got {tile}")
+    if overlap < 8 or 2 * overlap >= tile:
+        raise ValueError(f"--overlap must lie in [8, tile/2), got {overlap} with tile {tile}")
+
+
+def count_tiles(height: int, width: int, tile: int, overlap: int) -> int:
+    return len(plan_axis(height, tile, overlap).starts) * len(plan_axis(width, tile, overlap).starts)
+
+
+def restore_tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    batch: int = 1,
+    on_tile: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Applies `fn` ([B, 3, h, w] -> same) to `image` [3, H, W] tile by tile and blends the results."""
+    check_tiling(tile, overlap)
+    _, height, width = image.shape
+    rows, cols = plan_axis(height, tile, overlap), plan_axis(width, tile, overlap)
+    boxes = [(top, left) for top in rows.starts for left in cols.starts]
+    total = torch.zeros(image.shape, dtype=torch.float64, device=image.device)
+    weights = torch.zeros((1, height, width), dtype=torch.float64, device=image.device)
+    for first in range(0, len(boxes), batch):
+        chunk = boxes[first : first + batch]
+        tiles = torch.stack([image[:, t : t + rows.length, c : c + cols.length] for t, c in chunk])
+        outputs = fn(tiles).double()  # [b, 3, rows.length, cols.length]
+        for (top, left), output in zip(chunk, outputs, strict=True):
+            window = _tile_window(top, left, rows, cols, height, width, overlap).to(image.device)
+            total[:, top : top + rows.length, left : left + cols.length] += output * window
+            weights[:, top : top + rows.length, left : left + cols.length] += window
+            if on_tile is not None:
+                on_tile()
+    return (total / weights).to(image.dtype)
+
+
+def _tile_window(
+    top: int, left: int, rows: TilePlan, cols: TilePlan, height: int, width: int, overlap: int
+) -> torch.Tensor:
+    """The 2-D weights [rows.length, cols.length] of one tile: the outer product of its axis windows."""
+    vertical = blend_window(rows.length, top > 0, top + rows.length < height, overlap)
+    horizontal = blend_window(cols.length, left > 0, left + cols.length < width, overlap)
+    return vertical[:, None] * horizontal[None, :]
+
+
+@dataclass
+class Restorer:
+    """A KiT in eval mode on its device, with the facts a report needs about where it came from."""
+
+    model: torch.nn.Module
+    model_cfg: ModelConfig
+    weights_url: str
+    device: torch.device
+    precision: str = "fp32"  # "bf16": autocast on CUDA (faster; outputs differ by ~1e-3)
+
+    @property
+    def size_name(self) -> str:
+        return self.model_cfg.size
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, 3, h, w] float32 in [0, 1] -> restored, same shape (not clamped)."""
+        with torch.inference_mode():
+            if self.precision == "bf16" and self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return self.model(batch.to(self.device)).float()
+            return self.model(batch.to(self.device)).float()
+
+    def restore(
+        self,
+        image: np.ndarray,
+        tile: int = DEFAULT_TILE,
+        overlap: int = DEFAULT_OVERLAP,
+        batch: int = 1,
+        on_tile: Callable[[], None] | None = None,
+    ) -> np.ndarray:
+        """float32 HWC RGB in [0, 1] (noisy inputs may leave it) -> restored float32 HWC in [0, 1]."""
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+        restored = restore_tiled(self.forward, tensor.to(self.device), tile, overlap, batch, on_tile)
+        return restored.clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """ "auto": the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch")
+    return torch.device(name)
+
+
+def weights_url_of(url: str) -> str:
+    """A weights file, a checkpoint folder holding one, or a run folder (its newest `step-*` checkpoint)."""
+    if url.endswith(".safetensors"):
+        return url
+    direct = storage.join(url, WEIGHTS_NAME)
+    if storage.exists(direct):
+        return direct
+    steps = [name for name in storage.list_names(url) if name.startswith("step-")]
+    for name in reversed(steps):
+        candidate = storage.join(url, name, WEIGHTS_NAME)
+        if storage.exists(candidate):
+            return candidate
+    raise WeightsError(f"{url}: no {WEIGHTS_NAME} here, nor in a step-* checkpoint folder below it")
+
+
+def load_restorer(
+    url: str, size: str | None = None, device: str = "auto", precision: str = "fp32"
+) -> Restorer:
+    """The model whose weights are at `url` (see `weights_url_of`), in eval mode on `device`."""
+    weights_url = weights_url_of(url)
+    try:
+        from safetensors.torch import load
+
+        weights = load(storage.read_bytes(weights_url))
+    except FileNotFoundError:
+        raise WeightsError(f"{weights_url}: weights file not found") from None
+    except Exception as err:  # safetensors raises its own error type for a damaged header
+        if isinstance(err, storage.StorageError):
+            raise
+        raise WeightsError(f"{weights_url}: not a readable safetensors file ({err})") from None
+    model_cfg = _model_config(weights_url, weights, size)
+    model = build_model(dataclasses.replace(model_cfg, checkpoint_activations=False))
+    model.load_state_dict(weights, strict=True)
+    target = pick_device(device)
+    return Restorer(model.eval().to(target), model_cfg, weights_url, target, precision)
+
+
+def _model_config(weights_url: str, weights: dict[str, torch.Tensor], asked: str | None) -> ModelConfig:
+    """The ModelConfig the weights were trained with (config.yaml beside them, else --model or the shapes);
+    fails naming both sizes when they disagree."""
+    run = recorded_run_config(weights_url)
+    recorded = run.model if run is not None else None
+    held = size_of_weights(weights)
+    if recorded is not None and asked is not None and recorded.size != asked:
+        raise WeightsError(
+            f"{weights_url}: these weights are for model size {recorded.size!r} (its {CONFIG_NAME}), "
+            f"but model size {asked!r} was asked for"
+        )
+    cfg = recorded or ModelConfig(size=asked or held or "debug")
+    if held != cfg.size:
+        found = f"model size {held!r}" if held else "no named model size (" + ", ".join(SIZES) + ")"
+        raise WeightsError(
+            f"{weights_url}: the weights' tensor shapes fit {found}, but model size {cfg.size!r} was asked for"
+        )
+    return cfg
+
+
+def recorded_run_config(weights_url: str) -> RunConfig | None:
+    """The run config training wrote beside the weights (`config.yaml`), if there is one."""
+    config_url = (
+        storage.join(weights_url.rsplit("/", 1)[0], CONFIG_NAME) if "/" in weights_url else CONFIG_NAME
+    )
+    if not storage.exists(config_url):
+        return None
+    try:
+        tree = yaml.safe_load(storage.read_text(config_url)) or {}
+        return from_dict(RunConfig, tree)
+    except (yaml.YAMLError, ConfigError) as err:
+        raise WeightsError(f"{config_url}: not a kitdist run config ({err})") from None
+
+
+def size_of_weights(weights: dict[str, torch.Tensor]) -> str | None:
+    """The named size whose parameter names and shapes the weights match exactly, if any."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in weights.items()}
+    for name in SIZES:
+        with torch.device("meta"):
+            reference = build_model(ModelConfig(size=name)).state_dict()
+        if shapes == {key: tuple(value.shape) for key, value in reference.items()}:
+            return name
+    return None

@@ -1,0 +1,142 @@
+"""`python -m kitdist.evaluate` and the chart: PSNR/SSIM against scikit-image on the same images, reports
+written locally and on the real S3 server, conventions stated, bad input named."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from restorekit import export_debug_checkpoint, write_image
+from skimage.color import rgb2ycbcr
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from kitdist import evaluate, storage
+from kitdist.report import chart
+from kitdist.shards import build_shards
+
+CONTRACT = (
+    "psnr_rgb",
+    "ssim_rgb",
+    "psnr_y",
+    "ssim_y",
+    "convention",
+    "images",
+    "params",
+    "macs",
+    "model_size",
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, photo_paths):
+    return export_debug_checkpoint(tmp_path_factory.mktemp("ckpt"), photo_paths[0])
+
+
+@pytest.fixture(scope="module")
+def test_photos(tmp_path_factory, photo_paths):
+    """Three small crops (odd sizes) of real photographs, as a raw folder for the shard builder."""
+    folder = tmp_path_factory.mktemp("photos")
+    for index, path in enumerate(photo_paths[1:4]):
+        pixels = np.asarray(Image.open(path).convert("RGB"))[: 70 + 9 * index, : 90 + 13 * index]
+        write_image(folder / f"photo{index}.png", pixels)
+    return folder
+
+
+def skimage_metrics(output: np.ndarray, target: np.ndarray, border: int) -> dict[str, float]:
+    """The reference: scikit-image on uint8 HWC images, data range 1, Y from skimage's rgb2ycbcr."""
+    if border:
+        output, target = output[border:-border, border:-border], target[border:-border, border:-border]
+    values = {}
+    for space, a, b in (
+        ("rgb", output / 255.0, target / 255.0),
+        ("y", rgb2ycbcr(output)[..., :1] / 255.0, rgb2ycbcr(target)[..., :1] / 255.0),
+    ):
+        values[f"psnr_{space}"] = peak_signal_noise_ratio(b, a, data_range=1.0)
+        values[f"ssim_{space}"] = structural_similarity(
+            a,
+            b,
+            data_range=1.0,
+            channel_axis=2,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+    return values
+
+
+@pytest.mark.parametrize("border", [0, 4])
+def test_image_metrics_equal_skimage(photo_paths, border):
+    rng = np.random.default_rng(1)
+    for path in photo_paths[:3]:
+        target = np.asarray(Image.open(path).convert("RGB"))[:120, :150]
+        output = np.clip(target + rng.normal(0, 12, target.shape), 0, 255).round().astype(np.uint8)
+        ours, reference = (
+            evaluate.image_metrics(output, target, border),
+            skimage_metrics(output, target, border),
+        )
+        for name in ("psnr_rgb", "psnr_y"):
+            assert abs(ours[name] - reference[name]) < 1e-4, (name, ours[name], reference[name])
+        for name in ("ssim_rgb", "ssim_y"):
+            assert abs(ours[name] - reference[name]) < 1e-6, (name, ours[name], reference[name])
+
+
+def test_evaluate_locally_matches_skimage_on_written_images(tmp_path, checkpoint, test_photos):
+    shards = tmp_path / "shards"
+    build_shards("folder", test_photos, str(shards), samples_per_shard=2, progress=False)
+    out = tmp_path / "eval"
+    results = evaluate.evaluate(
+        str(checkpoint), str(shards), out_url=str(out), crop_border=2, save_images=True, num_grids=2,
+        overrides=["degrade.noise_sigma=[25,25]"], tile=64, overlap=16, device="cpu", progress=False,
+    )  # fmt: skip
+    assert results["images"] == 3 and results["model_size"] == "debug"
+    written = json.loads((out / "results.json").read_text())
+    assert set(CONTRACT) | {"weights", "shards", "conventions"} <= set(written)
+    assert "border 2 px" in written["conventions"]["psnr_y"] and "BT.601" in written["conventions"]["psnr_y"]
+    for record in written["per_image"]:  # the restored PNG on disk against the source photograph
+        restored = np.asarray(Image.open(out / "restored" / f"{record['key']}.png"))
+        target = np.asarray(Image.open(test_photos / f"{record['key']}.png"))
+        reference = skimage_metrics(restored, target, 2)
+        for name in ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y"):
+            assert abs(record[name] - reference[name]) < 1e-4, (record["key"], name)
+    assert abs(written["psnr_rgb"] - np.mean([r["psnr_rgb"] for r in written["per_image"]])) < 1e-9
+    markdown = (out / "results.md").read_text()
+    assert "| psnr_y |" in markdown and "| photo2 |" in markdown
+    assert len(list((out / "grids").glob("*.png"))) == 2
+    for png in [*(out / "grids").glob("*.png"), out / "chart.png"]:
+        with Image.open(png) as image:
+            image.verify()
+            assert image.format == "PNG"
+
+
+@pytest.mark.s3
+def test_evaluate_cli_on_s3(s3_env, checkpoint, test_photos, capsys):
+    shards, weights_folder, out = f"{s3_env}/shards", f"{s3_env}/run/step-2", f"{s3_env}/eval"
+    build_shards("folder", test_photos, shards, samples_per_shard=2, progress=False)
+    for name in ("weights.safetensors", "config.yaml"):
+        storage.put_file(str(checkpoint / name), storage.join(weights_folder, name))
+    argv = ["--weights", f"{s3_env}/run", "--shards", shards, "--out", out, "--quiet", "--max-images", "2"]
+    assert evaluate.main([*argv, "--tile", "64", "--overlap", "16"]) == 0
+    assert "psnr_y:" in capsys.readouterr().out
+    results = json.loads(storage.read_text(f"{out}/results.json"))
+    assert set(CONTRACT) <= set(results) and results["images"] == 2
+    assert results["weights"] == f"{weights_folder}/weights.safetensors" and results["shards"] == shards
+    assert set(storage.list_names(out)) >= {"results.json", "results.md", "chart.png", "grids"}
+
+
+def test_evaluate_bad_shards_and_weights_are_named(tmp_path, checkpoint, capsys):
+    assert evaluate.main(["--weights", str(checkpoint), "--shards", str(tmp_path / "none"), "--quiet"]) == 2
+    assert f"{tmp_path / 'none'}/manifest.json: no manifest here" in capsys.readouterr().err
+    argv = ["--weights", str(checkpoint), "--model", "kit", "--shards", str(tmp_path)]
+    assert evaluate.main(argv) == 2
+    assert "'debug'" in capsys.readouterr().err
+
+
+def test_chart_cli_from_results(tmp_path):
+    results = {"model_size": "debug", "images": 2, "macs": 3.37e9, "psnr_rgb": 27.5, "shards": "runs/val"}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert chart.main([str(tmp_path / "results.json"), "--out", str(tmp_path / "chart.png")]) == 0
+    with Image.open(io.BytesIO((tmp_path / "chart.png").read_bytes())) as image:
+        assert image.format == "PNG" and image.size[0] > 800
