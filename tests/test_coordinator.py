@@ -5,7 +5,6 @@ while it pre-trains."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -18,8 +17,6 @@ from kitdist.coordinator.cluster import LocalCluster, job_client
 from kitdist.coordinator.state import StateStore
 
 pytestmark = pytest.mark.slow
-
-HAS_EVALUATE = importlib.util.find_spec("kitdist.evaluate") is not None
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +94,6 @@ def test_pipeline_survives_a_stopped_job_and_a_killed_coordinator(tmp_path, demo
         text=True,
     )
     assert status.returncode == 0 and "finetune/denoise" in status.stdout and "succeeded" in status.stdout
-    if not HAS_EVALUATE:
-        assert after.stages["evaluate/denoise"].status == "failed"
-        pytest.xfail(
-            "kitdist.evaluate (issue 8, branch restore) is not merged yet: the evaluate stage cannot run"
-        )
     assert after.status == "succeeded", second.stdout[-3000:]
     for row in rows:
         assert (

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from kitdist.config import load_config
+from kitdist.coordinator.spec import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "cluster" / "k8s"
@@ -126,13 +127,21 @@ def test_no_credentials_in_manifests(built):
 def test_entrypoints_exist_and_accept_their_arguments(built):
     _, docs = built
     for job in by_kind(docs, "RayJob"):
-        argv = shlex.split(job["spec"]["entrypoint"])
-        assert argv[:2] == ["python", "-m"], argv
-        module, args = argv[2], argv[3:]
+        module, args = _entry_module(job["spec"]["entrypoint"])
         assert importlib.util.find_spec(module) is not None, f"{module} does not exist"
-        config, overrides = _split_config(args)
-        cfg = load_config(REPO / config if config else None, overrides)
-        assert cfg.train.max_steps >= 1
+        if module == "kitdist.coordinator":
+            assert args[0] == "run"
+            pipeline = load_pipeline(REPO / args[1])
+            stages = (
+                [(pipeline.pretrain.config, pipeline.pretrain.overrides)] if pipeline.pretrain.config else []
+            )
+            stages += [(task.config, task.overrides) for task in pipeline.finetune]
+            for config, overrides in stages:
+                load_config(REPO / config, overrides)
+        else:
+            config, overrides = _split_config(args)
+            cfg = load_config(REPO / config if config else None, overrides)
+            assert cfg.train.max_steps >= 1
 
 
 def test_gpu_overlay_is_consistent():
@@ -140,8 +149,8 @@ def test_gpu_overlay_is_consistent():
     (cluster,) = by_kind(docs, "RayCluster")
     (group,) = cluster["spec"]["workerGroupSpecs"]
     gpus_per_pod = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-    (job,) = by_kind(docs, "RayJob")
-    config, overrides = _split_config(shlex.split(job["spec"]["entrypoint"])[3:])
+    job = next(j for j in by_kind(docs, "RayJob") if j["metadata"]["name"] == "kitdist-pretrain")
+    config, overrides = _split_config(_entry_module(job["spec"]["entrypoint"])[1])
     cfg = load_config(REPO / config, overrides)
     assert cfg.dist.use_gpu
     assert cfg.dist.num_workers == group["replicas"] * gpus_per_pod, "one Ray Train worker per GPU"
@@ -154,8 +163,8 @@ def test_cpu_overlay_runs_on_one_pod():
     assert all(g["replicas"] == 0 for g in cluster["spec"]["workerGroupSpecs"])
     head = cluster["spec"]["headGroupSpec"]
     cpus = int(head["rayStartParams"]["num-cpus"])
-    (job,) = by_kind(docs, "RayJob")
-    config, overrides = _split_config(shlex.split(job["spec"]["entrypoint"])[3:])
+    job = next(j for j in by_kind(docs, "RayJob") if j["metadata"]["name"] == "kitdist-pretrain")
+    config, overrides = _split_config(_entry_module(job["spec"]["entrypoint"])[1])
     assert config is None, "the CPU overlay runs the embedded default"
     from kitdist.pretrain import EMBEDDED
 
@@ -173,6 +182,15 @@ def test_dockerfile_copies_what_exists():
             assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
     assert "rayproject/ray:${RAY_VERSION}" in text
     assert f"ARG RAY_VERSION={_installed_ray_version()}" in text
+
+
+def _entry_module(entrypoint: str) -> tuple[str, list[str]]:
+    """`[env VAR=value ...] python -m MODULE ARGS...` -> (MODULE, ARGS)."""
+    argv = shlex.split(entrypoint)
+    if argv[0] == "env":
+        argv = argv[argv.index("python") :]
+    assert argv[:2] == ["python", "-m"], entrypoint
+    return argv[2], argv[3:]
 
 
 def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
