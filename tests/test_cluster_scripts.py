@@ -46,3 +46,12 @@ def test_bad_knobs_are_refused_with_the_reason():
     assert "must be a positive integer" in dry_run("--nodes", "zero").stderr
     assert "config file not found: nope.yaml" in dry_run("--config", "nope.yaml").stderr
     assert "unknown option --gpus" in dry_run("--gpus", "8").stderr
+
+
+def test_coordinator_entrypoint_gets_no_training_overrides():
+    entry = (
+        "env RAY_ADDRESS=http://127.0.0.1:8265 python -m kitdist.coordinator run configs/pipeline/kit.yaml"
+    )
+    result = dry_run("--nodes", "8", "--gpus-per-node", "8", "--storage", "s3://b/r", "--entrypoint", entry)
+    assert result.returncode == 0, result.stderr
+    assert f"KITDIST_ENTRYPOINT={entry} KITDIST_ARGS= sbatch" in result.stdout

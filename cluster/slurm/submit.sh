@@ -4,7 +4,8 @@
 #   cluster/slurm/submit.sh --nodes 8 --gpus-per-node 8 --config configs/pretrain/kit-imagenet-64gpu.yaml \
 #       --storage s3://my-bucket/runs --time 2-00:00:00 [--partition gpu] [--account proj] [-- key=value ...]
 #
-# One Ray Train worker per GPU: dist.num_workers = nodes x GPUs per node (dist.use_gpu=true when GPUs > 0).
+# One Ray Train worker per GPU: dist.num_workers = nodes x GPUs per node (dist.use_gpu=true when GPUs > 0),
+# for the training entry points; `--entrypoint "python -m kitdist.coordinator run PIPELINE.yaml"` runs a pipeline.
 # Everything after `--` is passed to the entry point as config overrides. S3 endpoint and credentials are
 # read from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), which sbatch
 # forwards to every node; they are never written into the job script or its arguments.
@@ -35,8 +36,12 @@ if [[ -n "$CONFIG" && ! -f "$CONFIG" ]]; then echo "submit.sh: config file not f
 
 ARGS=()
 [[ -n "$CONFIG" ]] && ARGS+=(--config "$CONFIG")
-if (( GPUS > 0 )); then ARGS+=("dist.num_workers=$((NODES * GPUS))" dist.use_gpu=true); fi
-[[ -n "$STORAGE" ]] && ARGS+=("storage.root=$STORAGE")
+# Worker count and storage are training settings; another entry point (the coordinator) gets them from its
+# pipeline file, so they are added only for kitdist.pretrain / kitdist.finetune.
+if [[ "$ENTRY" == *kitdist.pretrain* || "$ENTRY" == *kitdist.finetune* ]]; then
+    if (( GPUS > 0 )); then ARGS+=("dist.num_workers=$((NODES * GPUS))" dist.use_gpu=true); fi
+    [[ -n "$STORAGE" ]] && ARGS+=("storage.root=$STORAGE")
+fi
 ARGS+=("$@")
 
 SBATCH=(sbatch --parsable --nodes="$NODES" --time="$TIME")
