@@ -98,17 +98,21 @@ def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[int
 
 
 def activation_checkpointing(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
+    """Per setting: (saved activation bytes, median fwd+bwd seconds). The two settings alternate, so
+    that a change in the machine's load hits both alike; the first round is a warm-up."""
     from kitdist.model import build_model
 
-    results = {}
     x = torch.rand(args.batch // 2, 3, args.crop, args.crop)
+    models = {}
     for label, flag in (("off", "false"), ("on", "true")):
         cfg = load_config(None, [f"model.size={args.model}", f"model.checkpoint_activations={flag}"])
         torch.manual_seed(0)
-        model = build_model(cfg.model).train()
-        runs = [saved_activation_bytes(model, x) for _ in range(args.repeats)]
-        results[label] = (runs[0][0], statistics.median(seconds for _, seconds in runs[1:] or runs))
-    return results
+        models[label] = build_model(cfg.model).train()
+    runs: dict[str, list[tuple[int, float]]] = {label: [] for label in models}
+    for _ in range(args.repeats + 1):
+        for label, model in models.items():
+            runs[label].append(saved_activation_bytes(model, x))
+    return {label: (found[0][0], statistics.median(s for _, s in found[1:])) for label, found in runs.items()}
 
 
 def main() -> None:
@@ -120,7 +124,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="global batch (default 4, over 2 workers)")
     parser.add_argument("--steps", type=int, default=8, help="steps per run (default 8)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median (default 3)")
-    parser.add_argument("--repeats", type=int, default=4, help="activation-checkpointing repeats (default 4)")
+    parser.add_argument("--repeats", type=int, default=6, help="activation-checkpointing repeats (default 6)")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="kitdist-bench-train-")
     shards = ensure_photo_shards(str(Path(folder) / "data"))
