@@ -20,6 +20,7 @@ from typing import Any
 from kitdist import storage
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
 from kitdist.dist.env import worker_env_vars
+from kitdist.train import stop
 
 
 class RaySession:
@@ -62,10 +63,8 @@ def ray_storage(url: str) -> tuple[str, Any]:
     URL; remote ones go through kitdist.storage, so S3 settings come from the environment)."""
     if storage.is_local(url):
         return os.path.abspath(url.removeprefix("file://")), None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = storage.url_to_fs(url)
-    return path, PyFileSystem(FSSpecHandler(fs))
+    filesystem, path = storage.arrow_filesystem(url)
+    return path, filesystem
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -138,14 +137,21 @@ def _check_resources(cfg: RunConfig, resources: dict[str, float]) -> None:
         )
 
 
-def launch(cfg: RunConfig, paired: bool = False) -> Any:
-    """Checks, connects and runs training to the end; returns Ray Train's Result."""
+def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) -> Any:
+    """Checks, connects and runs training to the end; returns Ray Train's Result.
+
+    stop_on_sigterm: a SIGTERM to this process makes the workers checkpoint after their current step
+    and stop (the command line's behaviour; see kitdist.train.stop)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     cfg = with_absolute_paths(cfg)
     check_launchable(cfg, paired=paired)
     connect_ray(cfg)
+    run = storage.join(cfg.storage.root, cfg.storage.run_name)
+    stop.clear_request(run)
+    if stop_on_sigterm:  # after ray.init, which installs a SIGTERM handler of its own
+        stop.request_stop_on_sigterm(run, announce=lambda text: print(text, flush=True))
     storage_path, filesystem = ray_storage(cfg.storage.root)
     run_config = ray.train.RunConfig(
         name=cfg.storage.run_name,
@@ -165,7 +171,6 @@ def launch(cfg: RunConfig, paired: bool = False) -> Any:
         run_config=run_config,
     )
     result = trainer.fit()
-    run = storage.join(cfg.storage.root, cfg.storage.run_name)
     print(f"checkpoints: {result.checkpoint.path if result.checkpoint else run} (weights.safetensors inside)")
     print(f"metrics:     {storage.join(run, 'metrics', 'metrics.jsonl')} and TensorBoard events beside it")
     return result
@@ -178,6 +183,10 @@ def run_or_exit(cfg: RunConfig, paired: bool) -> None:
     from kitdist.shards.manifest import ManifestError
 
     try:
-        launch(cfg, paired=paired)
+        result = launch(cfg, paired=paired, stop_on_sigterm=True)
     except (ConfigError, ManifestError, storage.StorageError) as err:
         sys.exit(f"error: {err}")
+    reached = (result.metrics or {}).get("step", cfg.train.max_steps)
+    if reached < cfg.train.max_steps:
+        print(f"stopped early at step {reached} of {cfg.train.max_steps}; run the same command to resume")
+        sys.exit(stop.STOPPED_EXIT_CODE)

@@ -20,10 +20,11 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 # Bounded so that an unreachable endpoint or a wrong port fails in seconds, not minutes.
+_S3_MAX_ATTEMPTS = 4
 _S3_CLIENT_CONFIG = {
     "connect_timeout": 5,
     "read_timeout": 60,
-    "retries": {"max_attempts": 4, "mode": "standard"},
+    "retries": {"max_attempts": _S3_MAX_ATTEMPTS, "mode": "standard"},
 }
 
 
@@ -34,11 +35,57 @@ class StorageError(OSError):
 def storage_options(url: str) -> dict[str, Any]:
     """fsspec options for `url`'s protocol, built from the environment only."""
     if protocol_of(url) in ("s3", "s3a"):
-        options: dict[str, Any] = {"config_kwargs": dict(_S3_CLIENT_CONFIG)}
+        # botocore rewrites the retries mapping it is given: hand it a copy.
+        config = {**_S3_CLIENT_CONFIG, "retries": dict(_S3_CLIENT_CONFIG["retries"])}
+        options: dict[str, Any] = {"config_kwargs": config}
         if os.environ.get("AWS_ENDPOINT_URL"):
             options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
         return options
     return {}
+
+
+def arrow_filesystem(url: str) -> tuple[Any, str]:
+    """A pyarrow filesystem and the path within it for a remote `url` (Ray Train's storage wants one).
+
+    S3 gets pyarrow's native client, built from the same environment variables, timeouts and retries as
+    the fsspec one, carrying explicit credentials when the environment has them: it is pickled to Ray's
+    controller and workers, which may run with another environment. It never creates buckets (an
+    S3-compatible server may refuse, and a typo in a bucket name should fail, not create a bucket).
+    Other protocols go through pyarrow's wrapper of the fsspec filesystem."""
+    if protocol_of(url) in ("s3", "s3a"):
+        return _arrow_s3(), url.split("://", 1)[1].rstrip("/")
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = url_to_fs(url)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def _arrow_s3() -> Any:
+    from pyarrow.fs import AwsStandardS3RetryStrategy, S3FileSystem
+
+    options: dict[str, Any] = {
+        "connect_timeout": float(_S3_CLIENT_CONFIG["connect_timeout"]),
+        "request_timeout": float(_S3_CLIENT_CONFIG["read_timeout"]),
+        "retry_strategy": AwsStandardS3RetryStrategy(
+            max_attempts=_S3_CLIENT_CONFIG["retries"]["max_attempts"]
+        ),
+        "allow_bucket_creation": False,
+        "allow_bucket_deletion": False,
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://") if "://" in endpoint else ("https", "", endpoint)
+        options.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region or endpoint:  # a custom endpoint has no region to discover
+        options["region"] = region or "us-east-1"
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        options.update(
+            access_key=os.environ["AWS_ACCESS_KEY_ID"],
+            secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+            session_token=os.environ.get("AWS_SESSION_TOKEN", ""),
+        )
+    return S3FileSystem(**options)
 
 
 def protocol_of(url: str) -> str:

@@ -110,6 +110,10 @@ class TrainStream:
             num_workers=workers,
             prefetch_factor=2 if workers else None,
             pin_memory=torch.cuda.is_available(),
+            # A private generator: a DataLoader iterator otherwise draws its base seed from the global
+            # RNG, which the model's LSH rotations also use; a resumed run (which creates its iterator
+            # after restoring the RNG) would then draw other rotations than the uninterrupted run.
+            generator=torch.Generator().manual_seed(self.spec.cfg.train.seed),
         )
         for batch in loader:
             state = batch.pop("_state")

@@ -14,11 +14,28 @@ import torch.distributed as dist
 from kitdist.config import DistConfig
 
 
+# Passed from the launching process to every worker when set there: the code path and the object store's
+# endpoint and credentials (workers may belong to a cluster started earlier, with another environment).
+FORWARDED_ENV = (
+    "PYTHONPATH",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+
+
 def worker_env_vars(cfg: DistConfig) -> dict[str, str]:
     """Variables every worker needs before it imports DeepSpeed (which picks its accelerator at import)."""
-    env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu"}
-    if "PYTHONPATH" in os.environ:
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    env = {
+        "DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu",
+        # Ray Train's print patch re-prints to a wrapped stdout AND logs the line: every progress line
+        # reached the driver twice. Plain prints are forwarded by Ray once.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    env.update({name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)})
     return env
 
 

@@ -27,6 +27,7 @@ from kitdist.train.metrics import LOSSES, MetricConvention, psnr, ssim
 from kitdist.train.perf import peak_flops, peak_memory_mb, training_flops_per_sample
 from kitdist.train.recorder import MetricsRecorder
 from kitdist.train.session import Session
+from kitdist.train.stop import StopWatch
 
 VAL_CONVENTIONS = {"rgb": MetricConvention("rgb", 0, 1.0), "y": MetricConvention("y", 0, 1.0)}
 
@@ -109,6 +110,7 @@ def _train_steps(cfg, session, strategy, stream, recorder, start_step) -> dict[s
     flops, peak = _mfu_inputs(cfg, strategy.device)
     batches = iter(stream)
     window, last = _Window(), {}
+    stop = StopWatch(run_url(cfg), session.rank, strategy.device)
     strategy.train(True)
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         for micro in range(cfg.train.grad_accum_steps):
@@ -123,6 +125,11 @@ def _train_steps(cfg, session, strategy, stream, recorder, start_step) -> dict[s
         window.grad_norm = strategy.step()
         window.steps += 1
         last = _after_step(cfg, session, strategy, stream, recorder, step, window, flops, peak) or last
+        if step < cfg.train.max_steps and stop.should_stop():
+            if step % cfg.train.checkpoint_every:
+                save_checkpoint(cfg, session, strategy, stream, step, {})
+            print0(f"stopped on request after step {step}; the same command again resumes from there")
+            break
     return last
 
 
