@@ -84,6 +84,8 @@ def test_two_node_pretrain_is_preempted_requeued_and_resumes(slurm, tmp_path):
     log = out.read_text()
     assert "Ray cluster up: 2/2 nodes" in log
     assert "pre-emption signal" in log and "requeueing" in log
+    first_run = log.split("restart 1", 1)[0]
+    assert "stopped on request after step" in first_run, "the pre-empted run must checkpoint before it stops"
     assert state == "COMPLETED", log[-4000:]
     assert "restart 1" in log
     assert "resumed from step" in log.split("restart 1", 1)[1], "the requeued run must resume, not start over"
