@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kitdist import storage
 from kitdist.config import ConfigError, RunConfig
 from kitdist.data import plan
 from kitdist.data.worker import EpochWorker, ResampledWorker, StreamSpec, fresh_worker_state
@@ -114,6 +115,7 @@ class TrainStream:
             # RNG, which the model's LSH rotations also use; a resumed run (which creates its iterator
             # after restoring the RNG) would then draw other rotations than the uninterrupted run.
             generator=torch.Generator().manual_seed(self.spec.cfg.train.seed),
+            worker_init_fn=_forget_inherited_clients,
         )
         for batch in loader:
             state = batch.pop("_state")
@@ -209,6 +211,10 @@ class TrainStream:
             merge_problems(self._carried, state["carried"])
             for worker in state["workers"]:
                 merge_problems(self._carried, worker)
+
+
+def _forget_inherited_clients(_worker_id: int) -> None:
+    storage.reset_after_fork()
 
 
 def merge_problems(into: dict[str, Any], source: dict[str, Any]) -> None:
