@@ -115,7 +115,7 @@ class TrainStream:
             # RNG, which the model's LSH rotations also use; a resumed run (which creates its iterator
             # after restoring the RNG) would then draw other rotations than the uninterrupted run.
             generator=torch.Generator().manual_seed(self.spec.cfg.train.seed),
-            worker_init_fn=_forget_inherited_clients,
+            **(storage.forked_loader_options() if workers else {}),
         )
         for batch in loader:
             state = batch.pop("_state")
@@ -211,10 +211,6 @@ class TrainStream:
             merge_problems(self._carried, state["carried"])
             for worker in state["workers"]:
                 merge_problems(self._carried, worker)
-
-
-def _forget_inherited_clients(_worker_id: int) -> None:
-    storage.reset_after_fork()
 
 
 def merge_problems(into: dict[str, Any], source: dict[str, Any]) -> None:

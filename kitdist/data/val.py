@@ -13,6 +13,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kitdist import storage
 from kitdist.config import RunConfig
 from kitdist.data.pipeline import open_shard_set
 from kitdist.data.plan import EpochLayout
@@ -69,5 +70,11 @@ def val_batches(cfg: RunConfig, rank: int, world_size: int) -> Iterator[dict[str
     start, end = rank * total // world_size, (rank + 1) * total // world_size
     workers = min(cfg.data.num_workers, max(0, end - start))
     part = _ValPart(cfg, urls, names, sizes, start, end)
-    loader = DataLoader(part, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+    loader = DataLoader(
+        part,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        **(storage.forked_loader_options() if workers else {}),
+    )
     yield from (batch for batch in loader if "skipped" not in batch)
