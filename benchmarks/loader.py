@@ -67,9 +67,10 @@ def pipeline_rate(folder: str, workers: int, crop: int, batch: int) -> float:
 
 def build_sets(root: Path, samples: int, tile: int, s3_url: str) -> None:
     import shardkit
-    from conftest import photo_paths
 
-    photos = photo_paths.__wrapped__()
+    from kitdist.pretrain import photo_paths
+
+    photos = photo_paths()
     per_shard = 20
     sizes = [per_shard] * (samples // per_shard)
     for target in (str(root / "local"), s3_url):

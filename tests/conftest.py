@@ -43,17 +43,10 @@ def s3_env(s3_server, monkeypatch):
 
 @pytest.fixture(scope="session")
 def photo_paths() -> list[Path]:
-    """The real colour photographs scikit-image ships (RGB, at least 256 px on each side)."""
-    import skimage
-    from PIL import Image
+    """The real colour photographs scikit-image ships (RGB, at least 256 px on each side): the same ones
+    the embedded default trains on."""
+    from kitdist.pretrain import photo_paths as shipped_photographs
 
-    folder = Path(skimage.__file__).parent / "data"
-    paths = []
-    for path in sorted(folder.glob("*")):
-        if path.suffix.lower() not in (".png", ".jpg"):
-            continue
-        with Image.open(path) as image:
-            if image.mode == "RGB" and min(image.size) >= 256:
-                paths.append(path)
-    assert len(paths) >= 8, f"expected scikit-image's photographs in {folder}"
+    paths = shipped_photographs()
+    assert len(paths) >= 8, "expected scikit-image's photographs (is scikit-image installed?)"
     return paths
