@@ -112,6 +112,9 @@ class DataConfig:
     max_val_samples: int = 0  # 0: all
     read_retries: int = 8  # reopen attempts of a shard whose connection fails, before it counts as unreadable
     read_retry_max_wait_s: float = 10.0  # longest pause between attempts (they back off from 0.5 s)
+    # bytes of the next shard a worker fetches in the background while it decodes the current one (object
+    # stores only; local files need none); 0 disables
+    prefetch_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         if self.read_retries < 0 or self.read_retry_max_wait_s < 0:
@@ -133,6 +136,8 @@ class DataConfig:
             _fail("data.num_workers", f"must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
             _fail("data.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        if self.prefetch_bytes < 0:
+            _fail("data.prefetch_bytes", f"must be >= 0 (0 disables), got {self.prefetch_bytes}")
 
 
 @dataclass(frozen=True, kw_only=True)

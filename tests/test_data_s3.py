@@ -11,7 +11,10 @@ import pytest
 import shardkit
 from test_data_pipeline import flat, make_cfg
 
+from kitdist import storage
 from kitdist.data import TrainStream, val_batches
+from kitdist.data.shardio import HeadPrefetch, RetryingReader, ShardCursor
+from kitdist.shards.manifest import read_manifest, shard_urls
 
 pytestmark = pytest.mark.s3
 
@@ -26,6 +29,28 @@ def test_s3_serves_the_same_batches_as_local(s3_env, tmp_path, photo_paths):
         assert flat(from_s3) == flat(from_local)
     val_local = [b["keys"][0] for b in val_batches(make_cfg(local), 0, 1)]
     assert [b["keys"][0] for b in val_batches(make_cfg(s3_env), 0, 1)] == val_local
+
+
+def test_prefetched_heads_join_the_rest_of_the_shard_exactly(s3_env, photo_paths):
+    """A prefetch shorter than the shard: the reader serves the head from memory and reads on from the
+    network at that offset; the samples equal a plain read's."""
+    shardkit.write_set(s3_env, photo_paths, [8] * 3, tile=64)
+    urls = shard_urls(s3_env, read_manifest(s3_env))
+    whole = storage.read_bytes(urls[1])
+    prefetch = HeadPrefetch(5000)
+    prefetch.start(urls[1])
+    assert prefetch.take(urls[0]) == b"", "another URL's head is never handed out"
+    assert prefetch.take(urls[1]) == whole[:5000]
+    marked = RetryingReader(urls[1], retries=2, max_wait_s=1.0, head=b"X" * 5000)
+    assert marked.read() == b"X" * 5000 + whole[5000:]  # head from memory, the rest from offset 5000
+
+    plain = ShardCursor(urls, ["a", "b", "c"], 7, 1, 2, 1.0)
+    prefetching = ShardCursor(urls, ["a", "b", "c"], 7, 1, 2, 1.0, prefetch_bytes=5000)
+    for shard in (2, 0):
+        prefetching.prefetch(0, shard)
+        for offset in range(8):
+            assert prefetching.get(0, shard, offset) == plain.get(0, shard, offset)
+    assert not prefetching.problems and not prefetching.damaged
 
 
 @pytest.mark.slow

@@ -1,9 +1,13 @@
 """`TrainStream`: the training batches of one rank, resumable exactly and elastically.
 
-    stream = TrainStream(cfg, rank, world_size, resume=None)
-    for batch in stream:          # endless; batch["input"], batch["target"]: float32 [b, 3, H, W]
+    stream = TrainStream(cfg, rank, world_size, resume=None, device="cuda")
+    for batch in stream:          # endless; batch["input"], batch["target"]: float32 [b, 3, H, W] on device
         ...
     stream.state_dict()           # this rank's position after the last batch yielded (JSON, small)
+
+The DataLoader workers send uint8 crops and each sample's noise sigma and seed; the stream adds the noise
+on `device` (`kitdist.data.batch`), so an accelerator takes that work off the data workers.
+`stream.wire_batches()` yields what the workers sent, unfinished.
 
 A checkpoint stores `[state_dict() of every rank]`; `TrainStream(cfg, rank, world, resume=that_list)`
 continues. With the same world size, `data.num_workers` and batch size it continues with exactly the batches
@@ -24,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kitdist import storage
 from kitdist.config import ConfigError, RunConfig
 from kitdist.data import plan
+from kitdist.data.batch import finish
 from kitdist.data.worker import EpochWorker, ResampledWorker, StreamSpec, fresh_worker_state
 from kitdist.shards.manifest import read_manifest, shard_urls
 
@@ -76,7 +81,15 @@ class _Workers(IterableDataset):
 class TrainStream:
     """Endless training batches for `rank` of `world_size`; see the module docstring."""
 
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int, resume: list[dict] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        rank: int,
+        world_size: int,
+        resume: list[dict] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         urls, names, sizes = open_shard_set(cfg.data.train_shards, cfg.data.kind, "data.train_shards")
@@ -103,6 +116,12 @@ class TrainStream:
     # --- iteration -----------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.wire_batches():
+            yield finish(batch, self.device)
+
+    def wire_batches(self) -> Iterator[dict[str, Any]]:
+        """The batches as the workers send them (uint8 pixels, noise not yet drawn); the position advances
+        as with iteration."""
         dataset = _Workers(self.spec, self._workers, self._next_slot, self._batches)
         workers = self.spec.cfg.data.num_workers
         loader = DataLoader(

@@ -86,6 +86,22 @@ class EpochLayout:
         return self.shard_order[slot], position - self.starts[slot]
 
 
+def next_shard(layout: EpochLayout, intervals: Intervals, index: int) -> int | None:
+    """The shard a reader of `intervals` opens after the one holding their `index`-th position, or None
+    when no other shard follows."""
+    current = None
+    for start, end in take(intervals, index)[1]:
+        position = start
+        while position < end:
+            slot = bisect.bisect_right(layout.starts, position) - 1
+            if current is None:
+                current = slot
+            elif slot != current:
+                return layout.shard_order[slot]
+            position = layout.starts[slot + 1] if slot + 1 < len(layout.starts) else end
+    return None
+
+
 def split(
     positions: Intervals, world: int, workers: int, batch: int
 ) -> tuple[list[list[Intervals]], Intervals]:

@@ -1,7 +1,8 @@
 """From a shard sample (bytes per field) to an (input, target) pair of float32 HWC arrays in [0, 1].
 
-Training: clean samples get a random crop, one of 8 orientations and the synthetic degradations; paired
-samples get the same crop and orientation on input and target. Validation: whole images (or a centre
+Training: clean samples get a random crop, one of 8 orientations and the synthetic degradations (the
+Gaussian noise as a sigma and seed for the trainer to draw); paired samples get the same crop and
+orientation on input and target; both stay uint8 where they can (see `kitdist.data.batch`). Validation: whole images (or a centre
 tile), clean ones degraded with a generator drawn from the key alone. Any sample that cannot be made into
 a pair raises `CorruptSample` with the reason.
 """
@@ -16,7 +17,8 @@ from PIL import Image
 
 from kitdist.config import RunConfig
 from kitdist.data import transforms
-from kitdist.data.degrade import degrade
+from kitdist.data.batch import TrainItem
+from kitdist.data.degrade import apply, degrade, draw
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "ppm")
 
@@ -55,10 +57,9 @@ def decode_pair(sample: dict[str, Any], kind: str) -> tuple[np.ndarray, np.ndarr
     return target, source
 
 
-def train_pair(
-    sample: dict[str, Any], cfg: RunConfig, epoch: int, round_: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(input, target) crops of one training sample; every random choice comes from (seed, epoch, key)."""
+def train_item(sample: dict[str, Any], cfg: RunConfig, epoch: int, round_: int) -> TrainItem:
+    """One training sample's crops as a worker sends them; every random choice comes from (seed, epoch,
+    key). A clean sample's Gaussian noise is left to the trainer unless JPEG follows it."""
     key = sample["__key__"]
     target, source = decode_pair(sample, cfg.data.kind)
     rng = transforms.sample_rng(cfg.train.seed, epoch, key, round_)
@@ -68,10 +69,15 @@ def train_pair(
     except ValueError as err:
         raise CorruptSample(f"sample {key!r}: {err}") from None
     code = int(rng.integers(8))
-    target = transforms.to_float(transforms.orient(transforms.crop(target, top, left, size), code))
-    if source is None:
-        return degrade(target, cfg.degrade, rng), target
-    return transforms.to_float(transforms.orient(transforms.crop(source, top, left, size), code)), target
+    target = np.ascontiguousarray(transforms.orient(transforms.crop(target, top, left, size), code))
+    if source is not None:
+        source = np.ascontiguousarray(transforms.orient(transforms.crop(source, top, left, size), code))
+        return TrainItem(key, target, source)
+    chosen = draw(cfg.degrade, rng)
+    if chosen.jpeg:  # the noise must exist before the compression
+        return TrainItem(key, target, apply(transforms.to_float(target), chosen))
+    blurred = apply(transforms.to_float(target), chosen, noise=False) if chosen.blur > 0 else None
+    return TrainItem(key, target, blurred, chosen.noise, chosen.noise_seed)
 
 
 def val_pair(sample: dict[str, Any], cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:

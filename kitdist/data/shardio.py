@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,20 +29,27 @@ class ShardUnavailable(OSError):
 
 
 class RetryingReader(io.RawIOBase):
-    """Reads a URL front to back; on a network error it reopens at the same offset, with backoff."""
+    """Reads a URL front to back; on a network error it reopens at the same offset, with backoff. `head`,
+    the URL's first bytes if already fetched, is served from memory before the network is asked."""
 
-    def __init__(self, url: str, retries: int = 8, max_wait_s: float = 10.0) -> None:
+    def __init__(self, url: str, retries: int = 8, max_wait_s: float = 10.0, head: bytes = b"") -> None:
         super().__init__()
         self.url = url
         self.retries = retries
         self.max_wait_s = max_wait_s
         self.offset = 0
+        self.head = memoryview(head)
         self._file: Any = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self.offset < len(self.head):
+            data = self.head[self.offset : self.offset + len(buffer)]
+            buffer[: len(data)] = data
+            self.offset += len(data)
+            return len(data)
         for attempt in range(self.retries + 1):
             try:
                 if self._file is None:
@@ -74,6 +82,43 @@ class RetryingReader(io.RawIOBase):
     def close(self) -> None:
         self._drop()
         super().close()
+
+
+class HeadPrefetch:
+    """Fetches the first bytes of the shard a worker will open next, in a background thread, so that on
+    object stores the request latency and transfer overlap the decoding of the current shard. One attempt
+    only: a failed prefetch leaves the reading (and its retries) to `RetryingReader`."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._url: str | None = None
+        self._thread: threading.Thread | None = None
+        self._fetched: dict[str, bytes] = {}
+
+    def start(self, url: str) -> None:
+        if url == self._url or self.limit_bytes <= 0:
+            return
+        fetched: dict[str, bytes] = {}
+
+        def fetch() -> None:
+            try:
+                with storage.open_read(url) as handle:
+                    fetched["head"] = handle.read(self.limit_bytes)
+            except Exception as err:  # the real read retries and reports
+                log.debug("prefetching %s failed: %s", url, err)
+
+        self._url, self._fetched = url, fetched
+        self._thread = threading.Thread(target=fetch, name="kitdist-prefetch", daemon=True)
+        self._thread.start()
+
+    def take(self, url: str) -> bytes:
+        """The prefetched head of `url` (waiting for it), or b"" when another URL was prefetched."""
+        if url != self._url or self._thread is None:
+            return b""
+        self._thread.join()
+        head = self._fetched.get("head", b"")
+        self._url, self._thread, self._fetched = None, None, {}
+        return head
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -143,10 +188,18 @@ class ShardCursor:
     request behind the cursor reopens the shard. Keeps the per-shard problem counts."""
 
     def __init__(
-        self, urls: list[str], names: list[str], seed: int, window: int, retries: int, max_wait_s: float
+        self,
+        urls: list[str],
+        names: list[str],
+        seed: int,
+        window: int,
+        retries: int,
+        max_wait_s: float,
+        prefetch_bytes: int = 0,
     ) -> None:
         self.urls, self.names, self.seed, self.window = urls, names, seed, window
         self.retries, self.max_wait_s = retries, max_wait_s
+        self.prefetcher = HeadPrefetch(prefetch_bytes)
         self.problems: dict[str, dict[str, int]] = {}  # shard name -> {"corrupt": n, "missing": n}
         self.damaged: dict[str, str] = {}  # shard name -> reason
         self.limiter = RateLimitedLog()
@@ -167,6 +220,11 @@ class ShardCursor:
                 self._stream = None
         return sample
 
+    def prefetch(self, epoch: int, shard: int) -> None:
+        """Starts fetching the head of the shard this cursor will open next (on object stores)."""
+        if (epoch, shard) not in self._unreadable and not storage.is_local(self.urls[shard]):
+            self.prefetcher.start(self.urls[shard])
+
     def count(self, shard: int, kind: str, message: str) -> None:
         name = self.names[shard]
         counts = self.problems.setdefault(name, {})
@@ -175,7 +233,8 @@ class ShardCursor:
 
     def _open(self, epoch: int, shard: int) -> None:
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, shard, 0x5B0F])
-        reader = RetryingReader(self.urls[shard], self.retries, self.max_wait_s)
+        head = self.prefetcher.take(self.urls[shard])
+        reader = RetryingReader(self.urls[shard], self.retries, self.max_wait_s, head)
 
         def on_damage(reason: str, unreadable: bool) -> None:
             self.damaged[self.names[shard]] = reason

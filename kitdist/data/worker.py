@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from kitdist.config import RunConfig
 from kitdist.data import plan
-from kitdist.data.samples import CorruptSample, train_pair
+from kitdist.data.batch import TrainItem, collate
+from kitdist.data.samples import CorruptSample, train_item
 from kitdist.data.shardio import ShardCursor
 
 # A segment that still cannot fill its batches after this many passes over its positions is hopeless.
@@ -57,6 +57,7 @@ class StreamSpec:
             data.shuffle_buffer,
             data.read_retries,
             data.read_retry_max_wait_s,
+            data.prefetch_bytes,
         )
         cursor.problems = copy.deepcopy(problems)
         cursor.damaged = dict(damaged)
@@ -77,12 +78,6 @@ def fresh_worker_state(spec: StreamSpec, slot: int, epoch: int = 0) -> dict[str,
     }
 
 
-def stack(arrays: list[np.ndarray]) -> torch.Tensor:
-    """[H, W, 3] float32 arrays -> one [b, 3, H, W] tensor (one copy, done by numpy: torch's permute +
-    contiguous costs ten times more here)."""
-    return torch.from_numpy(np.stack([array.transpose(2, 0, 1) for array in arrays]))
-
-
 class EpochWorker:
     """Yields batches from a worker state (which it advances in place)."""
 
@@ -91,6 +86,7 @@ class EpochWorker:
         self.state = state
         self.cursor = spec.cursor(state["problems"], state["damaged"])
         self.layouts: dict[int, plan.EpochLayout] = {}
+        self._reading: tuple[int, int] | None = None  # (epoch, shard) of the last position served
 
     def batches(self) -> Iterator[dict[str, Any]]:
         while True:
@@ -117,34 +113,36 @@ class EpochWorker:
     def _fill(self, segment: dict[str, Any]) -> dict[str, Any]:
         epoch, intervals = segment["epoch"], segment["intervals"]
         size = plan.length(intervals)
-        inputs, targets, keys = [], [], []
-        while len(keys) < self.spec.batch_size:
+        items: list[TrainItem] = []
+        while len(items) < self.spec.batch_size:
             pointer = self.state["pointer"]
             if pointer >= MAX_ROUNDS * size:
                 raise DataUnavailable(self._hopeless_message(epoch))
             self.state["pointer"] += 1
             round_ = pointer // size
             shard, offset = self._layout(epoch).locate(plan.position_at(intervals, pointer % size))
-            pair = self._read(epoch, shard, offset, round_)
-            if pair is not None:
-                inputs.append(pair[0])
-                targets.append(pair[1])
-                keys.append(pair[2])
-        return {"input": stack(inputs), "target": stack(targets), "keys": keys, "epoch": epoch}
+            item = self._read(epoch, shard, offset, round_)
+            if item is not None:
+                items.append(item)
+            if (epoch, shard) != self._reading:  # just opened (which took its prefetch): ask for the next
+                self._reading = (epoch, shard)
+                upcoming = plan.next_shard(self._layout(epoch), intervals, pointer % size)
+                if upcoming is not None:
+                    self.cursor.prefetch(epoch, upcoming)
+        return {**collate(items), "epoch": epoch}
 
-    def _read(self, epoch: int, shard: int, offset: int, round_: int) -> tuple | None:
+    def _read(self, epoch: int, shard: int, offset: int, round_: int) -> TrainItem | None:
         sample = self.cursor.get(epoch, shard, offset)
         if sample is None:
             if round_ == 0:
                 self.cursor.count(shard, "missing", f"no readable sample at offset {offset}")
             return None
         try:
-            source, target = train_pair(sample, self.spec.cfg, epoch, round_)
+            return train_item(sample, self.spec.cfg, epoch, round_)
         except CorruptSample as err:
             if round_ == 0:
                 self.cursor.count(shard, "corrupt", str(err))
             return None
-        return source, target, sample["__key__"]
 
     def _layout(self, epoch: int) -> plan.EpochLayout:
         if epoch not in self.layouts:
@@ -173,7 +171,7 @@ class ResampledWorker:
         seed = self.spec.cfg.train.seed & 0xFFFFFFFF
         rng = np.random.default_rng([seed, self.spec.rank, self.slot, self.start, 0x2E5A])
         per_epoch = max(1, self.spec.total // (self.spec.world_size * self.spec.batch_size))
-        inputs, targets, keys = [], [], []
+        items: list[TrainItem] = []
         done = 0
         while True:
             draw = int(rng.integers(2**62))  # stands in for the epoch in every seed of this shard's samples
@@ -183,26 +181,17 @@ class ResampledWorker:
                 if sample is None:
                     break
                 try:
-                    source, target = train_pair(sample, self.spec.cfg, draw, 0)
+                    items.append(train_item(sample, self.spec.cfg, draw, 0))
                 except CorruptSample as err:
                     self.cursor.count(shard, "corrupt", str(err))
                     continue
-                inputs.append(source)
-                targets.append(target)
-                keys.append(sample["__key__"])
-                if len(keys) == self.spec.batch_size:
+                if len(items) == self.spec.batch_size:
                     epoch = (self.start + done * self.spec.num_workers) // per_epoch
                     state = {
                         "slot": self.slot,
                         "problems": self.cursor.problems,
                         "damaged": self.cursor.damaged,
                     }
-                    yield {
-                        "input": stack(inputs),
-                        "target": stack(targets),
-                        "keys": keys,
-                        "epoch": epoch,
-                        "_state": copy.deepcopy(state),
-                    }
-                    inputs, targets, keys = [], [], []
+                    yield {**collate(items), "epoch": epoch, "_state": copy.deepcopy(state)}
+                    items = []
                     done += 1

@@ -48,7 +48,7 @@ def train_worker(cfg: RunConfig, session: Session) -> dict[str, Any]:
 
     device = device_for(cfg.dist)
     strategy, start_step, data_states = _build(cfg, session, device)
-    stream = TrainStream(cfg, session.rank, session.world_size, resume=data_states)
+    stream = TrainStream(cfg, session.rank, session.world_size, resume=data_states, device=strategy.device)
     recorder = (
         MetricsRecorder(storage.join(run_url(cfg), "metrics"), start_step) if session.rank == 0 else None
     )
