@@ -1,6 +1,6 @@
 """End-to-end training on one shared local Ray cluster with real DeepSpeed (CPU, gloo) and real shards
 built from scikit-image's photographs: the embedded default stopped by SIGTERM and resumed (against an
-uninterrupted run, ZeRO-2 bf16), ZeRO-3 bf16 on the S3 server resumed as ZeRO-0 bf16, DDP surviving
+uninterrupted run, ZeRO-2 fp32), ZeRO-3 bf16 on the S3 server resumed as ZeRO-0 bf16, DDP surviving
 a killed worker and following DeepSpeed. Few steps, small crops: Ray's start-up per run is
 most of the cost, so each run is made to check as much as it can."""
 
@@ -40,7 +40,12 @@ BASE = [
     "dist.max_failures=0",
 ]
 # The embedded default with fewer steps, only checkpoints at the end or on a stop request.
-EMBEDDED_SHORT = ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=100"]
+EMBEDDED_SHORT = [
+    "train.max_steps=6",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.checkpoint_every=100",
+]
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +132,7 @@ class Pretrain:
 
 
 def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(tmp_path, ray_address):
-    """The embedded default (ZeRO-2 bf16, 2 workers), shortened: SIGTERM after the first logged step ->
+    """The embedded default (ZeRO-2 fp32, 2 workers), shortened: SIGTERM after the first logged step ->
     a checkpoint at the step it stopped, exit 143; the same command again resumes from it and ends with
     the weights of a run that was never interrupted."""
     first = Pretrain(tmp_path, ray_address, *EMBEDDED_SHORT)

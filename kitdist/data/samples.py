@@ -69,10 +69,10 @@ def train_item(sample: dict[str, Any], cfg: RunConfig, epoch: int, round_: int) 
     except ValueError as err:
         raise CorruptSample(f"sample {key!r}: {err}") from None
     code = int(rng.integers(8))
-    target = np.ascontiguousarray(transforms.orient(transforms.crop(target, top, left, size), code))
+    # views, copied once when the batch is stacked
+    target = transforms.orient(transforms.crop(target, top, left, size), code)
     if source is not None:
-        source = np.ascontiguousarray(transforms.orient(transforms.crop(source, top, left, size), code))
-        return TrainItem(key, target, source)
+        return TrainItem(key, target, transforms.orient(transforms.crop(source, top, left, size), code))
     chosen = draw(cfg.degrade, rng)
     if chosen.jpeg:  # the noise must exist before the compression
         return TrainItem(key, target, apply(transforms.to_float(target), chosen))
