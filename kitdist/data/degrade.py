@@ -66,7 +66,7 @@ def draw(cfg: DegradeConfig, rng: np.random.Generator) -> Draw:
     blur_sigma = rng.uniform(*cfg.blur_sigma)
     noise_sigma = rng.uniform(*cfg.noise_sigma)
     quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
-    noise_seed = int(rng.integers(2**63))
+    noise_seed = int(np.random.default_rng(rng.integers(0, 2**63)).integers(2**63))
     return Draw(
         blur=float(blur_sigma) if use_blur else 0.0,
         noise=float(noise_sigma) if use_noise else 0.0,
