@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kitdist.data.transforms import to_float
+
 
 @dataclass
 class TrainItem:
@@ -60,9 +62,7 @@ def collate(items: list[TrainItem]) -> dict[str, Any]:
 
 def as_float(pixels: np.ndarray) -> np.ndarray:
     """uint8 -> float32 in [0, 1]; float32 passes through."""
-    if pixels.dtype == np.uint8:
-        return np.ascontiguousarray(pixels, dtype=np.float32) / np.float32(255.0)
-    return pixels
+    return to_float(pixels) if pixels.dtype == np.uint8 else pixels
 
 
 def _to_unit(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
