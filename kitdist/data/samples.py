@@ -1,10 +1,11 @@
-"""From a shard sample (bytes per field) to an (input, target) pair of float32 HWC arrays in [0, 1].
+"""From a shard sample (bytes per field) to what a worker sends (training) or an (input, target) pair of
+float32 HWC arrays in [0, 1] (validation).
 
-Training: clean samples get a random crop, one of 8 orientations and the synthetic degradations (the
-Gaussian noise as a sigma and seed for the trainer to draw); paired samples get the same crop and
-orientation on input and target; both stay uint8 where they can (see `kitdist.data.batch`). Validation: whole images (or a centre
-tile), clean ones degraded with a generator drawn from the key alone. Any sample that cannot be made into
-a pair raises `CorruptSample` with the reason.
+Training (`train_item`): clean samples get a random crop, one of 8 orientations and the synthetic
+degradations, the Gaussian noise as a sigma and seed for the trainer to draw; paired samples get the same
+crop and orientation on input and target; pixels stay uint8 where they can (see `kitdist.data.batch`).
+Validation (`val_pair`): whole images (or a centre tile), clean ones degraded with a generator drawn from
+the key alone. Any sample that cannot be used raises `CorruptSample` with the reason.
 """
 
 from __future__ import annotations
