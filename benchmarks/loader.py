@@ -38,21 +38,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from kitdist.config import DataConfig, DistConfig, RunConfig  # noqa: E402
 from kitdist.data import TrainStream  # noqa: E402
 from kitdist.data.samples import decode_rgb, image_bytes  # noqa: E402
-from kitdist.data.shardio import RetryingReader, tar_samples  # noqa: E402
+from kitdist.data.shardio import ReadOptions, ShardReader, tar_samples  # noqa: E402
 from kitdist.shards.manifest import read_manifest, shard_urls  # noqa: E402
 
 
 class DecodeOnly(IterableDataset):
     """Each worker reads its share of the shards and decodes every image."""
 
-    def __init__(self, urls: list[str]) -> None:
-        self.urls = urls
+    def __init__(self, urls: list[str], sizes: list[int]) -> None:
+        self.urls, self.sizes = urls, sizes
 
     def __iter__(self):
         info = get_worker_info()
         index, count = (info.id, info.num_workers) if info else (0, 1)
-        for url in self.urls[index::count]:
-            for sample in tar_samples(RetryingReader(url), lambda reason, unreadable: None):
+        for url, size in zip(self.urls[index::count], self.sizes[index::count], strict=True):
+            reader = ShardReader(url, size, ReadOptions())
+            for sample in tar_samples(reader, lambda reason, unreadable: None):
                 decode_rgb(image_bytes(sample, "clean"), sample["__key__"])
                 yield 1
 
@@ -68,8 +69,11 @@ def steady_rate(items, count_of) -> tuple[float, float]:
 
 
 def decode_only_rate(folder: str, workers: int) -> tuple[float, float]:
-    urls = shard_urls(folder, read_manifest(folder))
-    return steady_rate(DataLoader(DecodeOnly(urls), batch_size=None, num_workers=workers), int)
+    manifest = read_manifest(folder)
+    sizes = [shard.bytes for shard in manifest.shards]
+    return steady_rate(
+        DataLoader(DecodeOnly(shard_urls(folder, manifest), sizes), batch_size=None, num_workers=workers), int
+    )
 
 
 def pipeline_rate(

@@ -24,6 +24,7 @@ import yaml
 # Inputs are padded to, and training crops must be, a multiple of this: patch size r=4 times 2^3 from the
 # three 2x downsamplings of the U-net.
 SPATIAL_MULTIPLE = 32
+MIN_PREFETCH_BYTES = 64 << 10  # smaller ranged requests cost more in requests than they save in memory
 
 
 class ConfigError(ValueError):
@@ -110,11 +111,12 @@ class DataConfig:
     mode: Literal["epoch", "resampled"] = "epoch"  # resampled: shards drawn with replacement, stateless
     val_crop_size: int = 0  # 0: validate on whole images as they are (the model pads them)
     max_val_samples: int = 0  # 0: all
-    read_retries: int = 8  # reopen attempts of a shard whose connection fails, before it counts as unreadable
+    read_retries: int = 8  # retries of a failed read request, before the shard counts as unreadable
     read_retry_max_wait_s: float = 10.0  # longest pause between attempts (they back off from 0.5 s)
-    # bytes of the next shard a worker fetches in the background while it decodes the current one (object
-    # stores only; local files need none); 0 disables
-    prefetch_bytes: int = 64 << 20
+    # object stores: shards are read in ranged requests of this many bytes, each fetched in the background
+    # while the one before is decoded (the first of the next shard too); 0: no read-ahead, 16 MiB requests
+    # made when needed. Local files need none.
+    prefetch_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
         if self.read_retries < 0 or self.read_retry_max_wait_s < 0:
@@ -136,8 +138,11 @@ class DataConfig:
             _fail("data.num_workers", f"must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
             _fail("data.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
-        if self.prefetch_bytes < 0:
-            _fail("data.prefetch_bytes", f"must be >= 0 (0 disables), got {self.prefetch_bytes}")
+        if self.prefetch_bytes < 0 or 0 < self.prefetch_bytes < MIN_PREFETCH_BYTES:
+            _fail(
+                "data.prefetch_bytes",
+                f"must be 0 (no read-ahead) or at least {MIN_PREFETCH_BYTES} bytes, got {self.prefetch_bytes}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -153,6 +153,17 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of `url` in one request (fewer when the file ends first)."""
+    fs, path = url_to_fs(url)
+    return _call(url, fs.cat_file, path, start=start, end=end)
+
+
+def size(url: str) -> int:
+    fs, path = url_to_fs(url)
+    return int(_call(url, fs.size, path))
+
+
 def open_read(url: str) -> Any:
     """A seekable binary file object for reading `url` (on object stores it reads ahead in blocks)."""
     fs, path = url_to_fs(url)

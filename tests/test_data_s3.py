@@ -13,7 +13,7 @@ from test_data_pipeline import flat, make_cfg
 
 from kitdist import storage
 from kitdist.data import TrainStream, val_batches
-from kitdist.data.shardio import HeadPrefetch, RetryingReader, ShardCursor
+from kitdist.data.shardio import RangeFetch, ReadOptions, ShardCursor, ShardReader
 from kitdist.shards.manifest import read_manifest, shard_urls
 
 pytestmark = pytest.mark.s3
@@ -31,33 +31,42 @@ def test_s3_serves_the_same_batches_as_local(s3_env, tmp_path, photo_paths):
     assert [b["keys"][0] for b in val_batches(make_cfg(s3_env), 0, 1)] == val_local
 
 
-def test_prefetched_heads_join_the_rest_of_the_shard_exactly(s3_env, photo_paths):
-    """A prefetch shorter than the shard: the reader serves the head from memory and reads on from the
-    network at that offset; the samples equal a plain read's."""
+def test_ranged_reads_ahead_join_into_the_whole_shard(s3_env, photo_paths):
+    """Ranges much smaller than the shard, each fetched ahead in the background, and a first range
+    prefetched before the shard is opened: the bytes and the samples equal a plain read's."""
     shardkit.write_set(s3_env, photo_paths, [8] * 3, tile=64)
-    urls = shard_urls(s3_env, read_manifest(s3_env))
+    manifest = read_manifest(s3_env)
+    urls, sizes = shard_urls(s3_env, manifest), [shard.bytes for shard in manifest.shards]
     whole = storage.read_bytes(urls[1])
-    prefetch = HeadPrefetch(5000)
-    prefetch.start(urls[1])
-    assert prefetch.take(urls[0]) == b"", "another URL's head is never handed out"
-    assert prefetch.take(urls[1]) == whole[:5000]
-    marked = RetryingReader(urls[1], retries=2, max_wait_s=1.0, head=b"X" * 5000)
-    assert marked.read() == b"X" * 5000 + whole[5000:]  # head from memory, the rest from offset 5000
+    small = ReadOptions(retries=2, max_wait_s=1.0, prefetch_bytes=5000)
+    assert ShardReader(urls[1], sizes[1], small).read() == whole
+    first = RangeFetch(urls[1], 0, 5000)
+    assert ShardReader(urls[1], sizes[1], small, first).read() == whole
 
-    plain = ShardCursor(urls, ["a", "b", "c"], 7, 1, 2, 1.0)
-    prefetching = ShardCursor(urls, ["a", "b", "c"], 7, 1, 2, 1.0, prefetch_bytes=5000)
+    plain = ShardCursor(urls, ["a", "b", "c"], sizes, 7, 1, ReadOptions(prefetch_bytes=0))
+    ahead = ShardCursor(urls, ["a", "b", "c"], sizes, 7, 1, small)
     for shard in (2, 0):
-        prefetching.prefetch(0, shard)
+        ahead.prefetch(0, shard)
         for offset in range(8):
-            assert prefetching.get(0, shard, offset) == plain.get(0, shard, offset)
-    assert not prefetching.problems and not prefetching.damaged
+            assert ahead.get(0, shard, offset) == plain.get(0, shard, offset)
+    assert not ahead.problems and not ahead.damaged
+
+
+def test_object_shorter_than_its_manifest_size_ends_at_its_end(s3_env, caplog):
+    """A shard truncated exactly at a range boundary: the next range cannot be asked for (the server
+    answers 416); the reader sees the object's end instead of retrying, and the stream ends there."""
+    url = f"{s3_env}/short.tar"
+    storage.write_bytes(url, bytes(range(256)) * 40)  # 10240 bytes: two ranges of 5120
+    options = ReadOptions(retries=3, max_wait_s=5.0, prefetch_bytes=5120)
+    assert ShardReader(url, 15360, options).read() == bytes(range(256)) * 40
+    assert not [record for record in caplog.records if "retry" in record.getMessage()]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prefetch_bytes", [0, 64 << 20], ids=["reader-only", "prefetching"])
+@pytest.mark.parametrize("prefetch_bytes", [0, 16 << 20], ids=["reader-only", "reading-ahead"])
 def test_server_restart_mid_epoch_is_survived(s3_server, s3_env, photo_paths, caplog, prefetch_bytes):
-    """Without prefetch the shard reader's own reopening rides out the outage; with it, the prefetch of
-    the next shard (or, when that fails, the reader) does; either way no sample is lost or repeated."""
+    """Without read-ahead the shard reader's own retries ride out the outage; with it, a range fetched in
+    the background that fails is asked for again by the reader; either way no sample is lost or repeated."""
     keys = shardkit.write_set(s3_env, photo_paths, [4] * 12, tile=64)
     cfg = make_cfg(
         s3_env, num_workers=0, shuffle_buffer=2, read_retry_max_wait_s=2.0, prefetch_bytes=prefetch_bytes

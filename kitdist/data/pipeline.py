@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -39,8 +39,17 @@ class ResumeError(ValueError):
     """A saved stream state that does not fit this run; the message names the mismatch."""
 
 
-def open_shard_set(url: str, kind: str, key: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]:
-    """(urls, names, sample counts) of a shard set, checked against the run's data kind."""
+class ShardSet(NamedTuple):
+    """What the readers need of a manifest, shard by shard."""
+
+    urls: tuple[str, ...]
+    names: tuple[str, ...]
+    samples: tuple[int, ...]
+    shard_bytes: tuple[int, ...]
+
+
+def open_shard_set(url: str, kind: str, key: str) -> ShardSet:
+    """The shard set at `url`, checked against the run's data kind."""
     if not url:
         raise ConfigError(f"{key}: no shard set given (a folder or manifest.json URL)", key=key)
     manifest = read_manifest(url)
@@ -48,8 +57,12 @@ def open_shard_set(url: str, kind: str, key: str) -> tuple[tuple[str, ...], tupl
         raise ConfigError(
             f"{key}: {url} holds {manifest.kind} samples but data.kind is {kind}", key="data.kind"
         )
-    names = tuple(shard.name for shard in manifest.shards)
-    return tuple(shard_urls(url, manifest)), names, tuple(shard.samples for shard in manifest.shards)
+    return ShardSet(
+        tuple(shard_urls(url, manifest)),
+        tuple(shard.name for shard in manifest.shards),
+        tuple(shard.samples for shard in manifest.shards),
+        tuple(shard.bytes for shard in manifest.shards),
+    )
 
 
 def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
@@ -92,12 +105,12 @@ class TrainStream:
         self.device = torch.device(device)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        urls, names, sizes = open_shard_set(cfg.data.train_shards, cfg.data.kind, "data.train_shards")
+        shards = open_shard_set(cfg.data.train_shards, cfg.data.kind, "data.train_shards")
         batch = micro_batch_size(cfg, world_size)
         slots = max(1, cfg.data.num_workers)
-        self.spec = StreamSpec(cfg, urls, names, sizes, rank, world_size, slots, batch)
+        self.spec = StreamSpec(cfg, *shards, rank, world_size, slots, batch)
         self.digest = hashlib.sha256(
-            "\n".join(f"{n}:{s}" for n, s in zip(names, sizes, strict=True)).encode()
+            "\n".join(f"{n}:{s}" for n, s in zip(shards.names, shards.samples, strict=True)).encode()
         ).hexdigest()[:16]
         per_rank = self.spec.total // (world_size * batch)
         if cfg.data.mode == "epoch" and per_rank < slots:

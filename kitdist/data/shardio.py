@@ -1,5 +1,6 @@
-"""Reading shards: a byte stream that survives dropped connections, tar members grouped into samples,
-the per-shard window shuffle, and a cursor that serves samples by (epoch, shard, offset).
+"""Reading shards: a byte stream of ranged requests that survives dropped connections and reads ahead on
+object stores, tar members grouped into samples, the per-shard window shuffle, and a cursor that serves
+samples by (epoch, shard, offset).
 
 Problems are counted per shard, never fatal: a corrupt sample, a truncated tar (its readable samples are
 served, then the shard counts as damaged) and a shard that cannot be read after retries (named by URL).
@@ -13,11 +14,13 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kitdist import storage
+from kitdist.config import DataConfig
 
 log = logging.getLogger("kitdist.data")
 
@@ -28,97 +31,121 @@ class ShardUnavailable(OSError):
     """A shard that could not be read after all retries; the message names its URL."""
 
 
-class RetryingReader(io.RawIOBase):
-    """Reads a URL front to back; on a network error it reopens at the same offset, with backoff. `head`,
-    the URL's first bytes if already fetched, is served from memory before the network is asked."""
+DEFAULT_CHUNK_BYTES = (
+    16 << 20
+)  # one ranged request without read-ahead: past per-request costs, small in memory
 
-    def __init__(self, url: str, retries: int = 8, max_wait_s: float = 10.0, head: bytes = b"") -> None:
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How shards are read. `prefetch_bytes` > 0: ranged requests of that size, the next one fetched in a
+    background thread while the current one is decoded (object stores only; local files need none);
+    0: requests of DEFAULT_CHUNK_BYTES made when needed. A failed request is retried `retries` times,
+    backing off from 0.5 s to `max_wait_s`."""
+
+    retries: int = 8
+    max_wait_s: float = 10.0
+    prefetch_bytes: int = DEFAULT_CHUNK_BYTES
+
+    @classmethod
+    def of(cls, data: DataConfig) -> ReadOptions:
+        return cls(data.read_retries, data.read_retry_max_wait_s, data.prefetch_bytes)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.prefetch_bytes or DEFAULT_CHUNK_BYTES
+
+    def reads_ahead(self, url: str) -> bool:
+        return self.prefetch_bytes > 0 and not storage.is_local(url)
+
+
+class RangeFetch:
+    """One ranged request, run in a background thread. One attempt only: a failure is left to the
+    reader, which makes the request again in the foreground, with its retries."""
+
+    def __init__(self, url: str, start: int, end: int) -> None:
+        self.url, self.start, self.end = url, start, end
+        self._data: bytes | None = None
+        self._thread = threading.Thread(target=self._fetch, name="kitdist-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._data = storage.read_range(self.url, self.start, self.end)
+        except Exception as err:  # the reader's own request retries and reports
+            log.debug("reading ahead %s [%d, %d) failed: %s", self.url, self.start, self.end, err)
+
+    def result(self) -> bytes | None:
+        """The bytes, once fetched, or None when the request failed."""
+        self._thread.join()
+        return self._data
+
+
+class ShardReader(io.RawIOBase):
+    """Reads a shard of known size front to back in ranged requests (on object stores one GET each, no
+    metadata request), fetching the next range in the background while this one is consumed when the
+    options say so. `first`, a fetch started earlier (the next-shard prefetch), serves the first range.
+    An object shorter than its manifest size ends the stream there: the tar reader reports the damage."""
+
+    def __init__(self, url: str, size: int, options: ReadOptions, first: RangeFetch | None = None) -> None:
         super().__init__()
-        self.url = url
-        self.retries = retries
-        self.max_wait_s = max_wait_s
-        self.offset = 0
-        self.head = memoryview(head)
-        self._file: Any = None
+        self.url, self.size, self.options = url, size, options
+        self.offset = 0  # bytes handed out so far
+        self._chunk = memoryview(b"")
+        self._chunk_start = 0
+        self._ahead = first
+        self._ended = size <= 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if self.offset < len(self.head):
-            data = self.head[self.offset : self.offset + len(buffer)]
-            buffer[: len(data)] = data
-            self.offset += len(data)
-            return len(data)
-        for attempt in range(self.retries + 1):
+        at = self.offset - self._chunk_start
+        if at >= len(self._chunk):
+            if self._ended:
+                return 0
+            self._chunk, self._chunk_start, at = memoryview(self._next_range()), self.offset, 0
+            if not self._chunk:
+                return 0
+        count = min(len(buffer), len(self._chunk) - at)
+        buffer[:count] = self._chunk[at : at + count]
+        self.offset += count
+        return count
+
+    def _next_range(self) -> bytes:
+        start, end = self.offset, min(self.size, self.offset + self.options.chunk_bytes)
+        ahead, self._ahead = self._ahead, None
+        data = ahead.result() if ahead is not None and (ahead.start, ahead.end) == (start, end) else None
+        if data is None:
+            data = self._fetch_retrying(start, end)
+        if len(data) < end - start or end >= self.size:
+            self._ended = True
+        elif self.options.reads_ahead(self.url):
+            self._ahead = RangeFetch(self.url, end, min(self.size, end + self.options.chunk_bytes))
+        return data
+
+    def _fetch_retrying(self, start: int, end: int) -> bytes:
+        retries = self.options.retries
+        for attempt in range(retries + 1):
             try:
-                if self._file is None:
-                    self._file = storage.open_read(self.url)
-                    if self.offset:
-                        self._file.seek(self.offset)
-                data = self._file.read(len(buffer))
-                buffer[: len(data)] = data
-                self.offset += len(data)
-                return len(data)
+                return storage.read_range(self.url, start, end)
             except Exception as err:  # network errors come as OSError, botocore or aiohttp types
-                self._drop()
-                if attempt == self.retries:
-                    raise ShardUnavailable(
-                        f"{self.url}: unreadable after {self.retries} retries: {err}"
-                    ) from err
-                wait = min(self.max_wait_s, 0.5 * 2**attempt)
+                if attempt == retries:
+                    raise ShardUnavailable(f"{self.url}: unreadable after {retries} retries: {err}") from err
+                if start and self._ends_before(start):
+                    return b""
+                wait = min(self.options.max_wait_s, 0.5 * 2**attempt)
                 log.warning("reading %s failed (%s); retry %d in %.1fs", self.url, err, attempt + 1, wait)
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
-    def _drop(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except Exception:
-                pass
-        self._file = None
-
-    def close(self) -> None:
-        self._drop()
-        super().close()
-
-
-class HeadPrefetch:
-    """Fetches the first bytes of the shard a worker will open next, in a background thread, so that on
-    object stores the request latency and transfer overlap the decoding of the current shard. One attempt
-    only: a failed prefetch leaves the reading (and its retries) to `RetryingReader`."""
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self._url: str | None = None
-        self._thread: threading.Thread | None = None
-        self._fetched: dict[str, bytes] = {}
-
-    def start(self, url: str) -> None:
-        if url == self._url or self.limit_bytes <= 0:
-            return
-        fetched: dict[str, bytes] = {}
-
-        def fetch() -> None:
-            try:
-                with storage.open_read(url) as handle:
-                    fetched["head"] = handle.read(self.limit_bytes)
-            except Exception as err:  # the real read retries and reports
-                log.debug("prefetching %s failed: %s", url, err)
-
-        self._url, self._fetched = url, fetched
-        self._thread = threading.Thread(target=fetch, name="kitdist-prefetch", daemon=True)
-        self._thread.start()
-
-    def take(self, url: str) -> bytes:
-        """The prefetched head of `url` (waiting for it), or b"" when another URL was prefetched."""
-        if url != self._url or self._thread is None:
-            return b""
-        self._thread.join()
-        head = self._fetched.get("head", b"")
-        self._url, self._thread, self._fetched = None, None, {}
-        return head
+    def _ends_before(self, offset: int) -> bool:
+        """Whether the object is shorter than `offset` (a truncated shard, whose next range cannot be
+        asked for), as opposed to a request that failed."""
+        try:
+            return storage.size(self.url) <= offset
+        except Exception:
+            return False
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -191,15 +218,14 @@ class ShardCursor:
         self,
         urls: list[str],
         names: list[str],
+        shard_bytes: list[int],
         seed: int,
         window: int,
-        retries: int,
-        max_wait_s: float,
-        prefetch_bytes: int = 0,
+        options: ReadOptions,
     ) -> None:
         self.urls, self.names, self.seed, self.window = urls, names, seed, window
-        self.retries, self.max_wait_s = retries, max_wait_s
-        self.prefetcher = HeadPrefetch(prefetch_bytes)
+        self.shard_bytes = shard_bytes
+        self.options = options
         self.problems: dict[str, dict[str, int]] = {}  # shard name -> {"corrupt": n, "missing": n}
         self.damaged: dict[str, str] = {}  # shard name -> reason
         self.limiter = RateLimitedLog()
@@ -207,6 +233,7 @@ class ShardCursor:
         self._stream: Iterator[Sample] | None = None
         self._next = 0
         self._unreadable: set[tuple[int, int]] = set()  # (epoch, shard) given up on: not retried again
+        self._prefetched: RangeFetch | None = None  # the first range of the shard opened next
 
     def get(self, epoch: int, shard: int, offset: int) -> Sample | None:
         """The sample, or None when the shard has no readable sample at that offset."""
@@ -221,9 +248,12 @@ class ShardCursor:
         return sample
 
     def prefetch(self, epoch: int, shard: int) -> None:
-        """Starts fetching the head of the shard this cursor will open next (on object stores)."""
-        if (epoch, shard) not in self._unreadable and not storage.is_local(self.urls[shard]):
-            self.prefetcher.start(self.urls[shard])
+        """Starts fetching the first range of the shard this cursor will open next (on object stores)."""
+        url = self.urls[shard]
+        if (epoch, shard) in self._unreadable or not self.options.reads_ahead(url):
+            return
+        if self._prefetched is None or self._prefetched.url != url:
+            self._prefetched = RangeFetch(url, 0, min(self.shard_bytes[shard], self.options.chunk_bytes))
 
     def count(self, shard: int, kind: str, message: str) -> None:
         name = self.names[shard]
@@ -233,14 +263,17 @@ class ShardCursor:
 
     def _open(self, epoch: int, shard: int) -> None:
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, shard, 0x5B0F])
-        head = self.prefetcher.take(self.urls[shard])
-        reader = RetryingReader(self.urls[shard], self.retries, self.max_wait_s, head)
+        url = self.urls[shard]
+        first = None
+        if self._prefetched is not None and self._prefetched.url == url:
+            first, self._prefetched = self._prefetched, None
+        reader = ShardReader(url, self.shard_bytes[shard], self.options, first)
 
         def on_damage(reason: str, unreadable: bool) -> None:
             self.damaged[self.names[shard]] = reason
             if unreadable:
                 self._unreadable.add((epoch, shard))
-            log.error("shard %s: %s", self.urls[shard], reason)
+            log.error("shard %s: %s", url, reason)
 
         self._at, self._next = (epoch, shard), 0
         if (epoch, shard) in self._unreadable:

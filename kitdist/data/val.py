@@ -16,27 +16,31 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kitdist import storage
 from kitdist.config import RunConfig
 from kitdist.data.batch import stack
-from kitdist.data.pipeline import open_shard_set
+from kitdist.data.pipeline import ShardSet, open_shard_set
 from kitdist.data.plan import EpochLayout
 from kitdist.data.samples import CorruptSample, val_pair
-from kitdist.data.shardio import ShardCursor
+from kitdist.data.shardio import ReadOptions, ShardCursor
 
 SKIPPED = {"skipped": True}
 
 
 class _ValPart(IterableDataset):
-    def __init__(self, cfg: RunConfig, urls: tuple, names: tuple, sizes: tuple, start: int, end: int) -> None:
-        self.cfg, self.urls, self.names, self.sizes = cfg, urls, names, sizes
-        self.start, self.end = start, end
+    def __init__(self, cfg: RunConfig, shards: ShardSet, start: int, end: int) -> None:
+        self.cfg, self.shards, self.start, self.end = cfg, shards, start, end
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         index, count = (info.id, info.num_workers) if info is not None else (0, 1)
-        data = self.cfg.data
+        shards = self.shards
         cursor = ShardCursor(
-            list(self.urls), list(self.names), 0, 1, data.read_retries, data.read_retry_max_wait_s
+            list(shards.urls),
+            list(shards.names),
+            list(shards.shard_bytes),
+            0,
+            1,
+            ReadOptions.of(self.cfg.data),
         )
-        layout = EpochLayout(tuple(range(len(self.sizes))), _starts(self.sizes))  # manifest order
+        layout = EpochLayout(tuple(range(len(shards.samples))), _starts(shards.samples))  # manifest order
         # Positions go round-robin over the workers, as the DataLoader collects from them, so batches arrive
         # in manifest order; a skipped sample still sends a marker to keep the turn.
         for position in range(self.start + index, self.end, count):
@@ -65,11 +69,12 @@ def _starts(sizes: tuple[int, ...]) -> tuple[int, ...]:
 
 def val_batches(cfg: RunConfig, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
     """This rank's validation samples as {"input", "target": float32 [1, 3, H, W], "keys": [key]}."""
-    urls, names, sizes = open_shard_set(cfg.data.val_shards, cfg.data.kind, "data.val_shards")
+    shards = open_shard_set(cfg.data.val_shards, cfg.data.kind, "data.val_shards")
+    sizes = shards.samples
     total = sum(sizes) if not cfg.data.max_val_samples else min(sum(sizes), cfg.data.max_val_samples)
     start, end = rank * total // world_size, (rank + 1) * total // world_size
     workers = min(cfg.data.num_workers, max(0, end - start))
-    part = _ValPart(cfg, urls, names, sizes, start, end)
+    part = _ValPart(cfg, shards, start, end)
     loader = DataLoader(
         part,
         batch_size=None,

@@ -21,7 +21,7 @@ from kitdist.config import RunConfig
 from kitdist.data import plan
 from kitdist.data.batch import TrainItem, collate
 from kitdist.data.samples import CorruptSample, train_item
-from kitdist.data.shardio import ShardCursor
+from kitdist.data.shardio import ReadOptions, ShardCursor
 
 # A segment that still cannot fill its batches after this many passes over its positions is hopeless.
 MAX_ROUNDS = 4
@@ -38,7 +38,8 @@ class StreamSpec:
     cfg: RunConfig
     urls: tuple[str, ...]
     names: tuple[str, ...]
-    sizes: tuple[int, ...]
+    sizes: tuple[int, ...]  # samples per shard
+    shard_bytes: tuple[int, ...]
     rank: int
     world_size: int
     num_workers: int  # logical workers: max(1, data.num_workers)
@@ -49,15 +50,13 @@ class StreamSpec:
         return sum(self.sizes)
 
     def cursor(self, problems: dict, damaged: dict) -> ShardCursor:
-        data = self.cfg.data
         cursor = ShardCursor(
             list(self.urls),
             list(self.names),
+            list(self.shard_bytes),
             self.cfg.train.seed,
-            data.shuffle_buffer,
-            data.read_retries,
-            data.read_retry_max_wait_s,
-            data.prefetch_bytes,
+            self.cfg.data.shuffle_buffer,
+            ReadOptions.of(self.cfg.data),
         )
         cursor.problems = copy.deepcopy(problems)
         cursor.damaged = dict(damaged)
