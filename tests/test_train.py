@@ -40,8 +40,11 @@ BASE = [
     "dist.max_failures=0",
 ]
 # The embedded default with fewer steps, only checkpoints at the end or on a stop request.
+# Long enough that a SIGTERM sent when step 1 is printed reaches the workers well before the last step
+# (with 6 steps a quiet machine finished the run before the stop request arrived).
+SHORT_STEPS = 24
 EMBEDDED_SHORT = [
-    "train.max_steps=6",
+    f"train.max_steps={SHORT_STEPS}",
     "train.warmup_steps=2",
     "train.log_every=1",
     "train.checkpoint_every=100",
@@ -136,12 +139,12 @@ def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(
     a checkpoint at the step it stopped, exit 143; the same command again resumes from it and ends with
     the weights of a run that was never interrupted."""
     first = Pretrain(tmp_path, ray_address, *EMBEDDED_SHORT)
-    first.wait_for("step 1/6 |", timeout=400)
+    first.wait_for(f"step 1/{SHORT_STEPS} |", timeout=400)
     first.process.send_signal(signal.SIGTERM)
     assert first.finish() == 143, "\n".join(first.lines[-30:])
     run = tmp_path / "runs" / "embedded"
     stopped = sorted(path.name for path in run.glob("step-*"))
-    assert len(stopped) == 1 and stopped[0] != "step-00000006", stopped
+    assert len(stopped) == 1 and stopped[0] != f"step-{SHORT_STEPS:08d}", stopped
     step = int(stopped[0].removeprefix("step-"))
     assert any(f"stopped on request after step {step}" in line for line in first.lines)
 
@@ -149,9 +152,9 @@ def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(
     assert second.finish() == 0, "\n".join(second.lines[-30:])
     assert any(f"resumed from step {step} (native state" in line for line in second.lines)
     printed = second.progress()
-    assert len(printed) == len(set(printed)) == 6 - step, "each progress line is printed once"
+    assert len(printed) == len(set(printed)) == SHORT_STEPS - step, "each progress line is printed once"
     records = records_of(str(tmp_path / "runs"), "embedded")
-    assert sorted(losses(records)) == list(range(1, 7))
+    assert sorted(losses(records)) == list(range(1, SHORT_STEPS + 1))
     assert 10 < records[-1]["val_psnr_rgb"] < 60
 
     from kitdist.pretrain import EMBEDDED
@@ -169,8 +172,8 @@ def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(
     for number, loss in losses(straight).items():
         assert losses(records)[number] == pytest.approx(loss, rel=1e-5, abs=1e-7), number
     resumed, uninterrupted = (
-        weights_at(str(run.parent), "embedded", 6),
-        weights_at(str(run.parent), "straight", 6),
+        weights_at(str(run.parent), "embedded", SHORT_STEPS),
+        weights_at(str(run.parent), "straight", SHORT_STEPS),
     )
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-7, msg=name)
