@@ -159,33 +159,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch size")
     parser.add_argument("--repeats", type=int, default=5, help="rounds; figures are medians over them")
     args = parser.parse_args()
-    from s3server import BUCKET, SeaweedS3
+    from s3server import BUCKET, serving
 
-    with tempfile.TemporaryDirectory() as scratch:
-        server = SeaweedS3(Path(scratch) / "s3")
-        server.start()
-        try:
-            os.environ.update(server.env)
-            s3_url = f"s3://{BUCKET}/bench"
-            build_sets(Path(scratch), args.samples, args.per_shard, args.tile, s3_url)
-            local = str(Path(scratch) / "local")
-            print(
-                f"{args.samples} PNG tiles of {args.tile}px, {args.per_shard} per shard, crop {args.crop},"
-                f" batch {args.batch}, {os.cpu_count()} cores"
-            )
-            for workers in (1, 2):
-                pipeline = partial(pipeline_rate, workers=workers, crop=args.crop, batch=args.batch)
-                measures = {
-                    "decode": partial(decode_only_rate, local, workers),
-                    "pipeline": partial(pipeline, local),
-                    "pipeline S3": partial(pipeline, s3_url),
-                    "decode S3": partial(decode_only_rate, s3_url, workers),
-                    "decode S3, s3fs file": partial(decode_only_rate, s3_url, workers, "s3fs-file"),
-                    "+ noise on CPU": partial(pipeline, local, finished=True),
-                }
-                report(workers, interleaved_rounds(measures, args.repeats))
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory() as scratch, serving(Path(scratch) / "s3"):
+        s3_url = f"s3://{BUCKET}/bench"
+        build_sets(Path(scratch), args.samples, args.per_shard, args.tile, s3_url)
+        local = str(Path(scratch) / "local")
+        print(
+            f"{args.samples} PNG tiles of {args.tile}px, {args.per_shard} per shard, crop {args.crop},"
+            f" batch {args.batch}, {os.cpu_count()} cores"
+        )
+        for workers in (1, 2):
+            pipeline = partial(pipeline_rate, workers=workers, crop=args.crop, batch=args.batch)
+            measures = {
+                "decode": partial(decode_only_rate, local, workers),
+                "pipeline": partial(pipeline, local),
+                "pipeline S3": partial(pipeline, s3_url),
+                "decode S3": partial(decode_only_rate, s3_url, workers),
+                "decode S3, s3fs file": partial(decode_only_rate, s3_url, workers, "s3fs-file"),
+                "+ noise on CPU": partial(pipeline, local, finished=True),
+            }
+            report(workers, interleaved_rounds(measures, args.repeats))
 
 
 if __name__ == "__main__":

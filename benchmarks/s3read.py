@@ -79,39 +79,34 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=20, help="objects of each size")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; figures are medians over them")
     args = parser.parse_args()
-    from s3server import BUCKET, SeaweedS3
+    from s3server import BUCKET, serving
 
-    with tempfile.TemporaryDirectory() as scratch:
-        server = SeaweedS3(Path(scratch) / "s3")
-        server.start()
-        try:
-            os.environ.update(server.env)
-            process = psutil.Process(server.process.pid)
-            print(
-                f"{args.objects} objects per size, read whole in {READ >> 20} MiB reads, {os.cpu_count()} cores"
-            )
-            print(
-                "| object | reader | client CPU / object | server CPU / object | client ms/MB | server ms/MB | wall ms/MB |"
-            )
-            print("|---|---|---|---|---|---|---|")
-            for size_mb in args.sizes_mb:
-                size = int(size_mb * 2**20)
-                urls = [f"s3://{BUCKET}/bench-{size}/{index}" for index in range(args.objects)]
-                payload = os.urandom(size)
-                for url in urls:
-                    storage.write_bytes(url, payload)
-                for name, got in measure(process, urls, size, args.repeats).items():
-                    client, server_cpu, wall = (
-                        statistics.median(run[part] for run in got) for part in range(3)
-                    )
-                    per_object, megabytes = 1000 / args.objects, args.objects * size_mb
-                    print(
-                        f"| {size_mb:g} MB | {name} | {client * per_object:.1f} ms | {server_cpu * per_object:.1f} ms"
-                        f" | {1000 * client / megabytes:.2f} | {1000 * server_cpu / megabytes:.2f}"
-                        f" | {1000 * wall / megabytes:.2f} |"
-                    )
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory() as scratch, serving(Path(scratch) / "s3") as server:
+        process = psutil.Process(server.process.pid)
+        print(
+            f"{args.objects} objects per size, read whole in {READ >> 20} MiB reads, {os.cpu_count()} cores"
+        )
+        print(
+            "| object | reader | client CPU / object | server CPU / object | client ms/MB | server ms/MB | wall ms/MB |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for size_mb in args.sizes_mb:
+            size = int(size_mb * 2**20)
+            urls = [f"s3://{BUCKET}/bench-{size}/{index}" for index in range(args.objects)]
+            payload = os.urandom(size)
+            for url in urls:
+                storage.write_bytes(url, payload)
+            for name, got in measure(process, urls, size, args.repeats).items():
+                print(row(size_mb, name, got, args.objects))
+
+
+def row(size_mb: float, reader: str, runs: list[tuple[float, float, float]], objects: int) -> str:
+    client, server, wall = (statistics.median(run[part] for run in runs) for part in range(3))
+    per_object, megabytes = 1000 / objects, objects * size_mb
+    return (
+        f"| {size_mb:g} MB | {reader} | {client * per_object:.1f} ms | {server * per_object:.1f} ms"
+        f" | {1000 * client / megabytes:.2f} | {1000 * server / megabytes:.2f} | {1000 * wall / megabytes:.2f} |"
+    )
 
 
 if __name__ == "__main__":

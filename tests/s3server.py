@@ -6,12 +6,14 @@ the data folder and the ports, so a test can take the server away mid-run and br
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ACCESS_KEY = "kitdist-test"
@@ -128,3 +130,16 @@ class SeaweedS3:
         raise TimeoutError(
             f"SeaweedFS S3 not ready after {timeout:.0f}s ({last_error}); log: {self.log_path}"
         )
+
+
+@contextlib.contextmanager
+def serving(data_dir: Path) -> Iterator[SeaweedS3]:
+    """For benchmarks (one server per process): a started server whose endpoint and keys are put in
+    this process's environment, where kitdist's storage takes them from; stopped on exit."""
+    server = SeaweedS3(data_dir)
+    server.start()
+    try:
+        os.environ.update(server.env)
+        yield server
+    finally:
+        server.stop()
