@@ -13,6 +13,7 @@ from test_data_pipeline import flat, make_cfg, run_with_stops
 
 from kitdist import storage
 from kitdist.data import TrainStream
+from kitdist.data.shardio import ReadOptions, ShardReader
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +68,19 @@ def test_a_missing_shard_is_reported_by_url(tmp_path, photo_paths):
     reason = stream.damaged()["shard-00001.tar"]
     assert storage.join(folder, "shard-00001.tar") in reason and "unreadable" in reason
     assert stream.problems()["shard-00001.tar"] == {"missing": 8}
+
+
+def test_ranges_join_into_the_whole_file_and_a_short_file_ends_early(tmp_path):
+    """The shard reader on a local file in ranges far smaller than it: the same bytes as reading it
+    whole; a file shorter than its manifest size gives what it has and ends (no retries, no error)."""
+    path = tmp_path / "bytes.bin"
+    content = bytes(range(256)) * 100  # 25600 bytes: five ranges of 5000 and a part
+    path.write_bytes(content)
+    small = ReadOptions(retries=1, max_wait_s=0.1, prefetch_bytes=5000)
+    assert ShardReader(str(path), len(content), small).read() == content
+    assert ShardReader(str(path), len(content) + 9000, small).read() == content
+    reader = ShardReader(str(path), len(content), small)
+    pieces = []
+    while piece := reader.read(777):  # reads that straddle range boundaries
+        pieces.append(piece)
+    assert b"".join(pieces) == content and reader.offset == len(content)
