@@ -49,6 +49,9 @@ def submit(slurm: SlurmCluster, out: Path, entrypoint: str, args: str = "", node
     return result.stdout.strip().split(";")[0]
 
 
+STEPS = 40
+
+
 def pretrain_args(root: Path, steps: int, every: int) -> str:
     """The embedded default (debug KiT, photographs), shortened; the two 'nodes' share this disk as a real
     cluster shares its file system."""
@@ -67,7 +70,9 @@ def test_two_node_pretrain_is_preempted_requeued_and_resumes(slurm, tmp_path):
     pre-emption signal requeues the job, and the requeued job resumes and finishes."""
     out = tmp_path / "job.out"
     root = tmp_path / "runs"
-    job = submit(slurm, out, f"{sys.executable} -m kitdist.pretrain", pretrain_args(root, 12, 4))
+    # The stop request takes several seconds to arrive (`ray job stop` -> driver SIGTERM -> marker file ->
+    # rank 0's poll): 32 steps after the first checkpoint leave it time to on a fast machine (12 did not).
+    job = submit(slurm, out, f"{sys.executable} -m kitdist.pretrain", pretrain_args(root, STEPS, 8))
     deadline = time.monotonic() + 420
     while not checkpoints(root):
         assert time.monotonic() < deadline, f"no checkpoint within 420 s:\n{out.read_text()[-4000:]}"
@@ -90,4 +95,4 @@ def test_two_node_pretrain_is_preempted_requeued_and_resumes(slurm, tmp_path):
     assert "restart 1" in log
     assert "resumed from step" in log.split("restart 1", 1)[1], "the requeued run must resume, not start over"
     assert "finished: SUCCEEDED" in log
-    assert any(path.parent.name == "step-00000012" for path in checkpoints(root))
+    assert any(path.parent.name == f"step-{STEPS:08d}" for path in checkpoints(root))
