@@ -1,8 +1,8 @@
 """`python -m kitdist.pretrain`: pre-train KiT on clean images with synthetic degradations.
 
 With no --config it is the embedded default: a local Ray cluster on this machine, CPU, the `debug`-size
-KiT, trained for about half an hour on shards built once (cached under ./runs/data) from the photographs that
-scikit-image ships, two of them held out for validation. With a config and a cluster the same code path
+KiT, trained for about half an hour on shards built once (cached under ./runs/data) from the photographs
+that scikit-image ships, two of them held out for validation. With a config and a cluster the same code path
 runs on many GPUs.
 """
 
@@ -18,8 +18,9 @@ from kitdist.cli import config_or_exit, parser
 # The embedded default run; every key can still be overridden on the command line (`train.max_steps=60`
 # makes it a one-minute smoke run). 3600 steps of 8 crops (~31 min on 2 CPU cores) train a denoiser that
 # beats non-local means at sigma 25 on the held-out photographs (benchmarks/denoise_quality.py: +0.26 dB;
-# 2400 steps: -0.07 dB; 60 steps stay at the identity the global residual starts from). fp32, not bf16: without AMX, bf16 matmuls on CPU run
-# about 5x slower than fp32 ones (measured on the 2-core dev box); GPU configs use bf16.
+# 2400 steps: -0.07 dB; 60 steps stay at the identity the global residual starts from). fp32, not bf16:
+# without AMX, bf16 matmuls on CPU run about 5x slower than fp32 ones (measured on the 2-core dev box);
+# GPU configs use bf16.
 EMBEDDED = [
     "model.size=debug",
     "data.crop_size=64",

@@ -13,7 +13,7 @@ from test_data_pipeline import flat, make_cfg
 
 from kitdist import storage
 from kitdist.data import TrainStream, val_batches
-from kitdist.data.shardio import RangeFetch, ReadOptions, ShardCursor, ShardReader
+from kitdist.data.shardio import RangeFetch, ReadOptions, ShardCursor, ShardReader, ShardSet
 from kitdist.shards.manifest import read_manifest, shard_urls
 
 pytestmark = pytest.mark.s3
@@ -43,8 +43,9 @@ def test_ranged_reads_ahead_join_into_the_whole_shard(s3_env, photo_paths):
     first = RangeFetch(urls[1], 0, 5000)
     assert ShardReader(urls[1], sizes[1], small, first).read() == whole
 
-    plain = ShardCursor(urls, ["a", "b", "c"], sizes, 7, 1, ReadOptions(prefetch_bytes=0))
-    ahead = ShardCursor(urls, ["a", "b", "c"], sizes, 7, 1, small)
+    shards = ShardSet(tuple(urls), ("a", "b", "c"), (8, 8, 8), tuple(sizes))
+    plain = ShardCursor(shards, 7, 1, ReadOptions(prefetch_bytes=0))
+    ahead = ShardCursor(shards, 7, 1, small)
     for shard in (2, 0):
         ahead.prefetch(0, shard)
         for offset in range(8):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -29,6 +29,7 @@ from kitdist import storage
 from kitdist.config import ConfigError, RunConfig
 from kitdist.data import plan
 from kitdist.data.batch import finish
+from kitdist.data.shardio import ShardSet
 from kitdist.data.worker import EpochWorker, ResampledWorker, StreamSpec, fresh_worker_state
 from kitdist.shards.manifest import read_manifest, shard_urls
 
@@ -37,15 +38,6 @@ STATE_FORMAT = "kitdist-stream/1"
 
 class ResumeError(ValueError):
     """A saved stream state that does not fit this run; the message names the mismatch."""
-
-
-class ShardSet(NamedTuple):
-    """What the readers need of a manifest, shard by shard."""
-
-    urls: tuple[str, ...]
-    names: tuple[str, ...]
-    samples: tuple[int, ...]
-    shard_bytes: tuple[int, ...]
 
 
 def open_shard_set(url: str, kind: str, key: str) -> ShardSet:
@@ -108,7 +100,7 @@ class TrainStream:
         shards = open_shard_set(cfg.data.train_shards, cfg.data.kind, "data.train_shards")
         batch = micro_batch_size(cfg, world_size)
         slots = max(1, cfg.data.num_workers)
-        self.spec = StreamSpec(cfg, *shards, rank, world_size, slots, batch)
+        self.spec = StreamSpec(cfg, shards, rank, world_size, slots, batch)
         self.digest = hashlib.sha256(
             "\n".join(f"{n}:{s}" for n, s in zip(shards.names, shards.samples, strict=True)).encode()
         ).hexdigest()[:16]

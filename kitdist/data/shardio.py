@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -210,22 +210,21 @@ class RateLimitedLog:
             log.warning("%s (%d data problems so far in this worker)", message, self.seen)
 
 
+class ShardSet(NamedTuple):
+    """What the readers need of a manifest, shard by shard."""
+
+    urls: tuple[str, ...]
+    names: tuple[str, ...]
+    samples: tuple[int, ...]
+    shard_bytes: tuple[int, ...]
+
+
 class ShardCursor:
     """Serves samples by (epoch, shard, offset in the shard's shuffled order), reading forward only; a
     request behind the cursor reopens the shard. Keeps the per-shard problem counts."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        names: list[str],
-        shard_bytes: list[int],
-        seed: int,
-        window: int,
-        options: ReadOptions,
-    ) -> None:
-        self.urls, self.names, self.seed, self.window = urls, names, seed, window
-        self.shard_bytes = shard_bytes
-        self.options = options
+    def __init__(self, shards: ShardSet, seed: int, window: int, options: ReadOptions) -> None:
+        self.shards, self.seed, self.window, self.options = shards, seed, window, options
         self.problems: dict[str, dict[str, int]] = {}  # shard name -> {"corrupt": n, "missing": n}
         self.damaged: dict[str, str] = {}  # shard name -> reason
         self.limiter = RateLimitedLog()
@@ -249,28 +248,29 @@ class ShardCursor:
 
     def prefetch(self, epoch: int, shard: int) -> None:
         """Starts fetching the first range of the shard this cursor will open next (on object stores)."""
-        url = self.urls[shard]
+        url = self.shards.urls[shard]
         if (epoch, shard) in self._unreadable or not self.options.reads_ahead(url):
             return
         if self._prefetched is None or self._prefetched.url != url:
-            self._prefetched = RangeFetch(url, 0, min(self.shard_bytes[shard], self.options.chunk_bytes))
+            self._prefetched = RangeFetch(
+                url, 0, min(self.shards.shard_bytes[shard], self.options.chunk_bytes)
+            )
 
     def count(self, shard: int, kind: str, message: str) -> None:
-        name = self.names[shard]
-        counts = self.problems.setdefault(name, {})
+        counts = self.problems.setdefault(self.shards.names[shard], {})
         counts[kind] = counts.get(kind, 0) + 1
-        self.limiter.warn(f"{self.urls[shard]}: {message}")
+        self.limiter.warn(f"{self.shards.urls[shard]}: {message}")
 
     def _open(self, epoch: int, shard: int) -> None:
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, shard, 0x5B0F])
-        url = self.urls[shard]
+        url = self.shards.urls[shard]
         first = None
         if self._prefetched is not None and self._prefetched.url == url:
             first, self._prefetched = self._prefetched, None
-        reader = ShardReader(url, self.shard_bytes[shard], self.options, first)
+        reader = ShardReader(url, self.shards.shard_bytes[shard], self.options, first)
 
         def on_damage(reason: str, unreadable: bool) -> None:
-            self.damaged[self.names[shard]] = reason
+            self.damaged[self.shards.names[shard]] = reason
             if unreadable:
                 self._unreadable.add((epoch, shard))
             log.error("shard %s: %s", url, reason)

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kitdist import storage
 from kitdist.config import RunConfig
 from kitdist.data.batch import stack
-from kitdist.data.pipeline import ShardSet, open_shard_set
+from kitdist.data.pipeline import open_shard_set
 from kitdist.data.plan import EpochLayout
 from kitdist.data.samples import CorruptSample, val_pair
-from kitdist.data.shardio import ReadOptions, ShardCursor
+from kitdist.data.shardio import ReadOptions, ShardCursor, ShardSet
 
 SKIPPED = {"skipped": True}
 
@@ -31,16 +31,9 @@ class _ValPart(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         index, count = (info.id, info.num_workers) if info is not None else (0, 1)
-        shards = self.shards
-        cursor = ShardCursor(
-            list(shards.urls),
-            list(shards.names),
-            list(shards.shard_bytes),
-            0,
-            1,
-            ReadOptions.of(self.cfg.data),
-        )
-        layout = EpochLayout(tuple(range(len(shards.samples))), _starts(shards.samples))  # manifest order
+        cursor = ShardCursor(self.shards, 0, 1, ReadOptions.of(self.cfg.data))
+        samples = self.shards.samples
+        layout = EpochLayout(tuple(range(len(samples))), _starts(samples))  # manifest order
         # Positions go round-robin over the workers, as the DataLoader collects from them, so batches arrive
         # in manifest order; a skipped sample still sends a marker to keep the turn.
         for position in range(self.start + index, self.end, count):

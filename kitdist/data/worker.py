@@ -21,7 +21,7 @@ from kitdist.config import RunConfig
 from kitdist.data import plan
 from kitdist.data.batch import TrainItem, collate
 from kitdist.data.samples import CorruptSample, train_item
-from kitdist.data.shardio import ReadOptions, ShardCursor
+from kitdist.data.shardio import ReadOptions, ShardCursor, ShardSet
 
 # A segment that still cannot fill its batches after this many passes over its positions is hopeless.
 MAX_ROUNDS = 4
@@ -36,10 +36,7 @@ class StreamSpec:
     """Everything a worker needs, picklable: the shard set, the run's settings and this rank's place."""
 
     cfg: RunConfig
-    urls: tuple[str, ...]
-    names: tuple[str, ...]
-    sizes: tuple[int, ...]  # samples per shard
-    shard_bytes: tuple[int, ...]
+    shards: ShardSet
     rank: int
     world_size: int
     num_workers: int  # logical workers: max(1, data.num_workers)
@@ -47,17 +44,11 @@ class StreamSpec:
 
     @property
     def total(self) -> int:
-        return sum(self.sizes)
+        return sum(self.shards.samples)
 
     def cursor(self, problems: dict, damaged: dict) -> ShardCursor:
-        cursor = ShardCursor(
-            list(self.urls),
-            list(self.names),
-            list(self.shard_bytes),
-            self.cfg.train.seed,
-            self.cfg.data.shuffle_buffer,
-            ReadOptions.of(self.cfg.data),
-        )
+        data = self.cfg.data
+        cursor = ShardCursor(self.shards, self.cfg.train.seed, data.shuffle_buffer, ReadOptions.of(data))
         cursor.problems = copy.deepcopy(problems)
         cursor.damaged = dict(damaged)
         return cursor
@@ -146,7 +137,7 @@ class EpochWorker:
     def _layout(self, epoch: int) -> plan.EpochLayout:
         if epoch not in self.layouts:
             self.layouts = {
-                epoch: plan.EpochLayout.build(self.spec.cfg.train.seed, epoch, list(self.spec.sizes))
+                epoch: plan.EpochLayout.build(self.spec.cfg.train.seed, epoch, list(self.spec.shards.samples))
             }
         return self.layouts[epoch]
 
@@ -174,8 +165,8 @@ class ResampledWorker:
         done = 0
         while True:
             draw = int(rng.integers(2**62))  # stands in for the epoch in every seed of this shard's samples
-            shard = int(rng.integers(len(self.spec.sizes)))
-            for offset in range(self.spec.sizes[shard]):
+            shard = int(rng.integers(len(self.spec.shards.samples)))
+            for offset in range(self.spec.shards.samples[shard]):
                 sample = self.cursor.get(draw, shard, offset)
                 if sample is None:
                     break
