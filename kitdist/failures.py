@@ -30,6 +30,9 @@ class Unrecoverable(Exception):
     """An error a retry cannot fix, raised in a worker; its message is the one line the user sees."""
 
 
+UNRECOVERABLE_NAME = f"{Unrecoverable.__module__}.{Unrecoverable.__qualname__}:"
+
+
 def no_retry_errors() -> tuple[type[BaseException], ...]:
     """Bad settings, missing or unreadable data sets and weights, a saved state that does not fit."""
     from kitdist.data.pipeline import ResumeError
@@ -41,6 +44,7 @@ def no_retry_errors() -> tuple[type[BaseException], ...]:
 @contextlib.contextmanager
 def unrecoverable_as_one_line() -> Iterator[None]:
     """In a worker: re-raises the errors no retry can fix as Unrecoverable, their message only."""
+    hide_from_console(_HideUnrecoverable())  # Ray Train logs the worker's traceback before raising it
     try:
         yield
     except no_retry_errors() as err:
@@ -70,11 +74,20 @@ def unrecoverable_in(error: BaseException | None) -> Unrecoverable | None:
 
 
 class _HideUnrecoverable(logging.Filter):
-    """Drops, from one console handler, the records that carry an Unrecoverable's traceback."""
+    """Drops the records that carry an Unrecoverable's traceback (as exc_info, or as text)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return unrecoverable_in(error) is None
+        return unrecoverable_in(error) is None and UNRECOVERABLE_NAME not in record.getMessage()
+
+
+def hide_from_console(log_filter: logging.Filter) -> None:
+    """Adds `log_filter` to the console handlers of Ray Train's logger in this process (its log files
+    keep every record)."""
+    for handler in logging.getLogger("ray.train").handlers:
+        known = any(type(present) is type(log_filter) for present in handler.filters)
+        if not isinstance(handler, SessionFileHandler) and not known:
+            handler.addFilter(log_filter)
 
 
 class StopOnUnrecoverable(WorkerGroupCallback, ControllerCallback):
@@ -84,9 +97,7 @@ class StopOnUnrecoverable(WorkerGroupCallback, ControllerCallback):
         self.error: Unrecoverable | None = None
 
     def after_controller_start(self, train_run_context: object) -> None:
-        for handler in logging.getLogger("ray.train").handlers:
-            if not isinstance(handler, SessionFileHandler):  # the console; the log files keep everything
-                handler.addFilter(_HideUnrecoverable())
+        hide_from_console(_HideUnrecoverable())
 
     def after_worker_group_poll_status(self, worker_group_status: object) -> None:
         for error in worker_group_status.errors.values():  # type: ignore[attr-defined]
