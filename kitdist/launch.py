@@ -178,9 +178,8 @@ def run_or_exit(cfg: RunConfig, paired: bool) -> None:
     """`launch` for the command line: a bad config, dataset or storage URL ends in one error line."""
     import sys
 
-    from kitdist.shards.manifest import ManifestError
-
     from kitdist.failures import one_line, unrecoverable_in
+    from kitdist.shards.manifest import ManifestError
 
     try:
         result = launch(cfg, paired=paired, stop_on_sigterm=True)

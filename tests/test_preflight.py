@@ -32,7 +32,9 @@ def weights_of(size: str, path) -> str:
 
 
 def test_a_good_run_passes(tmp_path, shards):
-    check_launchable(run_config(tmp_path, shards, "train.init_weights=" + weights_of("debug", tmp_path / "w.safetensors")))
+    check_launchable(
+        run_config(tmp_path, shards, "train.init_weights=" + weights_of("debug", tmp_path / "w.safetensors"))
+    )
 
 
 def test_model_setting_only_the_model_checks_fails_on_the_driver(tmp_path, shards):

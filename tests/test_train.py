@@ -324,5 +324,7 @@ def test_error_no_retry_can_fix_ends_the_run_at_once_in_one_line(
     assert worker_group_starts(ray_temp_dir) == starts + 1, "\n".join(again.lines[-30:])
     errors = [line for line in again.lines if line.startswith("error:")]
     assert len(errors) == 1 and "seed" in errors[0] and "not retried" in errors[0], again.lines[-30:]
-    ours = [line for line in again.lines if "Unrecoverable" in line or "File \"/" in line and "kitdist" in line]
+    ours = [
+        line for line in again.lines if "Unrecoverable" in line or 'File "/' in line and "kitdist" in line
+    ]
     assert not ours, "\n".join(again.lines)
