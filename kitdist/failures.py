@@ -25,6 +25,10 @@ from ray.train.v2._internal.logging.logging import SessionFileHandler
 
 from kitdist.config import ConfigError
 
+# Ends the error line of a run that failed this way, so that a caller reading its log (the coordinator)
+# does not start it again either.
+NO_RETRY_MARK = "not retried: no retry can fix it"
+
 
 class Unrecoverable(Exception):
     """An error a retry cannot fix, raised in a worker; its message is the one line the user sees."""

@@ -5,6 +5,8 @@ Checkpoints go through Ray Train (`ray.train.report` with a Checkpoint; `RunConf
 `storage_filesystem` point at the run's storage, local or s3://), so Ray tracks the latest complete
 checkpoint, keeps the newest `train.keep_checkpoints`, restarts failed workers from it
 (`dist.max_failures`) and, when the same command runs again with the same run name, resumes from it.
+Errors no retry can fix end the run at once instead (kitdist.failures). Workers get no credentials
+from here: they read them from their own environment (kitdist.credentials).
 The loop reaches Ray only through `RaySession` below.
 """
 
@@ -178,7 +180,7 @@ def run_or_exit(cfg: RunConfig, paired: bool) -> None:
     """`launch` for the command line: a bad config, dataset or storage URL ends in one error line."""
     import sys
 
-    from kitdist.failures import one_line, unrecoverable_in
+    from kitdist.failures import NO_RETRY_MARK, one_line, unrecoverable_in
     from kitdist.shards.manifest import ManifestError
 
     try:
@@ -189,7 +191,7 @@ def run_or_exit(cfg: RunConfig, paired: bool) -> None:
         fatal = unrecoverable_in(err)
         if fatal is None:
             raise
-        sys.exit(f"error: {fatal} (raised in a training worker; not retried: no retry can fix it)")
+        sys.exit(f"error: {fatal} (raised in a training worker; {NO_RETRY_MARK})")
     reached = (result.metrics or {}).get("step", cfg.train.max_steps)
     if reached < cfg.train.max_steps:
         print(f"stopped early at step {reached} of {cfg.train.max_steps}; run the same command to resume")

@@ -113,3 +113,16 @@ def test_local_cluster_ports_chosen_for_real_are_distinct_and_outside_the_range(
     ports, workers = choose_ports(seed)
     assert len(set(ports.values())) == len(ports)
     assert not set(ports.values()) & set(workers) and len(workers) == 100 and 20000 <= workers[0] < 60000
+
+
+def test_job_that_failed_with_an_error_no_retry_can_fix_is_recognised_from_its_log():
+    """The coordinator does not resubmit a job whose training ended with an error no retry can fix (the
+    line `python -m kitdist.pretrain` prints for it); any other failure is resubmitted."""
+    from kitdist.coordinator.pipeline import no_retry_error
+    from kitdist.failures import NO_RETRY_MARK
+
+    line = f"error: resume: rank 0's state has seed=0, this run has 1 (raised in a training worker; {NO_RETRY_MARK})"
+    tail = f"(TrainController pid=1) Started training worker group of size 2\n{line}\n"
+    assert no_retry_error(tail) == line
+    assert no_retry_error("error: s3://b/runs: StorageError: Connect timeout\n") == ""
+    assert no_retry_error("(RayTrainWorker pid=2) Killed\nTraceback (most recent call last):\n") == ""
