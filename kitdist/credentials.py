@@ -38,3 +38,20 @@ def assert_no_secrets(env: dict[str, str], key: str = "environment passed to Ray
     if copied:
         raise ConfigError(f"{key}: {copied[0]} holds a credential of this environment; remove it", key=key)
     return env
+
+
+def check_credentials_file() -> None:
+    """AWS_SHARED_CREDENTIALS_FILE, when set, must exist and be readable by its owner only: its path is
+    what travels to the workers, so the file itself is the secret."""
+    path = os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "")
+    if not path:
+        return
+    try:
+        mode = os.stat(os.path.expanduser(path)).st_mode
+    except OSError as err:
+        raise ConfigError(f"AWS_SHARED_CREDENTIALS_FILE: {path}: {err.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"AWS_SHARED_CREDENTIALS_FILE: {path} can be read by others (mode {mode & 0o777:o}); "
+            f"make it yours alone: chmod 600 {path}"
+        )

@@ -13,6 +13,7 @@ import struct
 
 from kitdist import storage
 from kitdist.config import ConfigError, ModelConfig, RunConfig
+from kitdist.credentials import check_credentials_file
 
 WEIGHTS = "weights.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
@@ -28,6 +29,7 @@ def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
         raise ConfigError("data.kind: fine-tuning trains on input/target pairs; set data.kind=paired")
     if paired and not cfg.train.init_weights:
         raise ConfigError("train.init_weights: fine-tuning starts from pre-trained weights; give their URL")
+    check_credentials_file()
     shapes = check_model(cfg)
     manifest = read_manifest(cfg.data.train_shards)
     if manifest.kind != cfg.data.kind:

@@ -61,3 +61,33 @@ def test_s3_client_handed_to_ray_carries_no_credentials(credentials):
     pickled = pickle.dumps(filesystem)
     assert path == "bucket/runs" and b"127.0.0.1:9" in pickled
     assert SECRET.encode() not in pickled and b"session-token-for-this-test" not in pickled
+
+
+def test_a_credentials_file_whose_path_alone_travels_reaches_s3(s3_env, s3_server, tmp_path, monkeypatch):
+    """No key in the environment, only AWS_SHARED_CREDENTIALS_FILE (a path, forwarded to the workers):
+    both S3 clients, fsspec's (data, metrics) and pyarrow's (Ray Train's checkpoints), read the file.
+    One that others can read is refused, naming the variable."""
+    import os
+
+    from kitdist import storage
+    from kitdist.credentials import check_credentials_file
+
+    path = tmp_path / "credentials"
+    path.write_text(
+        f"[default]\naws_access_key_id = {s3_server.env['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {s3_server.env['AWS_SECRET_ACCESS_KEY']}\n"
+    )
+    os.chmod(path, 0o600)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(path))
+    check_credentials_file()
+    assert worker_env_vars(DistConfig())["AWS_SHARED_CREDENTIALS_FILE"] == str(path)
+    storage.write_text(f"{s3_env}/by-file.txt", "fsspec")
+    filesystem, prefix = arrow_filesystem(s3_env)
+    with filesystem.open_output_stream(f"{prefix}/by-arrow.txt") as out:
+        out.write(b"arrow")
+    assert storage.read_text(f"{s3_env}/by-arrow.txt") == "arrow"
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="AWS_SHARED_CREDENTIALS_FILE: .* can be read by others"):
+        check_credentials_file()
