@@ -88,13 +88,13 @@ def make_plan(spec: PipelineSpec) -> Plan:
     pretrain = None
     if spec.pretrain.config:
         pretrain = _train_plan(spec, PRETRAIN, "kitdist.pretrain", spec.pretrain, paired=False)
-        reference, source = _shapes(pretrain.cfg.model), f"pretrain ({spec.pretrain.config})"
+        reference, source = model_shapes(pretrain.cfg.model), f"pretrain ({spec.pretrain.config})"
     else:
         reference, source = _weights_shapes(spec.pretrain.weights), spec.pretrain.weights
     finetunes, evaluations = {}, {}
     for task in spec.finetune:
         plan = _train_plan(spec, task.stage, "kitdist.finetune", task, paired=True)
-        _check_same_model(task.stage, _shapes(plan.cfg.model), reference, source, plan.cfg.model)
+        _check_same_model(task.stage, model_shapes(plan.cfg.model), reference, source, plan.cfg.model)
         finetunes[task.stage] = plan
         evaluations[task.stage] = _eval_plan(spec, task)
     storage_folders = {spec.state} | {p.run_url for p in [pretrain, *finetunes.values()] if p}
@@ -157,10 +157,6 @@ def _check(label: str, fn, *args):
         return fn(*args)
     except (ManifestError, storage.StorageError, FileNotFoundError, ConfigError) as err:
         raise PlanError(f"{label}: {err}") from None
-
-
-def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    return model_shapes(cfg)
 
 
 def _weights_shapes(url: str) -> dict[str, tuple[int, ...]]:
