@@ -35,10 +35,12 @@ class Unrecoverable(Exception):
 
 
 UNRECOVERABLE_NAME = f"{Unrecoverable.__module__}.{Unrecoverable.__qualname__}:"
+STATE_DICT_REFUSED = "Error(s) in loading state_dict"  # how torch's load_state_dict names a mismatch
 
 
 def no_retry_errors() -> tuple[type[BaseException], ...]:
-    """Bad settings, missing or unreadable data sets and weights, a saved state that does not fit."""
+    """Bad settings, missing or unreadable data sets and weights, a saved state that does not fit
+    (weights of another shape are a RuntimeError of torch's, told apart by `weights_mismatch`)."""
     from kitdist.data.pipeline import ResumeError
     from kitdist.shards.manifest import ManifestError
 
@@ -53,6 +55,22 @@ def unrecoverable_as_one_line() -> Iterator[None]:
         yield
     except no_retry_errors() as err:
         raise Unrecoverable(one_line(err)) from None
+    except RuntimeError as err:
+        mismatch = weights_mismatch(err)
+        if not mismatch:
+            raise
+        raise Unrecoverable(mismatch) from None
+
+
+def weights_mismatch(err: RuntimeError) -> str:
+    """One line about the first parameter when `err` is torch refusing weights of another shape ("")."""
+    text = str(err)
+    if not text.startswith(STATE_DICT_REFUSED):
+        return ""
+    details = [line.strip() for line in text.splitlines()[1:] if line.strip()] or [text]
+    first = next((line for line in details if line.startswith("size mismatch")), details[0])
+    first = first if len(first) <= 200 else f"{first[:200]}..."
+    return f"the weights do not fit the model (model.size and model.* must be the saved model's): {first}"
 
 
 def one_line(err: BaseException) -> str:

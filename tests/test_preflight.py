@@ -95,3 +95,23 @@ def test_weights_header_is_read_without_the_tensors(tmp_path):
     path.write_bytes(b"not safetensors")
     with pytest.raises(ConfigError, match="not a readable safetensors"):
         weights_shapes(str(path))
+
+
+def test_errors_no_retry_can_fix_become_one_line_in_a_worker(tmp_path):
+    """What a worker raises for them (kitdist.failures): a ConfigError keeps its message, torch refusing
+    weights of another shape becomes one line naming the first parameter, other errors pass unchanged
+    (Ray Train restarts the workers for those)."""
+    from kitdist.failures import Unrecoverable, unrecoverable_as_one_line
+
+    with pytest.raises(Unrecoverable, match=r"^model\.size: unknown size 'huge'"):
+        with unrecoverable_as_one_line():
+            check_launchable(run_config(tmp_path, "/nowhere", "model.size=huge"))
+    with pytest.raises(Unrecoverable) as info:
+        with unrecoverable_as_one_line():
+            small = build_model(ModelConfig(size="small")).state_dict()
+            build_model(ModelConfig(size="debug")).load_state_dict(small)
+    assert "\n" not in str(info.value) and "the weights do not fit the model" in str(info.value)
+    assert "size mismatch for " in str(info.value) and len(str(info.value)) < 400
+    with pytest.raises(ConnectionError):
+        with unrecoverable_as_one_line():
+            raise ConnectionError("a storage hiccup: retried")
