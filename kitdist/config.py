@@ -13,6 +13,7 @@ must split over workers, a crop that must suit the model) lives in `RunConfig.__
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,16 @@ class ConfigError(ValueError):
 
 def _fail(key: str, message: str) -> typing.NoReturn:
     raise ConfigError(f"{key}: {message}", key=key)
+
+
+_NOTED: set[str] = set()
+
+
+def _note(message: str) -> None:
+    """Tells the user (on stderr, once per process) about a value the config adjusted for them."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,10 +185,16 @@ class TrainConfig:
                 _fail(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             _fail("train.lr", f"needs 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
-        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
-            _fail(
-                "train.warmup_steps", f"must lie in [0, max_steps={self.max_steps}], got {self.warmup_steps}"
+        if self.warmup_steps < 0:
+            _fail("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps > self.max_steps:
+            # A short run (train.max_steps=6) of a recipe with a longer warm-up is what the user asked
+            # for: the warm-up follows it, and the one note says so.
+            _note(
+                f"note: train.warmup_steps={self.warmup_steps} is longer than train.max_steps="
+                f"{self.max_steps}; warming up over all {self.max_steps} steps instead"
             )
+            object.__setattr__(self, "warmup_steps", self.max_steps)
         if self.grad_clip < 0:
             _fail("train.grad_clip", f"must be >= 0, got {self.grad_clip}")
         if not all(0.0 <= beta < 1.0 for beta in self.betas):

@@ -5,6 +5,8 @@ Checkpoints go through Ray Train (`ray.train.report` with a Checkpoint; `RunConf
 `storage_filesystem` point at the run's storage, local or s3://), so Ray tracks the latest complete
 checkpoint, keeps the newest `train.keep_checkpoints`, restarts failed workers from it
 (`dist.max_failures`) and, when the same command runs again with the same run name, resumes from it.
+Errors no retry can fix end the run at once instead (kitdist.failures). Workers get no credentials
+from here: they read them from their own environment (kitdist.credentials).
 The loop reaches Ray only through `RaySession` below.
 """
 
@@ -20,7 +22,10 @@ from typing import Any
 from kitdist import storage
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
 from kitdist.dist.env import worker_env_vars
+from kitdist.preflight import check_launchable
 from kitdist.train import stop
+
+LOCAL_START_ATTEMPTS = 3  # a port Ray chose free can be taken by another process before it binds it
 
 
 class RaySession:
@@ -53,9 +58,11 @@ class RaySession:
 
 
 def _train_fn(config: dict[str, Any]) -> None:
+    from kitdist.failures import unrecoverable_as_one_line
     from kitdist.train.loop import train_worker
 
-    train_worker(from_dict(RunConfig, config), RaySession())
+    with unrecoverable_as_one_line():  # ends the run at once instead of max_failures restarts
+        train_worker(from_dict(RunConfig, config), RaySession())
 
 
 def ray_storage(url: str) -> tuple[str, Any]:
@@ -83,30 +90,6 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=data, train=train, storage=store)
 
 
-def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
-    """Everything that can be checked on the driver, so a bad run fails before any worker starts."""
-    from kitdist.shards.manifest import read_manifest
-
-    if not cfg.data.train_shards:
-        raise ConfigError("data.train_shards: missing; set it to a shard folder URL (with manifest.json)")
-    manifest = read_manifest(cfg.data.train_shards)
-    if manifest.kind != cfg.data.kind:
-        raise ConfigError(
-            f"data.kind: is {cfg.data.kind!r} but {cfg.data.train_shards} holds {manifest.kind!r} samples"
-        )
-    if cfg.data.val_shards:
-        read_manifest(cfg.data.val_shards)
-    if paired and cfg.data.kind != "paired":
-        raise ConfigError("data.kind: fine-tuning trains on input/target pairs; set data.kind=paired")
-    if paired and not cfg.train.init_weights:
-        raise ConfigError("train.init_weights: fine-tuning starts from pre-trained weights; give their URL")
-    if cfg.train.init_weights:
-        from kitdist.train.loop import load_weights_url
-
-        load_weights_url(cfg.train.init_weights)  # fails naming the URL if missing or unreadable
-    storage.check_writable(storage.join(cfg.storage.root, cfg.storage.run_name))
-
-
 def connect_ray(cfg: RunConfig) -> None:
     """Joins the cluster at dist.ray_address / RAY_ADDRESS, else starts a local one on this machine;
     then checks the cluster can hold the workers (Ray would otherwise wait for them forever)."""
@@ -117,10 +100,24 @@ def connect_ray(cfg: RunConfig) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            need = cfg.dist.num_workers * cfg.dist.cpus_per_worker
-            # "local": a new cluster of our own, never whichever one this machine happens to run.
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+            _start_local_ray(max(os.cpu_count() or 1, cfg.dist.num_workers * cfg.dist.cpus_per_worker))
     _check_resources(cfg, ray.cluster_resources())
+
+
+def _start_local_ray(num_cpus: int) -> None:
+    """A new cluster of our own ("local": never whichever one this machine happens to run). Its processes
+    are this one's children and inherit its environment, S3 credentials included; a start that fails
+    (a port taken between Ray choosing and binding it) is tried again, on fresh ports."""
+    import ray
+
+    for attempt in range(LOCAL_START_ATTEMPTS):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            return
+        except (ValueError, RuntimeError, ConnectionError):
+            ray.shutdown()
+            if attempt == LOCAL_START_ATTEMPTS - 1:
+                raise
 
 
 def _check_resources(cfg: RunConfig, resources: dict[str, float]) -> None:
@@ -145,6 +142,8 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from kitdist.failures import StopOnUnrecoverable
+
     cfg = with_absolute_paths(cfg)
     check_launchable(cfg, paired=paired)
     connect_ray(cfg)
@@ -159,7 +158,8 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
         storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        worker_runtime_env={"env_vars": worker_env_vars(cfg.dist)},
+        worker_runtime_env={"env_vars": worker_env_vars(cfg.dist)},  # no secrets: kitdist.credentials
+        callbacks=[StopOnUnrecoverable()],
     )
     resources = {"CPU": cfg.dist.cpus_per_worker} | ({"GPU": 1} if cfg.dist.use_gpu else {})
     trainer = TorchTrainer(
@@ -180,12 +180,18 @@ def run_or_exit(cfg: RunConfig, paired: bool) -> None:
     """`launch` for the command line: a bad config, dataset or storage URL ends in one error line."""
     import sys
 
+    from kitdist.failures import NO_RETRY_MARK, one_line, unrecoverable_in
     from kitdist.shards.manifest import ManifestError
 
     try:
         result = launch(cfg, paired=paired, stop_on_sigterm=True)
-    except (ConfigError, ManifestError, storage.StorageError) as err:
-        sys.exit(f"error: {err}")
+    except (ConfigError, ManifestError, storage.StorageError, FileNotFoundError) as err:
+        sys.exit(f"error: {one_line(err)}")
+    except Exception as err:  # Ray Train's TrainingFailedError: one line when a worker's error is ours
+        fatal = unrecoverable_in(err)
+        if fatal is None:
+            raise
+        sys.exit(f"error: {fatal} (raised in a training worker; {NO_RETRY_MARK})")
     reached = (result.metrics or {}).get("step", cfg.train.max_steps)
     if reached < cfg.train.max_steps:
         print(f"stopped early at step {reached} of {cfg.train.max_steps}; run the same command to resume")

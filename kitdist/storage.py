@@ -48,9 +48,10 @@ def arrow_filesystem(url: str) -> tuple[Any, str]:
     """A pyarrow filesystem and the path within it for a remote `url` (Ray Train's storage wants one).
 
     S3 gets pyarrow's native client, built from the same environment variables, timeouts and retries as
-    the fsspec one, carrying explicit credentials when the environment has them: it is pickled to Ray's
-    controller and workers, which may run with another environment. It never creates buckets (an
-    S3-compatible server may refuse, and a typo in a bucket name should fail, not create a bucket).
+    the fsspec one. It is pickled to Ray's controller and workers, so it carries no credentials (Ray keeps
+    what it is given): each process finds them in its own environment (see kitdist.credentials). It never
+    creates buckets (an S3-compatible server may refuse, and a typo in a bucket name should fail, not
+    create a bucket).
     Other protocols go through pyarrow's wrapper of the fsspec filesystem."""
     if protocol_of(url) in ("s3", "s3a"):
         return _arrow_s3(), url.split("://", 1)[1].rstrip("/")
@@ -79,12 +80,6 @@ def _arrow_s3() -> Any:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region or endpoint:  # a custom endpoint has no region to discover
         options["region"] = region or "us-east-1"
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        options.update(
-            access_key=os.environ["AWS_ACCESS_KEY_ID"],
-            secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-            session_token=os.environ.get("AWS_SESSION_TOKEN", ""),
-        )
     return S3FileSystem(**options)
 
 

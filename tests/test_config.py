@@ -77,3 +77,18 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert load_config(None, []) is not cfg
     assert dump_yaml(cfg)
+
+
+def test_warmup_longer_than_a_short_run_follows_max_steps_and_says_so_once(capsys):
+    """The embedded default's warm-up (20 steps) with `train.max_steps=6`: the run warms up over its 6
+    steps, and one note on stderr says so (not once per config built in the process)."""
+    from kitdist.pretrain import EMBEDDED
+
+    cfg = load_config(None, [*EMBEDDED, "train.max_steps=6"])
+    again = load_config(None, [*EMBEDDED, "train.max_steps=6"])
+    assert cfg.train.warmup_steps == again.train.warmup_steps == 6
+    assert from_dict(RunConfig, to_dict(cfg)) == cfg  # what travels to the workers says nothing more
+    notes = [line for line in capsys.readouterr().err.splitlines() if "train.warmup_steps" in line]
+    assert len(notes) == 1 and "train.max_steps=6" in notes[0]
+    with pytest.raises(ConfigError, match="train.warmup_steps: must be >= 0"):
+        load_config(None, ["train.warmup_steps=-1"])

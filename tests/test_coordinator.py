@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from coordkit import coordinator_env, start_coordinator, wait_for, write_pipeline
@@ -27,11 +28,31 @@ def demo_data(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_address():
+def local_cluster(request) -> LocalCluster:
+    """The cluster the jobs run on. Its processes have the S3 server's endpoint and credentials in their
+    environment, as a remote cluster's nodes do: the coordinator hands none over through Ray."""
     pytest.importorskip("ray")
-    cluster = LocalCluster.start(num_cpus=4)
-    yield cluster.address
+    try:
+        node_env = request.getfixturevalue("s3_server").env
+    except pytest.skip.Exception:  # no S3 server here: the S3 test skips, the other runs
+        node_env = {}
+    with pytest.MonkeyPatch.context() as patch:  # what the cluster's processes inherit, and only they
+        for name, value in node_env.items():
+            patch.setenv(name, value)
+        cluster = LocalCluster.start(num_cpus=4)
+    yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_address(local_cluster) -> str:
+    return local_cluster.address
+
+
+def files_holding(folder: str, secret: str) -> list[str]:
+    """Every regular file under `folder` whose bytes contain `secret`."""
+    paths = (path for path in Path(folder).rglob("*") if path.is_file() and not path.is_symlink())
+    return [str(path) for path in paths if secret.encode() in path.read_bytes()]
 
 
 def stage(store: StateStore, name: str):
@@ -101,8 +122,13 @@ def test_pipeline_survives_a_stopped_job_and_a_killed_coordinator(tmp_path, demo
         )
 
 
-def test_state_on_s3_and_cancel(tmp_path, demo_data, ray_address, s3_env):
-    pipeline = write_pipeline(tmp_path / "pipeline.yaml", demo_data, state=f"{s3_env}/pipeline")
+def test_state_on_s3_and_cancel(tmp_path, demo_data, local_cluster, ray_address, s3_env):
+    """State and the pre-training's run on the S3 server; the pipeline cancelled while it pre-trains. The
+    job reached S3 with the credentials of its node's environment: the secret is in no file under the
+    cluster's folder (Ray's session logs, the jobs' logs), not in the state, not in what the run wrote."""
+    pipeline = write_pipeline(
+        tmp_path / "pipeline.yaml", demo_data, state=f"{s3_env}/pipeline", storage_root=f"{s3_env}/runs"
+    )
     tree = pipeline.read_text().replace("train.max_steps=2", "train.max_steps=500")
     pipeline.write_text(tree)
     store, log = StateStore(f"{s3_env}/pipeline"), tmp_path / "coordinator.log"
@@ -122,8 +148,12 @@ def test_state_on_s3_and_cancel(tmp_path, demo_data, ray_address, s3_env):
             coordinator,
             log,
         )
+        metrics = f"{s3_env}/runs/t-pretrain/metrics"  # written by the job's training workers
+        wait_for(
+            lambda: storage.list_names(metrics), 300, "the pre-training to write to S3", coordinator, log
+        )
         text = storage.read_text(store.url)
-        assert "SECRET" not in text and env["AWS_SECRET_ACCESS_KEY"] not in text  # credentials go to Ray only
+        assert "SECRET" not in text and env["AWS_SECRET_ACCESS_KEY"] not in text
         cancel = subprocess.run(
             ["python", "-m", "kitdist.coordinator", "cancel", str(pipeline)],
             env=env,
@@ -141,3 +171,8 @@ def test_state_on_s3_and_cancel(tmp_path, demo_data, ray_address, s3_env):
     assert all(s.status == "cancelled" for s in state.stages.values() if s.name != "pretrain")
     wait_for(lambda: client.get_job_status(job_id).is_terminal(), 60, "Ray to stop the job")
     assert str(client.get_job_status(job_id)) in ("STOPPED", "JobStatus.STOPPED")
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    assert files_holding(local_cluster.temp_dir, secret) == []
+    assert secret not in client.get_job_logs(job_id) and secret not in log.read_text(errors="replace")
+    fs, prefix = storage.url_to_fs(s3_env)
+    assert not [path for path in fs.find(prefix) if secret.encode() in fs.cat_file(path)]

@@ -90,3 +90,39 @@ def test_state_round_trip():
     assert (
         again == state and again.stages["pretrain"].failures == 1 and again.stages["pretrain"].wall_s == 2.5
     )
+
+
+def test_local_cluster_ports_never_meet_its_worker_port_range(monkeypatch):
+    """The component ports of a local cluster are free ports outside its worker-port range and distinct:
+    free ports that fall inside the range (as 53095 once did) or repeat are passed over."""
+    from kitdist.coordinator import cluster
+
+    seed = 331  # places the worker range at 53100-53199, inside the kernel's ephemeral ports
+    offered = iter([53100, 53150, 41000, 41000, 53199, *range(41001, 41100)])
+    monkeypatch.setattr(cluster, "_free_port", lambda: next(offered))
+    ports, workers = cluster.choose_ports(seed)
+    assert workers == range(53100, 53200)
+    assert list(ports) == list(cluster.PORT_NAMES)
+    assert list(ports.values()) == [41000, *range(41001, 41000 + len(cluster.PORT_NAMES))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 331, 399, 4242])
+def test_local_cluster_ports_chosen_for_real_are_distinct_and_outside_the_range(seed):
+    from kitdist.coordinator.cluster import choose_ports
+
+    ports, workers = choose_ports(seed)
+    assert len(set(ports.values())) == len(ports)
+    assert not set(ports.values()) & set(workers) and len(workers) == 100 and 20000 <= workers[0] < 60000
+
+
+def test_job_that_failed_with_an_error_no_retry_can_fix_is_recognised_from_its_log():
+    """The coordinator does not resubmit a job whose training ended with an error no retry can fix (the
+    line `python -m kitdist.pretrain` prints for it); any other failure is resubmitted."""
+    from kitdist.coordinator.pipeline import no_retry_error
+    from kitdist.failures import NO_RETRY_MARK
+
+    line = f"error: resume: rank 0's state has seed=0, this run has 1 (raised in a training worker; {NO_RETRY_MARK})"
+    tail = f"(TrainController pid=1) Started training worker group of size 2\n{line}\n"
+    assert no_retry_error(tail) == line
+    assert no_retry_error("error: s3://b/runs: StorageError: Connect timeout\n") == ""
+    assert no_retry_error("(RayTrainWorker pid=2) Killed\nTraceback (most recent call last):\n") == ""

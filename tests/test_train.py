@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -59,13 +61,41 @@ def photo_shards(tmp_path_factory) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="session")
-def ray_address() -> str:
+def ray_temp_dir() -> str:
+    """The test cluster's own temp folder (short: Ray puts Unix sockets under it): its session folder
+    is searched for secrets, and no other cluster's logs are."""
+    folder = tempfile.mkdtemp(prefix="kdray-", dir="/tmp")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_address(request, ray_temp_dir) -> str:
     """One local Ray cluster for every training test (starting one costs many seconds); its address is
-    handed to runs in subprocesses through RAY_ADDRESS."""
+    handed to runs in subprocesses through RAY_ADDRESS. Its processes have the S3 server's endpoint and
+    credentials in their environment, as a remote cluster's nodes do: nothing hands them over through Ray."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        node_env = request.getfixturevalue("s3_server").env
+    except pytest.skip.Exception:  # no S3 server here: the S3 tests skip, the others run
+        node_env = {}
+    with pytest.MonkeyPatch.context() as patch:  # what the cluster's processes inherit, and only they
+        for name, value in node_env.items():
+            patch.setenv(name, value)
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=ray_temp_dir
+        )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def files_holding(folder: str, secret: str) -> list[str]:
+    """Every regular file under `folder` whose bytes contain `secret`."""
+    found = []
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and secret.encode() in path.read_bytes():
+            found.append(str(path))
+    return found
 
 
 def train(root: str, run: str, shards: tuple[str, str], *overrides: str) -> list[dict]:
@@ -199,11 +229,14 @@ def val_psnr_of_weights(cfg, weights: dict[str, torch.Tensor]) -> float:
     return sum(values) / len(values)
 
 
-def test_zero3_on_s3_resumes_on_one_worker_and_exports_loadable_weights(s3_env, ray_address, photo_shards):
+def test_zero3_on_s3_resumes_on_one_worker_and_exports_loadable_weights(
+    s3_env, ray_address, ray_temp_dir, photo_shards, capfd
+):
     """ZeRO-3 bf16 on 2 workers with checkpoints and metrics on the S3 server; the same run continued as
     ZeRO-0 bf16 on ONE worker (the world-size- and stage-independent state read back from S3, the data
     position re-split); its weights.safetensors, loaded into a fresh model without DeepSpeed, gives the
-    validation PSNR the run reported."""
+    validation PSNR the run reported. The S3 secret key is in no file under Ray's session folder, no
+    object the run wrote and no console output: the workers found it in their own environment."""
     train(s3_env, "zero3", photo_shards, "train.max_steps=2", "dist.zero_stage=3")
     names = storage.list_names(storage.join(s3_env, "zero3", "step-00000002"))
     assert {"weights.safetensors", "optimizer.safetensors", "train_state.json", "config.yaml"} <= set(names)
@@ -213,6 +246,14 @@ def test_zero3_on_s3_resumes_on_one_worker_and_exports_loadable_weights(s3_env, 
     assert sorted(losses(records)) == [1, 2, 3]
     state = json.loads(storage.read_text(storage.join(s3_env, "zero3", "step-00000003", "train_state.json")))
     assert state["zero_stage"] == 0 and len(state["data_states"]) == 1
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert files_holding(ray_temp_dir, secret) == []
+    fs, prefix = storage.url_to_fs(s3_env)
+    written = fs.find(prefix)
+    assert len(written) > 10 and not [path for path in written if secret.encode() in fs.cat_file(path)]
+    console = capfd.readouterr()
+    assert secret not in console.out + console.err
 
     cfg = load_config(None, [*BASE, f"data.val_shards={photo_shards[1]}"])
     reported = records[-1]["val_psnr_rgb"]
@@ -255,3 +296,35 @@ def test_ddp_survives_a_killed_worker_and_follows_deepspeed(tmp_path, ray_addres
     assert deepspeed.keys() == ddp.keys() == {1, 2, 3, 4, 5}
     for step in deepspeed:
         assert ddp[step] == pytest.approx(deepspeed[step], rel=1e-4)
+
+
+def worker_group_starts(ray_temp_dir: str) -> int:
+    """How many times Ray Train's controllers on the test cluster started a worker group (from their
+    log files, which each controller writes as it goes)."""
+    logs = Path(ray_temp_dir, "session_latest", "logs", "train")
+    texts = [path.read_text(errors="replace") for path in logs.glob("ray-train-app-controller-*.log")]
+    return sum(text.count("Attempting to start training worker group") for text in texts)
+
+
+def test_error_no_retry_can_fix_ends_the_run_at_once_in_one_line(
+    tmp_path, ray_address, ray_temp_dir, photo_shards
+):
+    """A run resumed with another train.seed: its saved data position cannot fit, and the workers find
+    that out (the driver cannot). With dist.max_failures=3 the run still ends after the first attempt:
+    one worker group started, one error line naming the mismatch, no traceback of it, exit status 1.
+    (The other side, a killed worker's group being restarted, is the DDP test above.)"""
+    root = str(tmp_path / "runs")
+    train(root, "fatal", photo_shards, "train.max_steps=1")
+    train_url, val_url = photo_shards
+    args = [*BASE, f"data.train_shards={train_url}", f"data.val_shards={val_url}", f"storage.root={root}"]
+    args += ["storage.run_name=fatal", "train.max_steps=3", "train.seed=1", "dist.max_failures=3"]
+    starts = worker_group_starts(ray_temp_dir)
+    again = Pretrain(tmp_path, ray_address, *args)
+    assert again.finish() == 1, "\n".join(again.lines[-30:])
+    assert worker_group_starts(ray_temp_dir) == starts + 1, "\n".join(again.lines[-30:])
+    errors = [line for line in again.lines if line.startswith("error:")]
+    assert len(errors) == 1 and "seed" in errors[0] and "not retried" in errors[0], again.lines[-30:]
+    ours = [
+        line for line in again.lines if "Unrecoverable" in line or 'File "/' in line and "kitdist" in line
+    ]
+    assert not ours, "\n".join(again.lines)

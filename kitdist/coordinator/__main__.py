@@ -26,8 +26,11 @@ run: checks every stage (configs, datasets, model sizes, storage) before submitt
   resume from their latest checkpoint (max_attempts, backoff_s). Run it again after a crash (of a job,
   of the coordinator, of the machine): finished stages are kept, running jobs re-attached.
 status: where every stage stands. cancel: stops the pipeline's jobs; `run --continue-cancelled` resumes.
-S3 endpoint and credentials come from AWS_* environment variables; jobs get them through Ray's runtime
-environment, never through the state document. Ray token auth: RAY_AUTH_TOKEN or ~/.ray/auth_token.
+S3 endpoint and credentials come from AWS_* environment variables. Jobs get the endpoint and region
+through Ray's runtime environment; credentials never pass through Ray or the state document: a job reads
+them from its node's environment (a local cluster started here inherits this one's; remote clusters: see
+cluster/README.md). A job that fails with an error no retry can fix is not resubmitted.
+Ray token auth: RAY_AUTH_TOKEN or ~/.ray/auth_token.
 """
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 START_TIMEOUT_S = 180.0  # a loaded 2-core machine takes 15-60 s to bring up a head node
+START_ATTEMPTS = 3  # a port chosen free can be taken by another process before Ray binds it
+WORKER_PORTS = 100
 PORT_NAMES = (
     "port",
     "dashboard-port",
@@ -38,6 +40,10 @@ PORT_NAMES = (
 
 class ClusterError(RuntimeError):
     """A Ray cluster that cannot be reached or started; the message names the address."""
+
+
+class ClusterStartFailed(ClusterError):
+    """`ray start --head` exited before its cluster answered."""
 
 
 def auth_token() -> str | None:
@@ -81,6 +87,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def choose_ports(seed: int) -> tuple[dict[str, int], range]:
+    """A port for each component and a range of WORKER_PORTS ports for Ray's workers, none shared.
+
+    The range is placed from `seed` (the process id: clusters started side by side get different ones)
+    in 20000-59999; the component ports are free ports outside it, so the range may sit inside the
+    kernel's ephemeral range without ever meeting them (Ray refuses to start when they overlap)."""
+    first = 20000 + (seed % 400) * WORKER_PORTS
+    workers = range(first, first + WORKER_PORTS)
+    ports: dict[str, int] = {}
+    while len(ports) < len(PORT_NAMES):
+        port = _free_port()
+        if port not in workers and port not in ports.values():
+            ports[PORT_NAMES[len(ports)]] = port
+    return ports, workers
+
+
 @dataclass
 class LocalCluster:
     """A Ray head node on this machine, started and stopped by us (by its process group id)."""
@@ -91,15 +113,24 @@ class LocalCluster:
 
     @classmethod
     def start(cls, num_cpus: int, num_gpus: int = 0, log_path: str | None = None) -> LocalCluster:
-        """Starts the head node and waits until its job API answers."""
-        ports = {name: _free_port() for name in PORT_NAMES}
+        """Starts the head node and waits until its job API answers; a start that fails early (a port
+        taken meanwhile) is tried again on fresh ports."""
+        for attempt in range(START_ATTEMPTS - 1):
+            try:
+                return cls._start_once(num_cpus, num_gpus, log_path, seed=os.getpid() + attempt)
+            except ClusterStartFailed:
+                continue
+        return cls._start_once(num_cpus, num_gpus, log_path, seed=os.getpid() + START_ATTEMPTS - 1)
+
+    @classmethod
+    def _start_once(cls, num_cpus: int, num_gpus: int, log_path: str | None, seed: int) -> LocalCluster:
+        ports, workers = choose_ports(seed)
         # Short: Ray puts Unix sockets under it, and their paths are limited to ~107 bytes.
         temp_dir = tempfile.mkdtemp(prefix="kdray-", dir="/tmp")
-        first_worker_port = 20000 + (os.getpid() % 400) * 100
         args = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1"]
         args += ["--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats"]
         args += [f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--temp-dir={temp_dir}"]
-        args += [f"--min-worker-port={first_worker_port}", f"--max-worker-port={first_worker_port + 99}"]
+        args += [f"--min-worker-port={workers[0]}", f"--max-worker-port={workers[-1]}"]
         args += [f"--{name}={port}" for name, port in ports.items()]
         env = {**os.environ}
         env.pop("RAY_ADDRESS", None)
@@ -118,7 +149,8 @@ class LocalCluster:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise ClusterError(
+                self.stop(grace_s=1.0)  # whatever it started before failing
+                raise ClusterStartFailed(
                     f"`ray start --head` exited with {process.returncode}; see {self.temp_dir}"
                 )
             if reachable(self.address):

@@ -9,15 +9,13 @@ from dataclasses import dataclass
 
 from kitdist.coordinator.cluster import ClusterError, job_client
 from kitdist.coordinator.spec import Resources
+from kitdist.credentials import assert_no_secrets
+from kitdist.dist.env import FORWARDED_ENV
 
-# Passed to every job when set here: S3 endpoint and credentials live in the environment, never in configs.
-S3_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-)
+# Passed to every job when set here: where the object store is, never its credentials, which Ray would
+# record (the job's runtime environment shows in its logs and dashboard). A job's driver takes them from
+# its node's environment, as the training workers do (kitdist.credentials).
+S3_ENV = tuple(name for name in FORWARDED_ENV if name.startswith("AWS_"))
 
 
 @dataclass(frozen=True)
@@ -47,9 +45,11 @@ class JobView:
 
 
 def job_env(forward: list[str]) -> dict[str, str]:
-    """Environment variables for the jobs: S3 settings and the names in `forward`, those that are set."""
+    """Environment variables for the jobs: S3 settings and the names in `forward`, those that are set;
+    a credential among them is refused (ConfigError naming forward_env)."""
     names = [*S3_ENV, *forward]
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
+    env = {name: os.environ[name] for name in names if os.environ.get(name)}
+    return assert_no_secrets(env, key="forward_env")
 
 
 class JobClient:

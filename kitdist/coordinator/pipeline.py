@@ -238,6 +238,11 @@ class Coordinator:
         tail = self.jobs.log_tail(stage.current.job_id)
         first_line = (view.message.splitlines() or [""])[0]
         reason = f"job {stage.current.job_id} {view.status}: {first_line}".strip()
+        fatal = no_retry_error(tail)
+        if fatal:
+            self.say(f"{stage.name}: {fatal}; not resubmitted")
+            self._set(state, stage, "failed", error=f"{reason}\n{fatal}"[-3000:])
+            return
         if stage.failures >= self.spec.max_attempts:
             self.say(f"{stage.name}: failed {stage.failures} times; giving up. Last log lines:\n{tail}")
             self._set(state, stage, "failed", error=f"{reason}\n{tail}"[-3000:])
@@ -281,6 +286,14 @@ def cancel_jobs(state: State, store: StateStore, jobs: JobClient | None, say: Ca
             stage.status = "cancelled"
     state.status = "cancelled"
     store.save(state)
+
+
+def no_retry_error(log_tail: str) -> str:
+    """The error line of a job that ended with an error no retry can fix (kitdist.failures), or ""."""
+    from kitdist.failures import NO_RETRY_MARK
+
+    lines = [line for line in log_tail.splitlines() if line.startswith("error:") and NO_RETRY_MARK in line]
+    return lines[-1] if lines else ""
 
 
 def latest_checkpoint(run_url: str) -> str:

@@ -7,9 +7,7 @@ storage must take writes. Any problem is one `PlanError` naming the stage and th
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 
 from kitdist import storage
@@ -17,6 +15,8 @@ from kitdist.config import ConfigError, ModelConfig, RunConfig, load_config
 from kitdist.coordinator.jobs import JobSpec
 from kitdist.coordinator.spec import PipelineSpec, Resources, TaskSpec
 from kitdist.launch import with_absolute_paths
+from kitdist.preflight import model_shapes, weights_shapes
+from kitdist.preflight import weights_url as checkpoint_weights
 from kitdist.shards.manifest import ManifestError, read_manifest
 
 PRETRAIN = "pretrain"
@@ -88,13 +88,13 @@ def make_plan(spec: PipelineSpec) -> Plan:
     pretrain = None
     if spec.pretrain.config:
         pretrain = _train_plan(spec, PRETRAIN, "kitdist.pretrain", spec.pretrain, paired=False)
-        reference, source = _shapes(pretrain.cfg.model), f"pretrain ({spec.pretrain.config})"
+        reference, source = model_shapes(pretrain.cfg.model), f"pretrain ({spec.pretrain.config})"
     else:
         reference, source = _weights_shapes(spec.pretrain.weights), spec.pretrain.weights
     finetunes, evaluations = {}, {}
     for task in spec.finetune:
         plan = _train_plan(spec, task.stage, "kitdist.finetune", task, paired=True)
-        _check_same_model(task.stage, _shapes(plan.cfg.model), reference, source, plan.cfg.model)
+        _check_same_model(task.stage, model_shapes(plan.cfg.model), reference, source, plan.cfg.model)
         finetunes[task.stage] = plan
         evaluations[task.stage] = _eval_plan(spec, task)
     storage_folders = {spec.state} | {p.run_url for p in [pretrain, *finetunes.values()] if p}
@@ -149,8 +149,7 @@ def _eval_plan(spec: PipelineSpec, task: TaskSpec) -> EvalPlan:
 
 def weights_url(url: str) -> str:
     """The weights.safetensors of a checkpoint folder, or the file itself."""
-    url = absolute(url)
-    return url if url.endswith(".safetensors") else storage.join(url, "weights.safetensors")
+    return checkpoint_weights(absolute(url))
 
 
 def _check(label: str, fn, *args):
@@ -160,27 +159,13 @@ def _check(label: str, fn, *args):
         raise PlanError(f"{label}: {err}") from None
 
 
-def _shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the model `cfg` builds, on the meta device (no memory, no time)."""
-    import torch
-
-    from kitdist.model import build_model
-
-    with torch.device("meta"):
-        model = build_model(cfg)
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-
-
 def _weights_shapes(url: str) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a weights.safetensors header (its first bytes; the tensors are not read)."""
     url = weights_url(url)
     try:
-        with storage.open_read(url) as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error) as err:
+        return weights_shapes(url)
+    except (OSError, ConfigError) as err:
         raise PlanError(f"pretrain.weights: {url}: not a readable weights.safetensors ({err})") from None
-    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
 
 
 def _check_same_model(stage, shapes, reference, source: str, cfg: ModelConfig) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from kitdist.config import ConfigError, from_dict
+from kitdist.credentials import assert_no_secrets
 
 # The tasks of the paper's recipe; a fine-tune names one of them.
 TASKS = {
@@ -101,7 +102,8 @@ class PipelineSpec:
     finetune: list[TaskSpec]
     storage_root: str = ""
     demo_data: str = ""  # when set: build the demo shards there (once) before anything else
-    forward_env: list[str] = field(default_factory=list)  # env vars passed to jobs (AWS_* always, if set)
+    # env vars passed to the jobs through Ray (besides AWS_ENDPOINT_URL and the region): never credentials
+    forward_env: list[str] = field(default_factory=list)
     max_attempts: int = 3  # tries per job before its stage fails (jobs lost with their cluster not counted)
     backoff_s: float = 30.0  # wait before a retry, doubled per failure
     poll_s: float = 10.0
@@ -119,6 +121,7 @@ class PipelineSpec:
         duplicates = sorted({stage for stage in stages if stages.count(stage) > 1})
         if duplicates:
             raise ConfigError(f"finetune: two tasks named {duplicates[0]!r}; give each a distinct name")
+        assert_no_secrets(dict.fromkeys(self.forward_env, ""), key="forward_env")
         if self.max_attempts < 1 or self.backoff_s < 0 or self.poll_s <= 0:
             raise ConfigError("max_attempts >= 1, backoff_s >= 0 and poll_s > 0 are required")
 

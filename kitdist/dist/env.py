@@ -14,21 +14,27 @@ import torch.distributed as dist
 from kitdist.config import DistConfig
 
 
-# Passed from the launching process to every worker when set there: the code path and the object store's
-# endpoint and credentials (workers may belong to a cluster started earlier, with another environment).
+# Passed from the launching process to every worker when set there: the code path and where the object
+# store is, never a secret. Ray records what it is given (runtime-env `env_vars` land in its logs and
+# dashboard), so credentials come from the nodes' own environment: on a local cluster the driver starts,
+# its processes inherit the driver's; on a remote one the nodes', set by the cluster (a Kubernetes
+# Secret, SLURM's exported environment, an instance role), or a credentials file only the user can read
+# whose path (AWS_SHARED_CREDENTIALS_FILE) alone travels. See kitdist.credentials.
 FORWARDED_ENV = (
     "PYTHONPATH",
     "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
 )
 
 
 def worker_env_vars(cfg: DistConfig) -> dict[str, str]:
     """Variables every worker needs before it imports DeepSpeed (which picks its accelerator at import)."""
+    from kitdist.credentials import assert_no_secrets
+
     env = {
         "DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu",
         # Ray Train's print patch re-prints to a wrapped stdout AND logs the line: every progress line
@@ -36,7 +42,7 @@ def worker_env_vars(cfg: DistConfig) -> dict[str, str]:
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     env.update({name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)})
-    return env
+    return assert_no_secrets(env)
 
 
 def device_for(cfg: DistConfig) -> torch.device:

@@ -1,0 +1,143 @@
+"""Everything about a run that can be checked on the driver, before Ray starts: the model (built once on
+the meta device from the resolved config, and run on one crop there), the data sets and the batches they
+give, the weights a run starts from or resumes, and the storage it writes to.
+
+A run that fails here costs a second and one line naming the key, file or URL; the same run failing in
+the workers would cost a cluster start and the worker group's restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from kitdist import storage
+from kitdist.config import ConfigError, ModelConfig, RunConfig
+from kitdist.credentials import check_credentials_file
+
+WEIGHTS = "weights.safetensors"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
+    """Raises ConfigError, ManifestError or StorageError naming the key or URL of the first problem."""
+    from kitdist.shards.manifest import read_manifest
+
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards: missing; set it to a shard folder URL (with manifest.json)")
+    if paired and cfg.data.kind != "paired":
+        raise ConfigError("data.kind: fine-tuning trains on input/target pairs; set data.kind=paired")
+    if paired and not cfg.train.init_weights:
+        raise ConfigError("train.init_weights: fine-tuning starts from pre-trained weights; give their URL")
+    check_credentials_file()
+    shapes = check_model(cfg)
+    manifest = read_manifest(cfg.data.train_shards)
+    if manifest.kind != cfg.data.kind:
+        raise ConfigError(
+            f"data.kind: is {cfg.data.kind!r} but {cfg.data.train_shards} holds {manifest.kind!r} samples"
+        )
+    check_batches(cfg, manifest.total_samples)
+    if cfg.data.val_shards:
+        read_manifest(cfg.data.val_shards)
+    if cfg.train.init_weights:
+        check_weights("train.init_weights", weights_url(cfg.train.init_weights), shapes, cfg.model)
+    run = storage.join(cfg.storage.root, cfg.storage.run_name)
+    resumed = newest_weights(run)
+    if resumed:
+        check_weights(f"storage.run_name={cfg.storage.run_name} (resuming)", resumed, shapes, cfg.model)
+    storage.check_writable(run)
+
+
+def check_model(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    """Builds the model on the meta device and runs one training crop (and one validation crop) through
+    it there: every model setting is exercised without memory or time. Returns the parameter shapes."""
+    import torch
+
+    from kitdist.model import build_model
+
+    crops = {cfg.data.crop_size, cfg.data.val_crop_size or cfg.data.crop_size}
+    try:
+        with torch.device("meta"), torch.no_grad():
+            model = build_model(cfg.model)
+            for crop in sorted(crops):
+                model(torch.zeros(1, 3, crop, crop))
+    except ConfigError:
+        raise
+    except (ValueError, RuntimeError, AssertionError, TypeError) as err:
+        raise ConfigError(
+            f"model: size {cfg.model.size!r} with these model.* settings cannot run on "
+            f"{max(crops)}x{max(crops)} crops: {err}",
+            key="model",
+        ) from None
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the model `cfg` builds, on the meta device (no memory, no time)."""
+    import torch
+
+    from kitdist.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def check_batches(cfg: RunConfig, samples: int) -> None:
+    """Every rank needs a batch per epoch for each of its data workers (the rule TrainStream applies)."""
+    if cfg.data.mode != "epoch":
+        return
+    batches_per_rank = samples * cfg.train.grad_accum_steps // cfg.data.global_batch_size
+    slots = max(1, cfg.data.num_workers)
+    if batches_per_rank < slots:
+        raise ConfigError(
+            f"data.train_shards: {cfg.data.train_shards} holds {samples} samples: {batches_per_rank} batch(es)"
+            f" per rank and epoch of data.global_batch_size={cfg.data.global_batch_size} over dist.num_workers="
+            f"{cfg.dist.num_workers}, fewer than data.num_workers={slots}; use a larger set or smaller batches",
+            key="data.train_shards",
+        )
+
+
+def weights_url(url: str) -> str:
+    """The weights.safetensors of a checkpoint folder, or the file itself."""
+    return url if url.endswith(".safetensors") else storage.join(url, WEIGHTS)
+
+
+def weights_shapes(url: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header (its first bytes; the tensors are not read).
+    A missing file raises FileNotFoundError naming it; an unreadable one ConfigError."""
+    try:
+        with storage.open_read(url) as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(handle.read(length))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such weights file") from None
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{url}: not a readable safetensors file ({err})") from None
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def check_weights(what: str, url: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
+    """The weights at `url` must fit the model parameter by parameter."""
+    found = weights_shapes(url)
+    if found == shapes:
+        return
+    differing = sorted(set(shapes) ^ set(found)) or sorted(n for n in shapes if shapes[n] != found[n])
+    name = differing[0]
+    raise ConfigError(
+        f"{what}: {url} does not fit model.size={cfg.size!r} (and the model.* settings): parameter {name} "
+        f"is {found.get(name, 'absent')} there, {shapes.get(name, 'absent')} in the model",
+        key="model.size",
+    )
+
+
+def newest_weights(run: str) -> str:
+    """The weights of the newest checkpoint in a run folder ("" when it has none yet)."""
+    steps = sorted((name for name in storage.list_names(run) if name.startswith("step-")), reverse=True)
+    for name in steps:
+        url = storage.join(run, name, WEIGHTS)
+        if storage.exists(url):
+            return url
+    return ""
