@@ -49,8 +49,9 @@ def test_gradients_reach_every_parameter():
     assert not missing, f"no gradient reached {missing}"
 
 
-def test_reference_and_sdpa_models_agree():
-    reference, fused = debug_model(attention_impl="reference"), debug_model(attention_impl="sdpa")
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_every_kernel_gives_the_reference_model(impl):
+    reference, fused = debug_model(attention_impl="reference"), debug_model(attention_impl=impl)
     fused.load_state_dict(reference.state_dict())
     image = torch.rand(2, 3, 64, 32)
     outputs, grads = [], []
@@ -64,8 +65,9 @@ def test_reference_and_sdpa_models_agree():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-3)
 
 
-def test_activation_checkpointing_gives_identical_outputs_and_gradients():
-    plain, checkpointed = debug_model(), debug_model()
+@pytest.mark.parametrize("options", [{}, dict(duplicate_keys="once", attention_impl="reference")])
+def test_activation_checkpointing_gives_identical_outputs_and_gradients(options):
+    plain, checkpointed = debug_model(**options), debug_model(**options)
     checkpointed.checkpoint_activations = True
     checkpointed.load_state_dict(plain.state_dict())
     image = torch.rand(1, 3, 32, 64)

@@ -71,6 +71,7 @@ class KTB(nn.Module):
             look_back=size.look_back,
             bucket_order=cfg.bucket_order,
             attention_impl=cfg.attention_impl,
+            duplicate_keys=cfg.duplicate_keys,
             eval_hash_seed=cfg.eval_hash_seed,
             layer_id=layer_id,
         )
