@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kitdist.model.attention import KNNLocalAttention, partition, relative_position_index, unpartition
-from kitdist.model.kernels import reference_attention
+from kitdist.model.kernels import explicit_attention, reference_attention
 
 # case -> (attention_impl, hash_rounds)
 KLA_CASES = {
@@ -18,7 +18,7 @@ KLA_CASES = {
     "kla_sdpa_b1": ("sdpa", 1), "kla_sdpa_b2": ("sdpa", 2),
     "kla_flex_b1": ("flex", 1), "kla_flex_b2": ("flex", 2),
 }  # fmt: skip
-CPU_CASES = ["window_ref", "window_sdpa", "window_flash", "kla_explicit_b1", "kla_explicit_b2",
+CPU_CASES = ["window_explicit", "window_ref", "window_sdpa", "window_flash", "kla_explicit_b1", "kla_explicit_b2",
              "kla_explicit_b3", "kla_ref_b1", "kla_ref_b2", "kla_sdpa_b1", "kla_sdpa_b2", "dense_sdpa"]  # fmt: skip
 CUDA_CASES = ["window_sdpa", "window_flex", "window_flash", "kla_flex_b1", "kla_flex_b2", "kla_sdpa_b1",
               "kla_explicit_b1"]  # fmt: skip
@@ -27,7 +27,7 @@ CUDA_CASES = ["window_sdpa", "window_flex", "window_flash", "kla_flex_b1", "kla_
 class WindowAttention(nn.Module):
     """Swin-style attention inside non-overlapping w x w windows with a relative position bias.
 
-    impl "reference": einsum + bias; "sdpa": SDPA with the bias as mask; "flash": fused SDPA without bias
+    impl "reference": einsum + bias; "explicit": KLA's CPU kernel (the same bias); "sdpa": SDPA with the bias as mask; "flash": fused SDPA without bias
     (a lower bound); "flex": FlexAttention over window-ordered pixels, bias as score_mod (CUDA, compiled).
     """
 
@@ -44,8 +44,9 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(windows).view(-1, self.window**2, 3, self.num_heads, channels // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*nW, h, w*w, d]
         bias = self.bias_table[:, self.bias_index]  # [h, w*w, w*w]
-        if self.impl == "reference":
-            out, _ = reference_attention(q, k, v, bias, q.shape[-1] ** -0.5, False)
+        if self.impl in ("reference", "explicit"):
+            kernel = reference_attention if self.impl == "reference" else explicit_attention
+            out, _ = kernel(q, k, v, bias, q.shape[-1] ** -0.5, False)
         elif self.impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         elif self.impl == "flex":
