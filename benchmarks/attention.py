@@ -5,6 +5,7 @@ and peak memory, every case of one shape measured side by side in one run.
     PYTHONPATH=. python benchmarks/attention.py --sizes 128 256 --repeats 5 --json out.json
     PYTHONPATH=. python benchmarks/attention.py --device cpu --quick --json out.json     # a few seconds
     python benchmarks/attention.py --device cuda --dtype bf16 --json out.json             # the GPU goals
+    PYTHONPATH=. python benchmarks/attention.py --sizes 64 --growth-sides 256 512 1024     # model growth
 
 CPU: one `[1, S, S, 32]` map, 1 head. Times are medians over `--repeats` rounds in which the cases run
 interleaved (so load from other processes hits all alike); peak memory is measured once per case in its
@@ -118,6 +119,13 @@ def print_report(report: dict) -> None:
         print("  " + "  ".join(f"{name} {value:.2f}x" for name, value in entry["ratios"].items()))
     for name, value in report.get("growth", {}).items():
         print(f"growth {name}: " + ", ".join(f"{c} {v:.2f}x" for c, v in value.items()))
+    if "model_growth" in report:
+        model = report["model_growth"]
+        print("debug KiT eval forward: " + ", ".join(f"{s}^2 {ms:.0f} ms ({model['ms_per_mp'][s]:.0f} ms/MP)"
+                                                     for s, ms in model["ms"].items()))  # fmt: skip
+        print(
+            "  each doubling of the side: " + ", ".join(f"{k} {v:.2f}x" for k, v in model["doubling"].items())
+        )
 
 
 def growth(entries: list[dict]) -> dict[str, dict[str, float]]:
@@ -129,6 +137,36 @@ def growth(entries: list[dict]) -> dict[str, dict[str, float]]:
             c: high["cases"][c]["ms"] / low["cases"][c]["ms"] for c in sorted(common)
         }
     return out
+
+
+def model_growth(args: argparse.Namespace) -> dict:
+    """The debug KiT's eval forward on whole images of growing side, interleaved: ms per side and the
+    time ratio of each doubling (the issue's goal: <= 4.4x for 4x the pixels)."""
+    from kitdist.config import ModelConfig
+    from kitdist.model import build_model
+
+    sides = [64, 128] if args.quick else args.growth_sides
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="debug")).to(args.device).eval()
+    images = {side: torch.rand(1, 3, side, side, device=args.device) for side in sides}
+    times: dict[int, list[float]] = {side: [] for side in sides}
+    with torch.no_grad():
+        for repeat in range(args.repeats + 1):
+            for side, image in images.items():
+                _sync(args.device)
+                start = time.perf_counter()
+                model(image)
+                _sync(args.device)
+                if repeat:
+                    times[side].append((time.perf_counter() - start) * 1e3)
+    ms = {side: statistics.median(values) for side, values in times.items()}
+    doublings = {f"{a}->{b}": ms[b] / ms[a] for a, b in zip(sides, sides[1:], strict=False)}
+    return {"ms": ms, "ms_per_mp": {s: ms[s] / (s * s / 1e6) for s in sides}, "doubling": doublings}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def parse_args() -> argparse.Namespace:
@@ -147,6 +185,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dense-max", type=int, default=128, help="largest CPU side for dense attention")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat, no memory: a smoke test")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--growth-sides", type=int, nargs="+", default=[256, 512, 1024],
+                        help="image sides for the debug KiT's forward growth (0 to skip)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -175,6 +215,9 @@ def main() -> None:
                 row[case]["peak_mb"] = cpu_memory(case, shape, args)
         report["shapes"].append({"label": label, "shape": list(shape), "cases": row, "ratios": ratios(row)})
     report["growth"] = growth(report["shapes"])
+    if args.growth_sides != [0]:
+        print("  measuring the debug KiT's forward growth ...", file=sys.stderr, flush=True)
+        report["model_growth"] = model_growth(args)
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

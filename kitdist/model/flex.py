@@ -41,7 +41,10 @@ def chunk_block_mask(length: int, chunk_pixels: int, look_back: bool, device: st
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    return torch.compile(flex.flex_attention, dynamic=False)
+    """Compiled once per process. Shapes: dynamo's automatic dynamic (the default) recompiles once with
+    symbolic sizes after the second shape, so whole images of many sizes do not exhaust the recompile
+    limit (beyond it dynamo would silently run eager Flex, which materialises every score)."""
+    return torch.compile(flex.flex_attention)
 
 
 def flex_attention(
