@@ -25,7 +25,11 @@ product of LSH functions is again LSH (the AND construction).
 Randomness: training draws fresh rotations every forward pass from the default torch generator of the
 tensor's device, so restoring the RNG state (checkpoint resume, activation-checkpoint recompute) replays
 them exactly. Evaluation draws them from a private CPU generator seeded per layer, so it is deterministic
-and leaves the global RNG untouched.
+and leaves the global RNG untouched; the layer keeps them on its device per input shape
+(`KNNLocalAttention._rotations`), so evaluation draws and copies them once, not every forward.
+
+Sorting never builds a float64 key: patches are ordered by two stable sorts (by the in-bucket projection,
+then by code), which gives the same order as a combined key without its precision limit.
 """
 
 from __future__ import annotations
