@@ -251,11 +251,14 @@ class RunConfig:
             )
         if self.train.precision == "fp16" and not self.dist.use_gpu:
             _fail("train.precision", "fp16 needs a GPU (dist.use_gpu=true); use bf16 or fp32 on CPU")
-        from kitdist.model.kernels import check_precision  # the model knows which kernels are exact
+        from kitdist.model.kernels import check_placement, check_precision  # the model knows its kernels
 
         problem = check_precision(self.train.precision, self.model.attention_impl, self.model.hash_rounds)
         if problem:
             _fail("train.precision", problem)
+        problem = check_placement(self.model.attention_impl, self.dist.use_gpu)
+        if problem:
+            _fail("model.attention_impl", problem)
         if self.dist.strategy == "ddp" and self.dist.zero_stage > 0:
             _fail(
                 "dist.zero_stage", "ZeRO is a DeepSpeed feature; set dist.zero_stage=0 with dist.strategy=ddp"

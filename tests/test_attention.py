@@ -145,6 +145,8 @@ def test_fp16_with_the_sink_kernel_is_refused_on_the_driver_naming_both_keys():
     assert check_precision("fp16", "sdpa", 1) is None  # one round: no lse, exact
     assert check_precision("fp16", "auto", 2) is None  # the explicit and Flex kernels compute the lse in fp32
     assert load_config(None, ["train.precision=fp16", "dist.use_gpu=true"]).model.attention_impl == "auto"
+    with pytest.raises(ConfigError, match="model.attention_impl.*flex.*dist.use_gpu"):
+        load_config(None, ["model.attention_impl=flex"])  # Flex cannot train on CPU
 
 
 @pytest.mark.parametrize("kernel", [reference_attention, explicit_attention])

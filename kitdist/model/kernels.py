@@ -203,3 +203,13 @@ def check_precision(precision: str, attention_impl: str, hash_rounds: int | None
             "train.precision=bf16, model.hash_rounds=1, or model.attention_impl=auto"
         )
     return None
+
+
+def check_placement(attention_impl: str, use_gpu: bool) -> str | None:
+    """Why this kernel cannot train where the run is placed, or None: Flex has no CPU backward."""
+    if attention_impl == "flex" and not use_gpu:
+        return (
+            "model.attention_impl=flex needs CUDA (FlexAttention has no CPU backward) but dist.use_gpu is "
+            "false; use model.attention_impl=auto (the explicit kernel on CPU)"
+        )
+    return None
