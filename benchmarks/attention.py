@@ -1,246 +1,226 @@
-"""KLA against 8x8 window attention and dense global attention: forward+backward time and peak memory.
+"""KLA against 8x8 window attention with the same kind of bias (and dense attention): forward+backward time
+and peak memory, every case of one shape measured side by side in one run.
 
-    PYTHONPATH=. python benchmarks/attention.py                      # 64^2 .. 512^2, 32 channels, 1 thread
-    PYTHONPATH=. python benchmarks/attention.py --sizes 64 128 --repeats 5 --breakdown
+    PYTHONPATH=. python benchmarks/attention.py                          # CPU fp32, 64^2 .. 512^2, 1 thread
+    PYTHONPATH=. python benchmarks/attention.py --sizes 128 256 --repeats 5 --json out.json
+    PYTHONPATH=. python benchmarks/attention.py --device cpu --quick --json out.json     # a few seconds
+    python benchmarks/attention.py --device cuda --dtype bf16 --json out.json             # the GPU goals
+    PYTHONPATH=. python benchmarks/attention.py --sizes 64 --growth-sides 256 512 1024     # model growth
 
-Times are medians over `--repeats` rounds in which the cases run interleaved (so load from other processes
-hits all alike). Peak memory is measured once per case in its own child process (max RSS above the RSS once
-module and input exist). Window attention uses the same 64 keys per query as KLA with k=4 patches of 4x4, so the ratio
-KLA / window is the price of hashing, sorting and gathering. Window attention is timed three ways: einsum
-with its learned bias, SDPA with the bias as `attn_mask` (which PyTorch runs unfused on CPU), and fused
-SDPA without any bias ("flash", a lower bound); the ratios use the fastest. Dense attention is fused SDPA without bias; it is skipped above `--dense-max` (its cost is
-quadratic: at 256^2 it would take minutes per step on this CPU).
+CPU: one `[1, S, S, 32]` map, 1 head. Times are medians over `--repeats` rounds in which the cases run
+interleaved (so load from other processes hits all alike); peak memory is measured once per case in its
+own child process (max RSS above the RSS once module and input exist). Window attention sees the same 64
+keys per query as KLA with k = 4 patches of 4x4, so KLA / window is the price of hashing, sorting and
+gathering. "Window with bias" is the faster of einsum + bias and SDPA + bias mask; the bias-free fused
+window is shown as a lower bound.
+
+CUDA: the level-1 and level-2 shapes of the `kit` size at 256x256 crops, micro-batch 8 (channels and heads
+from `kitdist.model.SIZES`), timed with `torch.cuda.synchronize`, peak memory from
+`torch.cuda.max_memory_allocated`. Windows: SDPA with the bias as a mask, and Flex over window-ordered
+pixels with the bias as score_mod (the like-for-like fused kernel for KLA's Flex path).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from kitdist.model.attention import (
-    KNNLocalAttention,
-    partition,
-    reference_attention,
-    relative_position_index,
-    unpartition,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_cases import CPU_CASES, CUDA_CASES, build_case, peak_rss_mb  # noqa: E402
 
-KLA_CASES = {"kla_ref_b1": ("reference", 1), "kla_ref_b2": ("reference", 2), "kla_sdpa_b1": ("sdpa", 1),
-             "kla_sdpa_b2": ("sdpa", 2)}  # fmt: skip
-CASES = ["window_ref", "window_sdpa", "window_flash", *KLA_CASES, "dense_sdpa"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class WindowAttention(nn.Module):
-    """Swin-style attention inside non-overlapping w x w windows with a relative position bias."""
-
-    def __init__(self, dim: int, num_heads: int, window: int, impl: str) -> None:
-        super().__init__()
-        self.num_heads, self.window, self.impl = num_heads, window, impl
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.bias_table = nn.Parameter(torch.randn(num_heads, (2 * window - 1) ** 2) * 0.02)
-        self.register_buffer("bias_index", relative_position_index(window), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, channels = x.shape
-        windows = partition(x, self.window)  # [B, nW, w*w, c]
-        qkv = self.qkv(windows).view(-1, self.window**2, 3, self.num_heads, channels // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*nW, h, w*w, d]
-        bias = self.bias_table[:, self.bias_index]  # [h, w*w, w*w]
-        if self.impl == "reference":
-            out, _ = reference_attention(q, k, v, bias, q.shape[-1] ** -0.5, False)
-        elif self.impl == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:  # "flash": no bias, so fused kernels apply: the cheapest window attention there is
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(windows.shape)
-        return unpartition(self.proj(out), height, width)
+def step(module: torch.nn.Module, x: torch.Tensor) -> None:
+    module(x).float().square().mean().backward()
 
 
-class DenseAttention(nn.Module):
-    """Every pixel attends to every pixel (fused SDPA, no bias)."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, height, width, channels = x.shape
-        qkv = self.qkv(x.view(batch, -1, channels)).view(
-            batch, -1, 3, self.num_heads, channels // self.num_heads
-        )
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, HW, d]
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, height, width, channels)
-        return self.proj(out)
-
-
-def build_case(case: str, channels: int, heads: int) -> nn.Module:
-    if case in KLA_CASES:
-        impl, rounds = KLA_CASES[case]
-        return KNNLocalAttention(
-            channels, heads, patch_size=4, chunk_size=4, hash_rounds=rounds, attention_impl=impl
-        )
-    if case.startswith("window"):
-        return WindowAttention(channels, heads, 8, case.removeprefix("window_").replace("ref", "reference"))
-    return DenseAttention(channels, heads)
-
-
-def time_cases(cases: list[str], size: int, args: argparse.Namespace) -> dict[str, float]:
-    """Median forward+backward ms of each case, the cases interleaved round-robin so that load from other
-    processes on the machine spreads over all of them alike."""
+def time_cases(cases: list[str], shape: tuple, args: argparse.Namespace) -> dict[str, dict]:
+    """Median forward+backward ms (and, on CUDA, peak MB) of each case, interleaved round-robin."""
+    batch, side, channels, heads = shape
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
-    modules = {case: build_case(case, args.channels, args.heads).train() for case in cases}
-    x = torch.randn(1, size, size, args.channels, requires_grad=True)
+    modules = {case: build_case(case, channels, heads).to(device, dtype).train() for case in cases}
+    x = torch.randn(batch, side, side, channels, device=device, dtype=dtype, requires_grad=True)
     times: dict[str, list[float]] = {case: [] for case in cases}
-    for repeat in range(args.repeats + 1):  # the first round warms allocator and kernels up, and is dropped
+    peaks: dict[str, float | None] = dict.fromkeys(cases)
+    for repeat in range(args.repeats + 1):  # the first round warms up (and compiles), and is dropped
         for case, module in modules.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            module(x).square().mean().backward()
+            step(module, x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                peaks[case] = (torch.cuda.max_memory_allocated() - base) / 2**20
             if repeat:
                 times[case].append((time.perf_counter() - start) * 1e3)
-    return {case: statistics.median(values) for case, values in times.items()}
+    return {case: {"ms": statistics.median(times[case]), "peak_mb": peaks[case]} for case in cases}
 
 
-def peak_memory_mb(case: str, size: int, channels: int, heads: int) -> float:
-    """Peak extra MB of one forward+backward: max RSS above the RSS once module and input exist. A first
-    run on a 32x32 map pages in the code and kernels, which would otherwise count as the case's memory."""
-    torch.manual_seed(0)
-    module = build_case(case, channels, heads).train()
-    module(torch.randn(1, 32, 32, channels, requires_grad=True)).square().mean().backward()
-    x = torch.randn(1, size, size, channels, requires_grad=True)
-    _reset_peak_rss()
-    baseline_kb = _current_rss_kb()
-    module(x).square().mean().backward()
-    return max(_peak_rss_kb() - baseline_kb, 0) / 1024
-
-
-def breakdown(size: int, channels: int, heads: int) -> dict[str, float]:
-    """Self CPU ms of fused KLA (b=1) forward+backward, grouped into hash/sort/gather, attention, rest."""
-    module = build_case("kla_sdpa_b1", channels, heads).train()
-    x = torch.randn(1, size, size, channels, requires_grad=True)
-    module(x).square().mean().backward()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        module(x).square().mean().backward()
-    # checked in this order; the hash projection is the only bmm in the fused path, linear layers use addmm/mm
-    groups = {"attention kernel (fused SDPA)": ("scaled_dot_product", "flash_attention"),
-              "projections (qkv, out)": ("addmm", "aten::mm", "linear"),
-              "LSH: hash, sort, gather, scatter": ("bmm", "sort", "argmax", "gather", "scatter", "index", "normal",
-                                                   "sigmoid", "norm", "randn")}  # fmt: skip
-    totals = dict.fromkeys([*groups, "other (copies, reshapes, elementwise)"], 0.0)
-    for event in prof.key_averages():
-        name = event.key.lower()
-        group = next((g for g, keys in groups.items() if any(key in name for key in keys)), None)
-        if name.startswith("aten::") and group is None:
-            group = "other (copies, reshapes, elementwise)"
-        if group:
-            totals[group] += event.self_cpu_time_total / 1e3
-    return totals
-
-
-def _reset_peak_rss() -> None:
-    """Linux keeps the peak RSS across fork and exec, so a child would report its parent's; "5" resets it."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-def _peak_rss_kb() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-
-
-def _current_rss_kb() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * (resource.getpagesize() // 1024)
-
-
-def measure_memory(case: str, size: int, args: argparse.Namespace) -> float | None:
+def cpu_memory(case: str, shape: tuple, args: argparse.Namespace) -> float | None:
     """Peak memory of one case in a fresh child process (max RSS is per process and never goes down)."""
-    command = [sys.executable, __file__, "--child", case, "--sizes", str(size), "--channels", str(args.channels),
-               "--heads", str(args.heads), "--threads", str(args.threads)]  # fmt: skip
+    command = [sys.executable, __file__, "--child", case, "--sizes", str(shape[1]), "--channels",
+               str(shape[2]), "--heads", str(shape[3]), "--threads", str(args.threads)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
-        print(f"  {case} at {size}^2 failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        print(f"  {case} at {shape}: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
     return float(result.stdout)
 
 
-def print_table(results: dict, sizes: list[int]) -> None:
-    print(f"{'map':>6} | " + " | ".join(f"{case:>17}" for case in CASES))
-    print("-" * (9 + 20 * len(CASES)))
-    for size in sizes:
-        cells = []
-        for case in CASES:
-            r = results.get((case, size))
-            memory = f"{r['peak_mb']:5.0f}MB" if r and r["peak_mb"] is not None else "    ?MB"
-            cells.append(f"{r['ms']:8.1f}ms {memory}" if r else f"{'skipped':>17}")
-        print(f"{size:>4}^2 | " + " | ".join(cells))
+def shapes(args: argparse.Namespace) -> list[tuple[str, tuple]]:
+    """(label, (batch, side, channels, heads)) of every shape to measure."""
+    if args.device == "cuda":
+        from kitdist.model import SIZES
+
+        kit = SIZES["kit"]
+        levels = [(1, 256), (2, 128)] if not args.quick else [(1, 64)]
+        return [(f"kit level {level}, {side}^2 x 8", (8, side, kit.channels * 2 ** (level - 1),
+                 kit.channels * 2 ** (level - 1) // kit.head_dim)) for level, side in levels]  # fmt: skip
+    sizes = [32, 64] if args.quick else args.sizes
+    return [(f"{side}^2", (1, side, args.channels, args.heads)) for side in sizes]
 
 
-def print_ratios(results: dict, sizes: list[int]) -> None:
-    print("\nratios (time):")
-    for size in sizes:
-        windows = [results[(c, size)]["ms"] for c in CASES if c.startswith("window") and (c, size) in results]
-        if not windows:
-            continue
+def ratios(row: dict[str, dict]) -> dict[str, float]:
+    """The goal ratios of one shape: KLA against the fastest window attention with bias."""
+    ms = {case: value["ms"] for case, value in row.items()}
+    windows = [ms[c] for c in ms if c.startswith("window") and c != "window_flash"]
+    kla = "kla_flex" if "kla_flex_b1" in ms else "kla_explicit"
+    out: dict[str, float] = {}
+    if windows and f"{kla}_b1" in ms:
         window = min(windows)
-        line = [f"{size:>4}^2:"]
-        for case in KLA_CASES:
-            if (case, size) in results:
-                line.append(f"{case}/window {results[(case, size)]['ms'] / window:.2f}x")
-        if ("kla_sdpa_b1", size) in results and ("kla_sdpa_b2", size) in results:
-            extra = results[("kla_sdpa_b2", size)]["ms"] - results[("kla_sdpa_b1", size)]["ms"]
-            line.append(f"(b2-b1)/window {extra / window:.2f}x")
-        print("  " + "  ".join(line))
-    for low, high in zip(sizes, sizes[1:], strict=False):
-        growth = [f"{case} {results[(case, high)]['ms'] / results[(case, low)]['ms']:.2f}x"
-                  for case in CASES if (case, low) in results and (case, high) in results]  # fmt: skip
-        print(f"  growth {low}^2 -> {high}^2 (4x pixels): " + ", ".join(growth))
+        out["b1_over_window"] = ms[f"{kla}_b1"] / window
+        if f"{kla}_b2" in ms:
+            out["b2_over_window"] = ms[f"{kla}_b2"] / window
+            out["extra_round_over_window"] = (ms[f"{kla}_b2"] - ms[f"{kla}_b1"]) / window
+        peaks = [row[c]["peak_mb"] for c in row if c.startswith("window") and row[c]["peak_mb"]]
+        if peaks and row.get(f"{kla}_b2", {}).get("peak_mb"):
+            out["b2_peak_over_window"] = row[f"{kla}_b2"]["peak_mb"] / min(peaks)
+    return out
 
 
-def main() -> None:
+def print_report(report: dict) -> None:
+    for entry in report["shapes"]:
+        print(f"\n{entry['label']}:")
+        for case, value in entry["cases"].items():
+            peak = f"{value['peak_mb']:8.1f} MB" if value["peak_mb"] is not None else "        ? MB"
+            print(f"  {case:<20} {value['ms']:10.2f} ms {peak}")
+        print("  " + "  ".join(f"{name} {value:.2f}x" for name, value in entry["ratios"].items()))
+    for name, value in report.get("growth", {}).items():
+        print(f"growth {name}: " + ", ".join(f"{c} {v:.2f}x" for c, v in value.items()))
+    if "model_growth" in report:
+        model = report["model_growth"]
+        print("debug KiT eval forward: " + ", ".join(f"{s}^2 {ms:.0f} ms ({model['ms_per_mp'][s]:.0f} ms/MP)"
+                                                     for s, ms in model["ms"].items()))  # fmt: skip
+        print(
+            "  each doubling of the side: " + ", ".join(f"{k} {v:.2f}x" for k, v in model["doubling"].items())
+        )
+
+
+def growth(entries: list[dict]) -> dict[str, dict[str, float]]:
+    """Time ratio of each case between consecutive shapes (each doubling of the side)."""
+    out = {}
+    for low, high in zip(entries, entries[1:], strict=False):
+        common = set(low["cases"]) & set(high["cases"])
+        out[f"{low['label']} -> {high['label']}"] = {
+            c: high["cases"][c]["ms"] / low["cases"][c]["ms"] for c in sorted(common)
+        }
+    return out
+
+
+def model_growth(args: argparse.Namespace) -> dict:
+    """The debug KiT's eval forward on whole images of growing side, interleaved: ms per side and the
+    time ratio of each doubling (the issue's goal: <= 4.4x for 4x the pixels)."""
+    from kitdist.config import ModelConfig
+    from kitdist.model import build_model
+
+    sides = [64, 128] if args.quick else args.growth_sides
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="debug")).to(args.device).eval()
+    images = {side: torch.rand(1, 3, side, side, device=args.device) for side in sides}
+    times: dict[int, list[float]] = {side: [] for side in sides}
+    with torch.no_grad():
+        for repeat in range(args.repeats + 1):
+            for side, image in images.items():
+                _sync(args.device)
+                start = time.perf_counter()
+                model(image)
+                _sync(args.device)
+                if repeat:
+                    times[side].append((time.perf_counter() - start) * 1e3)
+    ms = {side: statistics.median(values) for side, values in times.items()}
+    doublings = {f"{a}->{b}": ms[b] / ms[a] for a, b in zip(sides, sides[1:], strict=False)}
+    return {"ms": ms, "ms_per_mp": {s: ms[s] / (s * s / 1e6) for s in sides}, "doubling": doublings}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512], help="feature map sides")
-    parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512], help="CPU map sides")
+    parser.add_argument("--channels", type=int, default=32, help="CPU map channels")
+    parser.add_argument("--heads", type=int, default=1, help="CPU heads")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed runs per case (median), after one warm-up"
+        "--repeats", type=int, default=3, help="timed runs per case (median), after a warm-up"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every case")
-    parser.add_argument("--dense-max", type=int, default=128, help="largest map side for dense attention")
-    parser.add_argument(
-        "--breakdown", action="store_true", help="profile where fused KLA b=1 spends its time"
-    )
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--dense-max", type=int, default=128, help="largest CPU side for dense attention")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat, no memory: a smoke test")
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--growth-sides", type=int, nargs="+", default=[256, 512, 1024],
+                        help="image sides for the debug KiT's forward growth (0 to skip)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.quick:
+        args.repeats = 1
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        print(peak_memory_mb(args.child, args.sizes[0], args.channels, args.heads))
+        print(peak_rss_mb(build_case(args.child, args.channels, args.heads), args.sizes[0], args.channels))
         return
-    print(f"forward+backward, batch 1, {args.channels} channels, {args.heads} head(s), fp32, "
-          f"{args.threads} thread(s), median of {args.repeats}; torch {torch.__version__}")  # fmt: skip
-    results = {}
-    for size in args.sizes:
-        cases = [case for case in CASES if case != "dense_sdpa" or size <= args.dense_max]
-        print(f"  measuring {size}^2 ...", file=sys.stderr, flush=True)
-        for case, ms in time_cases(cases, size, args).items():
-            results[(case, size)] = {"ms": ms, "peak_mb": measure_memory(case, size, args)}
-    print_table(results, args.sizes)
-    print_ratios(results, args.sizes)
-    if args.breakdown:
-        size = max(s for s in args.sizes if s <= 256)
-        print(f"\nfused KLA b=1 at {size}^2, self CPU ms by group (torch.profiler):")
-        for group, ms in breakdown(size, args.channels, args.heads).items():
-            print(f"  {group:<40} {ms:8.1f}")
+    cases = CUDA_CASES if args.device == "cuda" else CPU_CASES
+    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+              "dtype": args.dtype, "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
+              "shapes": []}  # fmt: skip
+    for label, shape in shapes(args):
+        print(f"  measuring {label} ...", file=sys.stderr, flush=True)
+        wanted = [c for c in cases if c != "dense_sdpa" or shape[1] <= args.dense_max]
+        row = time_cases(wanted, shape, args)
+        if args.device == "cpu" and not args.quick:
+            for case in wanted:
+                row[case]["peak_mb"] = cpu_memory(case, shape, args)
+        report["shapes"].append({"label": label, "shape": list(shape), "cases": row, "ratios": ratios(row)})
+    report["growth"] = growth(report["shapes"])
+    if args.growth_sides != [0]:
+        print("  measuring the debug KiT's forward growth ...", file=sys.stderr, flush=True)
+        report["model_growth"] = model_growth(args)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

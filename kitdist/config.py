@@ -56,7 +56,12 @@ class ModelConfig:
     to a value here override that row (None keeps the size's own value)."""
 
     size: str = "debug"
-    attention_impl: Literal["reference", "sdpa"] = "sdpa"
+    # the grouped-attention kernel: "auto" = FlexAttention on CUDA, "explicit" elsewhere; "reference" is
+    # the plain autograd ground truth; "sdpa" folds bias and lse into one fused SDPA call (no fp16 merge)
+    attention_impl: Literal["auto", "explicit", "reference", "sdpa", "flex"] = "auto"
+    # keys shared by a query's chunks in several hash rounds: "count" weighs them once per round (the
+    # plain merge), "once" counts every key of the union once (Reformer's correction)
+    duplicate_keys: Literal["count", "once"] = "count"
     checkpoint_activations: bool = False
     patch_size: int | None = None  # r: a patch is r x r pixels
     chunk_size: int | None = None  # k: patches per group (encoder/decoder stages)
@@ -73,6 +78,9 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 _fail(f"model.{name}", f"must be >= 1, got {value}")
+        if self.attention_impl == "sdpa" and self.duplicate_keys == "once":
+            _fail("model.duplicate_keys", "'once' needs a kernel that adds a patch-pair bias; "
+                  "model.attention_impl=sdpa cannot (use auto, explicit, reference or flex)")  # fmt: skip
         if self.num_buckets is not None and self.num_buckets % 2 and self.num_buckets != 1:
             _fail(
                 "model.num_buckets",
@@ -260,6 +268,14 @@ class RunConfig:
             )
         if self.train.precision == "fp16" and not self.dist.use_gpu:
             _fail("train.precision", "fp16 needs a GPU (dist.use_gpu=true); use bf16 or fp32 on CPU")
+        from kitdist.model.kernels import check_placement, check_precision  # the model knows its kernels
+
+        problem = check_precision(self.train.precision, self.model.attention_impl, self.model.hash_rounds)
+        if problem:
+            _fail("train.precision", problem)
+        problem = check_placement(self.model.attention_impl, self.dist.use_gpu)
+        if problem:
+            _fail("model.attention_impl", problem)
         if self.dist.strategy == "ddp" and self.dist.zero_stage > 0:
             _fail(
                 "dist.zero_stage", "ZeRO is a DeepSpeed feature; set dist.zero_stage=0 with dist.strategy=ddp"

@@ -3,17 +3,20 @@ the calibrated `kit` size, the profile CLI and config errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from kitdist.config import ConfigError, ModelConfig
 from kitdist.model import SIZES, KiT, build_model
-from kitdist.model.kit import pad_to_multiple
-from kitdist.model.profile import count_macs, count_params
+from kitdist.model.attention import KNNLocalAttention
+from kitdist.model.kit import KTB, pad_to_multiple
+from kitdist.model.profile import count_macs, count_module_macs, count_params
 from kitdist.model.profile import main as profile_main
 
 
@@ -49,8 +52,9 @@ def test_gradients_reach_every_parameter():
     assert not missing, f"no gradient reached {missing}"
 
 
-def test_reference_and_sdpa_models_agree():
-    reference, fused = debug_model(attention_impl="reference"), debug_model(attention_impl="sdpa")
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_every_kernel_gives_the_reference_model(impl):
+    reference, fused = debug_model(attention_impl="reference"), debug_model(attention_impl=impl)
     fused.load_state_dict(reference.state_dict())
     image = torch.rand(2, 3, 64, 32)
     outputs, grads = [], []
@@ -64,8 +68,9 @@ def test_reference_and_sdpa_models_agree():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-3)
 
 
-def test_activation_checkpointing_gives_identical_outputs_and_gradients():
-    plain, checkpointed = debug_model(), debug_model()
+@pytest.mark.parametrize("options", [{}, dict(duplicate_keys="once", attention_impl="reference")])
+def test_activation_checkpointing_gives_identical_outputs_and_gradients(options):
+    plain, checkpointed = debug_model(**options), debug_model(**options)
     checkpointed.checkpoint_activations = True
     checkpointed.load_state_dict(plain.state_dict())
     image = torch.rand(1, 3, 32, 64)
@@ -139,13 +144,42 @@ def test_sizes_table_and_debug_is_small():
     assert count_params(debug_model()) < 500_000
 
 
-def test_kit_matches_the_paper_within_3_percent():
+def test_kit_matches_the_paper_within_3_percent_under_module_hook_counting():
     cfg = ModelConfig(size="kit")
     with torch.device("meta"):
-        params = count_params(build_model(cfg))
-    macs = count_macs(cfg, 256, 256)
+        model = build_model(cfg)
+    params, macs = count_params(model), count_module_macs(cfg, 256, 256)
     assert abs(params / 20.6e6 - 1) < 0.03, f"{params / 1e6:.2f} M parameters"
-    assert abs(macs / 43.08e9 - 1) < 0.03, f"{macs / 1e9:.2f} GMACs"
+    assert abs(macs / 43.08e9 - 1) < 0.03, f"{macs / 1e9:.2f} GMACs (Linear/Conv hooks, as thop)"
+    hashed = [m for m in model.modules() if isinstance(m, KNNLocalAttention) and m.chunk_size > 1]
+    plain = [m for m in model.modules() if isinstance(m, KNNLocalAttention) and m.chunk_size == 1]
+    assert len(hashed) > len(plain)  # k-NN attention in most blocks
+    assert all(ktb.ffn.expand.out_features % 8 == 0 for ktb in model.modules() if isinstance(ktb, KTB))
+    assert count_macs(cfg, 256, 256) > macs  # FlopCounterMode also counts the attention matmuls
+
+
+def test_debug_is_numerically_the_model_it_always_was():
+    # output and parameter shapes of main's debug KiT before the new skeleton (seed 0, 32x48 input)
+    reference = torch.load(Path(__file__).parent / "data" / "debug_kit_reference.pt")
+    model = debug_model().eval()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == reference["shapes"]
+    image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), reference["output"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("decoder", ["fused", "concat"])
+def test_a_tiny_model_on_the_new_skeleton_runs_forward_and_backward(decoder, monkeypatch):
+    tiny = dataclasses.replace(SIZES["small"], channels=8, head_dim=8, decoder=decoder, bottleneck_blocks=1)
+    monkeypatch.setitem(SIZES, "tiny", tiny)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="tiny")).train()
+    assert isinstance(model.up[0].conv, torch.nn.ConvTranspose2d) and model.down[0].conv.stride == (2, 2)
+    image = torch.rand(1, 3, 32, 32)
+    out = model(image)
+    assert out.shape == image.shape
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_macs_grow_linearly_with_pixels():
@@ -160,8 +194,6 @@ def test_unknown_size_names_the_key():
 
 
 def test_indivisible_heads_name_the_key(monkeypatch):
-    import dataclasses
-
     monkeypatch.setitem(SIZES, "odd", dataclasses.replace(SIZES["debug"], channels=12))
     with pytest.raises(ConfigError, match="model.size.*head_dim"):
         build_model(ModelConfig(size="odd"))

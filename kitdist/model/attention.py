@@ -6,25 +6,31 @@ of k patches. Every pixel then attends to all k*P pixels of its chunk (plus the 
 `look_back`), with a learned bias indexed by the in-patch offset between query and key pixel ((2r-1)^2
 entries per head: positions across different patches carry no spatial meaning). With b hash rounds each
 round gives an output and its log-sum-exp; rounds are merged by a softmax over their log-sum-exps, which
-equals one softmax over the union of the rounds' keys.
+equals one softmax over the union of the rounds' key sets.
 
-Two implementations of the grouped attention, picked once at construction, give the same values and
-gradients:
-- "reference": einsum, bias add, logsumexp, softmax, einsum: plain and easy to check.
-- "sdpa": one `F.scaled_dot_product_attention` over `[B*chunks, heads, k*P, d]` with no mask, so fused
-  kernels apply (a mask that needs a gradient sends PyTorch back to the unfused math path). The bias is
-  folded into the dot product instead: queries carry their row of the P x P bias table and keys a one-hot
-  of their pixel, so q'.k' = q.k + bias exactly. When rounds must be merged, one extra "sink" key with a
-  known logit and two extra value channels yield each query's log-sum-exp from the fused output.
+Duplicate keys: a patch's own keys sit in its chunk in every round (and a neighbour may share its chunk in
+several), so the union is a multiset. `duplicate_keys="count"` (the default, and what KLA always did)
+keeps it so: a key present in m rounds weighs m times, the plain average-of-rounds reading of the merge.
+`"once"` subtracts log m from such keys' logits (Reformer's correction), so the merge is one softmax over
+the distinct keys of the union. With one round, or k = 1, the two are the same.
+
+The grouped attention itself runs in one of the kernels of `kernels.py` ("explicit": the CPU default,
+"reference": the ground truth, "sdpa") or in FlexAttention over the sorted sequences ("flex", `flex.py`:
+the CUDA default). `attention_impl="auto"` picks "flex" on CUDA and "explicit" elsewhere, per call, so a
+model built on CPU and moved to a GPU takes the GPU kernel. All give the same values and gradients.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kitdist.model import lsh
+from kitdist.model.kernels import CHUNK_KERNELS, reference_attention, run_in_slices
+
+ATTENTION_IMPLS = ("auto", "explicit", "reference", "sdpa", "flex")
+DUPLICATE_KEYS = ("count", "once")
+EVAL_ROTATION_CACHE = 8  # distinct input shapes whose evaluation rotations a layer keeps
 
 
 def relative_position_index(patch_size: int) -> torch.Tensor:
@@ -35,72 +41,14 @@ def relative_position_index(patch_size: int) -> torch.Tensor:
     return offset[0] * (2 * patch_size - 1) + offset[1]
 
 
-def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, need_lse: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """softmax(q k^T * scale + bias) v and its log-sum-exp. q [X, h, L, d]; k, v [X, h, S, d]; bias [h, P, P]."""
-    queries, keys, pixels = q.shape[-2], k.shape[-2], bias.shape[-1]
-    full_bias = bias.repeat(
-        1, queries // pixels, keys // pixels
-    )  # [h, L, S]: same table for every patch pair
-    logits = torch.einsum("xhld,xhsd->xhls", q, k) * scale + full_bias
-    lse = torch.logsumexp(logits, dim=-1)  # [X, h, L]
-    probs = torch.exp(logits - lse.unsqueeze(-1))
-    return torch.einsum("xhls,xhsd->xhld", probs, v), (lse if need_lse else None)
+def resolve_impl(attention_impl: str, device: torch.device) -> str:
+    """The kernel "auto" means on `device`: Flex on CUDA, the explicit kernel elsewhere."""
+    if attention_impl != "auto":
+        return attention_impl
+    return "flex" if device.type == "cuda" else "explicit"
 
 
-def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, need_lse: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same as `reference_attention`, through one fused `scaled_dot_product_attention` call.
-
-    Bias: q gets its pixel's row of the P x P table (divided by scale), k a one-hot of its pixel, so
-    scale * q'.k' = scale * q.k + bias. Log-sum-exp: one extra "sink" key, the mean of the chunk's keys,
-    whose logit s0 = scale * q.mean(k) lies below the lse (Jensen) but not far below; v gets two extra
-    channels, 1 on real keys and 1 on the sink, so the fused output carries Z / (Z + e^s0) and
-    e^s0 / (Z + e^s0), each to full relative precision, and lse = s0 + log of their ratio. The identity
-    holds for any sink key, so values and gradients are exact.
-    """
-    batch_heads, head_dim, pixels = q.shape[:2], q.shape[-1], bias.shape[-1]
-    queries, keys = q.shape[-2], k.shape[-2]
-    width = _kernel_width(head_dim + pixels, q.device)
-    q_bias = (bias / scale).to(q.dtype).repeat(1, queries // pixels, 1)  # [h, L, P]: the query's bias row
-    k_onehot = torch.eye(pixels, dtype=q.dtype, device=q.device).repeat(keys // pixels, 1)  # [S, P]
-    q_aug = _concat_last([q, q_bias.expand(*batch_heads, -1, -1)], width)
-    k_aug = _concat_last([k, k_onehot.expand(*batch_heads, -1, -1)], width)
-    if not need_lse:
-        out = F.scaled_dot_product_attention(q_aug, k_aug, _concat_last([v], width), scale=scale)
-        return out[..., :head_dim], None
-    mean_key = k.mean(dim=-2, keepdim=True)  # [X, h, 1, d]: the sink key
-    sink_logit = (q @ mean_key.transpose(-1, -2)).squeeze(-1).float() * scale  # [X, h, L]
-    k_aug = torch.cat([k_aug, _concat_last([mean_key], width)], dim=-2)
-    ones = v.new_ones(()).expand(*v.shape[:-1], 1)
-    sink_row = torch.zeros(width, dtype=v.dtype, device=v.device)
-    sink_row[head_dim + 1] = 1.0
-    v_aug = torch.cat([_concat_last([v, ones], width), sink_row.expand(*batch_heads, 1, -1)], dim=-2)
-    out = F.scaled_dot_product_attention(q_aug, k_aug, v_aug, scale=scale)
-    tiny = torch.finfo(torch.float32).tiny
-    real_share = out[..., head_dim].float().clamp(min=tiny)  # Z / (Z + e^s0)
-    sink_share = out[..., head_dim + 1].float().clamp(min=tiny)  # e^s0 / (Z + e^s0)
-    lse = sink_logit + torch.log(real_share) - torch.log(sink_share)
-    return out[..., :head_dim] / real_share.unsqueeze(-1).to(out.dtype), lse
-
-
-def _kernel_width(width: int, device: torch.device) -> int:
-    """One head size for q, k and v: fused kernels (CPU flash included) need them equal, else PyTorch
-    falls back to the unfused math path; CUDA kernels also want a multiple of 8."""
-    return -(-width // 8) * 8 if device.type == "cuda" else width
-
-
-def _concat_last(parts: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Concatenates along the last dim and zero-fills up to `width`, in one copy."""
-    used = sum(part.shape[-1] for part in parts)
-    if used < width:
-        parts = [*parts, parts[0].new_zeros(()).expand(*parts[0].shape[:-1], width - used)]
-    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-
-ATTENTION_IMPLS = {"reference": reference_attention, "sdpa": sdpa_attention}
+__all__ = ["KNNLocalAttention", "partition", "reference_attention", "relative_position_index", "unpartition"]
 
 
 class KNNLocalAttention(nn.Module):
@@ -112,7 +60,8 @@ class KNNLocalAttention(nn.Module):
         hash_rounds: b, independent LSH rounds. num_buckets: per round; None = N/k rounded to even.
         look_back: keys also include the previous chunk of the sorted order (Reformer's look-one-back).
         bucket_order: order inside a bucket, "similarity" (a further random projection) or "position".
-        attention_impl: "reference" or "sdpa" (see the module docstring).
+        attention_impl: one of ATTENTION_IMPLS (see the module docstring).
+        duplicate_keys: "count" or "once" (see the module docstring).
         eval_hash_seed: evaluation rotations come from this seed (mixed with layer_id), so eval is
             deterministic; training draws fresh rotations from the default generator every call.
     """
@@ -128,24 +77,26 @@ class KNNLocalAttention(nn.Module):
         num_buckets: int | None = None,
         look_back: bool = False,
         bucket_order: str = "similarity",
-        attention_impl: str = "sdpa",
+        attention_impl: str = "auto",
+        duplicate_keys: str = "count",
         eval_hash_seed: int = 0,
         layer_id: int = 0,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"KLA: dim={dim} is not divisible by num_heads={num_heads}")
-        if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
-                f"KLA: attention_impl must be one of {sorted(ATTENTION_IMPLS)}, got {attention_impl!r}"
-            )
-        if bucket_order not in ("similarity", "position"):
-            raise ValueError(f"KLA: bucket_order must be 'similarity' or 'position', got {bucket_order!r}")
+        _check_choice("dim", dim % num_heads == 0, f"dim={dim} is not divisible by num_heads={num_heads}")
+        for name, value, allowed in (
+            ("attention_impl", attention_impl, ATTENTION_IMPLS),
+            ("bucket_order", bucket_order, ("similarity", "position")),
+            ("duplicate_keys", duplicate_keys, DUPLICATE_KEYS),
+        ):
+            _check_choice(name, value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.patch_size, self.chunk_size, self.hash_rounds = patch_size, chunk_size, hash_rounds
         self.num_buckets, self.look_back, self.bucket_order = num_buckets, look_back, bucket_order
+        self.attention_impl, self.duplicate_keys = attention_impl, duplicate_keys
         self.eval_seed = eval_hash_seed * 1_000_003 + layer_id  # distinct, fixed rotations per layer
-        self.attend = ATTENTION_IMPLS[attention_impl]
+        self.last_kernel = ""  # the kernel the latest forward ran ("explicit", "flex", ...): for tests
+        self._eval_rotations: dict[tuple, torch.Tensor] = {}
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.bias_table = nn.Parameter(torch.zeros(num_heads, (2 * patch_size - 1) ** 2))
@@ -160,31 +111,33 @@ class KNNLocalAttention(nn.Module):
         qkv = self.qkv(patches).view(batch, num_patches, pixels, 3, heads, self.head_dim)
         qkv = qkv.permute(0, 1, 4, 3, 2, 5).contiguous()  # [B, N, h, 3, P, d]: one copy, gathered once
         bias = self.bias_table[:, self.bias_index]  # [h, P, P]
+        impl = resolve_impl(self.attention_impl, x.device)
         if self.chunk_size == 1 and not self.look_back:
             # k = 1 (the bottleneck): each patch attends to itself, whatever the hash; every round would
             # give the same output and lse, so one round and no hashing compute exactly the merged result
+            # (Flex would waste most of a tile on 16-pixel blocks: fused SDPA serves this case on CUDA)
+            self.last_kernel = "sdpa" if impl == "flex" else impl
             q, k, v = (qkv[:, :, :, i].flatten(0, 1) for i in range(3))  # each [B*N, h, P, d]
-            out, _ = self.attend(q, k, v, bias, self.head_dim**-0.5, False)
+            kernel = CHUNK_KERNELS[self.last_kernel]
+            out, _ = run_in_slices(kernel, q, k, v, bias, self.head_dim**-0.5, False)
             out = out.view(batch, num_patches, heads, pixels, self.head_dim)
         else:
-            out = self._grouped(qkv, bias)
+            self.last_kernel = impl
+            out = self._grouped(qkv, bias, impl)
         out = out.permute(0, 1, 3, 2, 4).reshape(batch, num_patches, pixels, channels)
         return unpartition(self.proj(out), height, width)
 
-    def _grouped(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, qkv: torch.Tensor, bias: torch.Tensor, impl: str) -> torch.Tensor:
         """Hash, sort, chunk, attend, un-sort and merge rounds. qkv [B, N, h, 3, P, d] -> [B, N, h, P, d]."""
         batch, num_patches, heads, _, pixels, head_dim = qkv.shape
         grouping = self._group(qkv[:, :, :, 1])
-        num_padded = grouping.order.shape[-1]
-        num_chunks, rounds = num_padded // self.chunk_size, self.hash_rounds
-        rows = lsh.sorted_row_index(grouping, num_patches, self.chunk_size, 3)  # [3, B, R, chunks, h, k]
-        gathered = lsh.gather_rows(qkv.view(-1, pixels * head_dim), rows)  # [3, B, R, chunks, h, k, P*d]
-        gathered = gathered.view(3, batch * rounds * num_chunks, heads, self.chunk_size * pixels, head_dim)
-        sq, sk, sv = gathered.unbind(0)  # each a contiguous [B*R*chunks, h, k*P, d]
-        if self.look_back and num_chunks > 1:
-            sk, sv = (self._with_previous_chunk(t, batch * rounds, num_chunks) for t in (sk, sv))
-        out, lse = self.attend(sq, sk, sv, bias, head_dim**-0.5, rounds > 1)
-        back = lsh.unsorted_row_index(grouping, self.chunk_size, num_chunks)  # [B, R, N, h]
+        num_chunks, rounds = grouping.order.shape[-1] // self.chunk_size, self.hash_rounds
+        look_back = self.look_back and num_chunks > 1
+        pair_bias = None
+        if self.duplicate_keys == "once" and rounds > 1:
+            pair_bias = -lsh.duplicate_log_counts(grouping, self.chunk_size, look_back)  # [B,h,R,Np,Kp]
+        attend = self._attend_flex if impl == "flex" else self._attend_chunks
+        out, lse, back = attend(qkv, bias, grouping, look_back, pair_bias, CHUNK_KERNELS.get(impl))
         out = lsh.gather_rows(out.reshape(-1, pixels * head_dim), back)  # [B, R, N, h, P*d]
         out = out.view(batch, rounds, num_patches, heads, pixels, head_dim)
         if rounds == 1:
@@ -193,24 +146,66 @@ class KNNLocalAttention(nn.Module):
         weights = torch.softmax(lse, dim=1).unsqueeze(-1).to(out.dtype)
         return (out * weights).sum(dim=1)
 
+    def _attend_chunks(self, qkv, bias, grouping, look_back, pair_bias, kernel):
+        """Chunks as a batch `[B*R*chunks, h, k*P, d]` through a chunk kernel; returns out, lse and the
+        rows that un-sort them."""
+        batch, num_patches, heads, _, pixels, head_dim = qkv.shape
+        num_chunks, rounds = grouping.order.shape[-1] // self.chunk_size, self.hash_rounds
+        rows = lsh.sorted_row_index(grouping, num_patches, self.chunk_size, 3)  # [3, B, R, chunks, h, k]
+        gathered = lsh.gather_rows(qkv.view(-1, pixels * head_dim), rows)  # [3, B, R, chunks, h, k, P*d]
+        gathered = gathered.view(3, batch * rounds * num_chunks, heads, self.chunk_size * pixels, head_dim)
+        sq, sk, sv = gathered.unbind(0)  # each a contiguous [B*R*chunks, h, k*P, d]
+        if look_back:
+            sk, sv = (self._with_previous_chunk(t, batch * rounds, num_chunks) for t in (sk, sv))
+        if pair_bias is not None:  # [B, h, R, Np, Kp] -> [B*R*chunks, h, k, Kp]
+            pair_bias = pair_bias.view(batch, heads, rounds, num_chunks, self.chunk_size, -1)
+            pair_bias = pair_bias.permute(0, 2, 3, 1, 4, 5).reshape(
+                -1, heads, self.chunk_size, sk.shape[-2] // pixels
+            )
+        out, lse = run_in_slices(kernel, sq, sk, sv, bias, head_dim**-0.5, rounds > 1, pair_bias)
+        return out, lse, lsh.unsorted_row_index(grouping, self.chunk_size, num_chunks)
+
+    def _attend_flex(self, qkv, bias, grouping, look_back, pair_bias, _kernel):
+        """Sorted sequences `[B*R, h, N_padded*P, d]` through FlexAttention (see `flex.py`)."""
+        from kitdist.model.flex import flex_attention
+
+        batch, num_patches, heads, _, pixels, head_dim = qkv.shape
+        num_padded, rounds = grouping.order.shape[-1], self.hash_rounds
+        rows = lsh.sorted_row_index(grouping, num_patches, self.chunk_size, 3, heads_outer=True)
+        gathered = lsh.gather_rows(qkv.view(-1, pixels * head_dim), rows)  # [3, B, R, h, Np, P*d]
+        sq, sk, sv = gathered.view(3, batch * rounds, heads, num_padded * pixels, head_dim).unbind(0)
+        if pair_bias is not None:  # [B, h, R, Np, Kp] -> [B*R, h, Np, Kp]
+            pair_bias = pair_bias.transpose(1, 2).flatten(0, 1)
+        out, lse = flex_attention(sq, sk, sv, bias, head_dim**-0.5, self.chunk_size, look_back, pair_bias)
+        back = lsh.unsorted_row_index(
+            grouping, self.chunk_size, num_padded // self.chunk_size, heads_outer=True
+        )
+        return out, lse, back
+
     def _group(self, keys: torch.Tensor) -> lsh.Grouping:
         """LSH grouping of the patches per head from their detached keys [B, N, h, P, d]."""
         batch, num_patches, heads, pixels, head_dim = keys.shape
         descriptors = keys.permute(0, 2, 1, 3, 4).reshape(batch, heads, num_patches, pixels * head_dim)
         num_buckets = lsh.resolve_num_buckets(num_patches, self.chunk_size, self.num_buckets)
         radices = lsh.bucket_radices(num_buckets)
-        columns = lsh.num_rotation_columns(radices)
-        rotations = lsh.draw_rotations(
-            pixels * head_dim,
-            heads,
-            self.hash_rounds,
-            columns,
-            keys.device,
-            None if self.training else self.eval_seed,
-        )
+        rotations = self._rotations(pixels * head_dim, lsh.num_rotation_columns(radices), keys.device)
         codes, projection = lsh.hash_codes(descriptors, rotations, radices, self.hash_rounds)
         within_bucket = projection if self.bucket_order == "similarity" else None
         return lsh.group_by_codes(codes, self.chunk_size, within_bucket)
+
+    def _rotations(self, dim: int, columns: int, device: torch.device) -> torch.Tensor:
+        """Training: fresh draws on `device`. Evaluation: the layer's fixed rotations, drawn once per shape
+        and device and kept (a CPU draw and a copy to the device on every forward would stall a GPU)."""
+        if self.training:
+            return lsh.draw_rotations(dim, self.num_heads, self.hash_rounds, columns, device, None)
+        key = (dim, columns, str(device))
+        if key not in self._eval_rotations:
+            if len(self._eval_rotations) >= EVAL_ROTATION_CACHE:
+                self._eval_rotations.pop(next(iter(self._eval_rotations)))
+            self._eval_rotations[key] = lsh.draw_rotations(
+                dim, self.num_heads, self.hash_rounds, columns, device, self.eval_seed
+            )
+        return self._eval_rotations[key]
 
     @staticmethod
     def _with_previous_chunk(t: torch.Tensor, sequences: int, num_chunks: int) -> torch.Tensor:
@@ -218,6 +213,11 @@ class KNNLocalAttention(nn.Module):
         per_sequence = t.view(sequences, num_chunks, *t.shape[1:])
         previous = per_sequence.roll(1, dims=1)
         return torch.cat([per_sequence, previous], dim=-2).flatten(0, 1)
+
+
+def _check_choice(name: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"KLA: {message}")
 
 
 def partition(x: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -71,6 +71,7 @@ class KTB(nn.Module):
             look_back=size.look_back,
             bucket_order=cfg.bucket_order,
             attention_impl=cfg.attention_impl,
+            duplicate_keys=cfg.duplicate_keys,
             eval_hash_seed=cfg.eval_hash_seed,
             layer_id=layer_id,
         )
@@ -83,36 +84,57 @@ class KTB(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Interpolation layer down: bilinear x1/2, then 3x3 conv c -> 2c. `[B, H, W, c]` -> `[B, H/2, W/2, 2c]`."""
+    """Interpolation layer down, `[B, H, W, c]` -> `[B, H/2, W/2, 2c]`: bilinear x1/2 then a 3x3 conv
+    ("bilinear_conv"), or Uformer's strided 4x4 conv ("strided_conv")."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, mode: str = "bilinear_conv") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(dim, 2 * dim, 3, padding=1)
+        self.mode = mode
+        if mode == "bilinear_conv":
+            self.conv = nn.Conv2d(dim, 2 * dim, 3, padding=1)
+        else:
+            self.conv = nn.Conv2d(dim, 2 * dim, 4, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=0.5, mode="bilinear", align_corners=False)
+        x = x.permute(0, 3, 1, 2)
+        if self.mode == "bilinear_conv":
+            x = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
         return self.conv(x).permute(0, 2, 3, 1)
 
 
 class Upsample(nn.Module):
-    """Interpolation layer up: bilinear x2, then 3x3 conv 2c -> c. `[B, H, W, 2c]` -> `[B, 2H, 2W, c]`."""
+    """Interpolation layer up, `[B, H, W, in_dim]` -> `[B, 2H, 2W, out_dim]`: bilinear x2 then a 3x3 conv
+    ("bilinear_conv"), or Uformer's 2x2 transposed conv of stride 2 ("strided_conv")."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, mode: str = "bilinear_conv") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2 * dim, dim, 3, padding=1)
+        self.mode = mode
+        if mode == "bilinear_conv":
+            self.conv = nn.Conv2d(in_dim, out_dim, 3, padding=1)
+        else:
+            self.conv = nn.ConvTranspose2d(in_dim, out_dim, 2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=2.0, mode="bilinear", align_corners=False)
+        x = x.permute(0, 3, 1, 2)
+        if self.mode == "bilinear_conv":
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
         return self.conv(x).permute(0, 2, 3, 1)
 
 
 class KiT(nn.Module):
-    """The KiT U-net. Build it with `build_model(ModelConfig)`."""
+    """The KiT U-net. Build it with `build_model(ModelConfig)`.
+
+    Decoder "fused": the upsampled map and the skip are concatenated and fused back to the level's c
+    channels by a linear layer; the decoder KTBs work on c. "concat" (Uformer's): no fusion, the decoder
+    KTBs work on the 2c concatenated channels and the next upsampling halves them again.
+    """
 
     def __init__(self, size: ModelSize, cfg: ModelConfig) -> None:
         super().__init__()
         self.size, self.checkpoint_activations = size, cfg.checkpoint_activations
         widths = [size.channels * 2**level for level in range(4)]
+        concat = size.decoder == "concat"
+        decoder_widths = [2 * w if concat else w for w in widths[:3]]
         layer_ids = iter(range(10_000))
 
         def stage(dim: int, count: int, chunk_size: int) -> nn.ModuleList:
@@ -122,13 +144,18 @@ class KiT(nn.Module):
         self.encoder = nn.ModuleList(
             stage(widths[i], size.encoder_blocks[i], size.chunk_size) for i in range(3)
         )
-        self.down = nn.ModuleList(Downsample(widths[i]) for i in range(3))
+        self.down = nn.ModuleList(Downsample(widths[i], size.interpolation) for i in range(3))
         self.bottleneck = stage(widths[3], size.bottleneck_blocks, size.bottleneck_chunk_size)
-        self.up = nn.ModuleList(Upsample(widths[i]) for i in range(3))
-        self.fuse = nn.ModuleList(nn.Linear(2 * widths[i], widths[i]) for i in range(3))
+        up_inputs = [decoder_widths[1], decoder_widths[2], widths[3]] if concat else widths[1:]
+        self.up = nn.ModuleList(Upsample(up_inputs[i], widths[i], size.interpolation) for i in range(3))
+        self.fuse = nn.ModuleList(
+            nn.Identity() if concat else nn.Linear(2 * widths[i], widths[i]) for i in range(3)
+        )
         decoder_blocks = size.decoder_blocks[::-1]  # stored level 1..3, the table lists 3..1
-        self.decoder = nn.ModuleList(stage(widths[i], decoder_blocks[i], size.chunk_size) for i in range(3))
-        self.conv_out = nn.Conv2d(size.channels, 3, 3, padding=1)
+        self.decoder = nn.ModuleList(
+            stage(decoder_widths[i], decoder_blocks[i], size.chunk_size) for i in range(3)
+        )
+        self.conv_out = nn.Conv2d(decoder_widths[0], 3, 3, padding=1)
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,11 @@ product of LSH functions is again LSH (the AND construction).
 Randomness: training draws fresh rotations every forward pass from the default torch generator of the
 tensor's device, so restoring the RNG state (checkpoint resume, activation-checkpoint recompute) replays
 them exactly. Evaluation draws them from a private CPU generator seeded per layer, so it is deterministic
-and leaves the global RNG untouched.
+and leaves the global RNG untouched; the layer keeps them on its device per input shape
+(`KNNLocalAttention._rotations`), so evaluation draws and copies them once, not every forward.
+
+Sorting never builds a float64 key: patches are ordered by two stable sorts (by the in-bucket projection,
+then by code), which gives the same order as a combined key without its precision limit.
 """
 
 from __future__ import annotations
@@ -121,9 +125,10 @@ def group_by_codes(
     position = torch.arange(num_patches, device=codes.device)
     if within_bucket is None:
         order = torch.argsort(codes * num_patches + position, dim=-1)  # unique keys: any sort will do
-    else:  # code + a fraction in (0, 1/2); float64 keeps ~30 bits of it for codes < 2^20
-        key = codes.double() + 0.5 * torch.sigmoid(within_bucket.double())
-        order = torch.sort(key, dim=-1, stable=True).indices  # stable: equal keys stay in position order
+    else:  # two stable sorts, by projection then by code: no float64 key, ties stay in position order
+        by_projection = torch.sort(within_bucket.float(), dim=-1, stable=True).indices
+        by_code = torch.sort(codes.gather(-1, by_projection), dim=-1, stable=True).indices
+        order = by_projection.gather(-1, by_code)
     slot_of = torch.empty_like(order).scatter_(-1, order, position.expand_as(order))
     pad = -num_patches % chunk_size
     if pad:  # wrap around: the last chunk borrows the first patches of the same round
@@ -140,30 +145,72 @@ def gather_rows(source: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
     return torch.gather(source, 0, flat).view(*row_index.shape, source.shape[-1])
 
 
-def sorted_row_index(grouping: Grouping, num_patches: int, chunk_size: int, num_parts: int) -> torch.Tensor:
+def sorted_row_index(
+    grouping: Grouping, num_patches: int, chunk_size: int, num_parts: int, heads_outer: bool = False
+) -> torch.Tensor:
     """Rows of a `[B, N, heads, parts]`-flattened tensor (parts: q, k, v) in sorted, chunked order:
-    `[parts, B, rounds, chunks, heads, k]`, so each part of the gathered rows is contiguous (a strided part
-    would make every later copy, e.g. torch.cat, several times slower on CPU)."""
+    `[parts, B, rounds, chunks, heads, k]`, or `[parts, B, rounds, heads, N_padded]` with heads_outer (one
+    sorted sequence per head, as Flex attention wants it). Each part of the gathered rows is contiguous (a
+    strided part would make every later copy, e.g. torch.cat, several times slower on CPU)."""
     order = grouping.order  # [B, h, R, Np]
     batch, heads, rounds, num_padded = order.shape
     batch_offset = torch.arange(batch, device=order.device).view(batch, 1, 1, 1) * num_patches
     head = torch.arange(heads, device=order.device).view(1, heads, 1, 1)
     rows = ((batch_offset + order) * heads + head) * num_parts  # [B, h, R, Np]: row of part 0
-    rows = rows.view(1, batch, heads, rounds, num_padded // chunk_size, chunk_size).permute(0, 1, 3, 4, 2, 5)
-    parts = torch.arange(num_parts, device=order.device).view(num_parts, 1, 1, 1, 1, 1)
+    if heads_outer:
+        rows = rows.transpose(1, 2).unsqueeze(0)
+    else:
+        rows = rows.view(1, batch, heads, rounds, num_padded // chunk_size, chunk_size)
+        rows = rows.permute(0, 1, 3, 4, 2, 5)
+    parts = torch.arange(num_parts, device=order.device).view(num_parts, *[1] * (rows.dim() - 1))
     return rows + parts
 
 
-def unsorted_row_index(grouping: Grouping, chunk_size: int, num_chunks: int) -> torch.Tensor:
-    """Rows of a chunked `[B, rounds, chunks, heads, k]`-flattened tensor back in patch order: `[B, R, N, h]`."""
+def unsorted_row_index(
+    grouping: Grouping, chunk_size: int, num_chunks: int, heads_outer: bool = False
+) -> torch.Tensor:
+    """Rows of a chunked `[B, rounds, chunks, heads, k]`-flattened tensor (or `[B, rounds, heads, N_padded]`
+    with heads_outer) back in patch order: `[B, R, N, h]`."""
     slot_of = grouping.slot_of  # [B, h, R, N]
     batch, heads, num_rounds = slot_of.shape[:3]
     device = slot_of.device
     sequence = torch.arange(batch * num_rounds, device=device).view(batch, 1, num_rounds, 1)
     head = torch.arange(heads, device=device).view(1, heads, 1, 1)
-    chunk, within = slot_of // chunk_size, slot_of % chunk_size
-    rows = ((sequence * num_chunks + chunk) * heads + head) * chunk_size + within  # [B, h, R, N]
+    if heads_outer:
+        rows = (sequence * heads + head) * (num_chunks * chunk_size) + slot_of
+    else:
+        chunk, within = slot_of // chunk_size, slot_of % chunk_size
+        rows = ((sequence * num_chunks + chunk) * heads + head) * chunk_size + within  # [B, h, R, N]
     return rows.permute(0, 2, 3, 1)
+
+
+def key_patches(grouping: Grouping, chunk_size: int, look_back: bool) -> torch.Tensor:
+    """The patches whose pixels each chunk's queries see: `[B, h, R, chunks, Kp]`, Kp = k, or 2k with
+    look-back (the chunk's own patches, then the previous chunk's, circular within a round)."""
+    order = grouping.order
+    own = order.view(*order.shape[:3], -1, chunk_size)
+    return torch.cat([own, own.roll(1, dims=3)], dim=-1) if look_back else own
+
+
+def duplicate_log_counts(grouping: Grouping, chunk_size: int, look_back: bool) -> torch.Tensor:
+    """log of how often each key patch of a query patch's round-r key set occurs in the union of its key
+    sets over all rounds: `[B, h, R, N_padded, Kp]` (float32), per sorted slot of the query patch.
+
+    The merged softmax over rounds weighs a key patch that shares a chunk with the query in m rounds m
+    times (the patch's own keys always, b times); subtracting log m from those logits counts every key of
+    the union once (Reformer's duplicate correction)."""
+    sets = key_patches(grouping, chunk_size, look_back)  # [B, h, R, C, Kp]
+    own = sets.repeat_interleave(chunk_size, dim=3)  # [B, h, R, Np, Kp]: the key set of each slot
+    chunk_of = (grouping.slot_of // chunk_size).unsqueeze(-1).expand(-1, -1, -1, -1, sets.shape[-1])
+    by_patch = sets.gather(3, chunk_of)  # [B, h, R', N, Kp]: each patch's key set in round r'
+    query = grouping.order.unsqueeze(-1).expand(-1, -1, -1, -1, sets.shape[-1])  # [B, h, R, Np, Kp]
+    counts = torch.zeros(own.shape, dtype=torch.float32, device=own.device)
+    for other_round in range(sets.shape[2]):
+        other = by_patch[:, :, other_round].unsqueeze(2).expand(-1, -1, own.shape[2], -1, -1)
+        other = other.gather(3, query).clone()  # [B, h, R, Np, Kp]: round r' key set of slot's patch
+        other[:, :, other_round] = own[:, :, other_round]  # in its own round, the slot's chunk itself
+        counts += (own.unsqueeze(-1) == other.unsqueeze(-2)).sum(-1)
+    return counts.log()
 
 
 def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:

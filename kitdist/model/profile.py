@@ -1,15 +1,15 @@
 """Parameters, forward MACs and (optionally) measured forward time of a KiT size.
 
-    python -m kitdist.model.profile --model kit --size 256            # 20.55 M params, 43.50 GMACs
+    python -m kitdist.model.profile --model kit --size 256   # 20.28 M params, 47.14 G (42.52 G by hooks)
     python -m kitdist.model.profile --model debug --height 64 --width 96 --json
     python -m kitdist.model.profile --model kit --size 256 hash_rounds=1 --time
 
 MACs are counted with `torch.utils.flop_counter.FlopCounterMode` on the meta device (no memory, no
 compute; on CPU the fused SDPA kernel would count zero), forward only, batch 1, MACs = FLOPs / 2. They are
-counted on the reference attention path: the sdpa path computes the same function with a few extra
-dot-product columns (bias and sink folded into q and k), an implementation cost that shows in time, not in
-the model's MACs. Hashing counts; sort, gather and scatter count zero although they cost real time, hence
-`--time`.
+counted on the reference attention path (every kernel computes the same function; the sdpa one with a few
+extra dot-product columns), so implementation costs show in time, not in the model's MACs. `module_macs`
+counts Linear/Conv layers only, as thop does. Hashing counts; sort, gather and scatter count zero although
+they cost real time, hence `--time`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,35 @@ def count_macs(cfg: ModelConfig, height: int, width: int) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(image)
     return counter.get_total_flops() // 2
+
+
+def count_module_macs(cfg: ModelConfig, height: int, width: int) -> int:
+    """Forward MACs as module-hook counters (thop, ptflops' default backend) count them: only Linear,
+    Conv2d and ConvTranspose2d modules, so the attention's own matmuls (q k^T, p v) and the hashing are
+    missed. Papers' MAC figures often use this convention (see shared research notes, perf.md)."""
+    counted = dataclasses.replace(cfg, attention_impl="reference", checkpoint_activations=False)
+    total = 0
+
+    def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, torch.nn.Linear):
+            total += output.numel() * module.in_features
+        elif isinstance(module, torch.nn.ConvTranspose2d):  # every input pixel scatters a kernel
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            total += inputs[0].numel() * module.out_channels // module.groups * kernel
+        elif isinstance(module, torch.nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * module.in_channels // module.groups * kernel
+
+    with torch.device("meta"):
+        model = build_model(counted).eval()
+        image = torch.empty(1, 3, height, width)
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        model(image)
+    for handle in handles:
+        handle.remove()
+    return total
 
 
 def time_forward(cfg: ModelConfig, height: int, width: int, repeats: int = 3) -> float:
@@ -103,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"model": cfg.size, "height": args.height, "width": args.width}
         report["params"] = count_params(build_model(cfg))
         report["macs"] = count_macs(cfg, args.height, args.width)
+        report["module_macs"] = count_module_macs(cfg, args.height, args.width)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -114,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"KiT {report['model']} at {args.height}x{args.width}")
     print(f"  parameters   {report['params'] / 1e6:8.2f} M ({report['params']:,})")
     print(f"  forward MACs {report['macs'] / 1e9:8.2f} G (meta device, FlopCounterMode, batch 1)")
+    print(f"  module MACs  {report['module_macs'] / 1e9:8.2f} G (Linear/Conv hooks as thop counts)")
     if args.time:
         print(
             f"  forward time {report['forward_ms']:8.1f} ms (CPU, {torch.get_num_threads()} threads, median)"
