@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kitdist.model.lsh import no_autocast
+
 MAX_LAUNCH_BATCH = 65_535  # CUDA's grid limit in y and z (pytorch#146704, #142228)
 
 
@@ -108,7 +110,7 @@ def explicit_attention(
     pair_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`ExplicitAttention` with the kernel signature; autocast is off inside (it upcasts itself)."""
-    with torch.autocast(q.device.type, enabled=False):
+    with no_autocast(q.device.type):
         out, lse = ExplicitAttention.apply(q, k, v, bias, scale, pair_bias)
     return out, (lse if need_lse else None)
 

@@ -104,7 +104,7 @@ def hash_codes(
     patches inside a bucket."""
     unit = F.normalize(descriptors.detach().float(), dim=-1)
     batch, heads, num_patches, _ = unit.shape
-    with _no_autocast(unit.device.type):
+    with no_autocast(unit.device.type):
         projected = torch.einsum("bhnd,hdc->bhnc", unit, rotations)  # [B, h, N, rounds * columns]
     projected = projected.view(batch, heads, num_patches, num_rounds, -1)
     codes = torch.zeros((batch, heads, num_patches, num_rounds), dtype=torch.long, device=unit.device)
@@ -213,8 +213,9 @@ def duplicate_log_counts(grouping: Grouping, chunk_size: int, look_back: bool) -
     return counts.log()
 
 
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    """Hashing runs in float32 even under bf16 autocast: ties in bf16 would blur bucket boundaries."""
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off on `device_type` (hashing runs in float32 even under bf16 autocast: ties in bf16
+    would blur bucket boundaries). Devices without autocast (meta: the driver's checks) get a no-op."""
     if device_type in ("cpu", "cuda"):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
