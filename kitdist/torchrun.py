@@ -30,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from kitdist.train.session import StorageSession
     from kitdist.train.stop import clear_request
 
+    from kitdist.dist.env import device_for
+
     cfg = with_absolute_paths(cfg)
+    device_for(cfg.dist)  # sets this rank's GPU before NCCL starts: every collective then runs on it
     dist.init_process_group("nccl" if cfg.dist.use_gpu else "gloo")
     if dist.get_rank() == 0:
         clear_request(run_url(cfg))  # a request left by an earlier, stopped launch of this run
