@@ -141,9 +141,10 @@ def all_gather_objects(value: object) -> list[object]:
     return gathered
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over ranks of a short list of floats (in float64)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Element-wise sum over ranks of a short list of numbers (in float64); numbers may be 0-d tensors
+    on `device`, which are read here, once, rather than where they were computed."""
+    tensor = torch.stack([torch.as_tensor(value, device=device).double().reshape(()) for value in values])
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
