@@ -1,23 +1,22 @@
-"""One training step through each strategy, in this process (a gloo group of one, real DeepSpeed on CPU):
-mixed precision keeps the network's input, global residual and output in fp32; gradients are reduced in
-fp32 unless asked otherwise; a step reads nothing back from the device; `train.compile` trains like eager."""
+"""One training step through each strategy, in this process (a gloo group of one; real DeepSpeed on CPU,
+DS_ACCELERATOR=cpu from conftest): mixed precision keeps the network's input, global residual and output
+in fp32; gradients are reduced in fp32 unless asked otherwise; a step reads nothing back from the device;
+`train.compile` trains like eager."""
 
 from __future__ import annotations
 
 import os
 import traceback
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import pytest
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
-
-from kitdist.config import load_config  # noqa: E402
-from kitdist.dist.strategy import build_strategy  # noqa: E402
-from kitdist.model import build_model  # noqa: E402
-from kitdist.train.loop import _Window, train_step  # noqa: E402
+from kitdist.config import load_config
+from kitdist.dist.strategy import build_strategy
+from kitdist.model import build_model
+from kitdist.train.loop import _Window, train_step
 
 CPU = torch.device("cpu")
 ENGINES = {
@@ -151,3 +150,29 @@ def test_compiled_model_trains_like_eager(group_of_one):
                 found.append(float(window.loss_sum - before))
         losses[compiled] = found
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_fp16_trains_and_its_loss_scale_survives_checkpoints(group_of_one, engine, tmp_path):
+    """fp16 (autocast + dynamic loss scaling; CPU autocast stands in for CUDA's here, so the config is
+    told dist.use_gpu=true while the strategy gets the CPU): it trains, and the loss scale goes through
+    the world-size-independent state and DeepSpeed's native checkpoint."""
+    from kitdist.dist.strategy import set_loss_scale
+
+    cfg, strategy = strategy_for(engine, "train.precision=fp16", "dist.use_gpu=true")
+    stream, window = batches(3), _Window()
+    for _ in range(3):
+        train_step(cfg, strategy, stream, window)
+    assert float(window.loss_sum) == float(window.loss_sum)  # not NaN
+    scaler = strategy.scaler if engine == "ddp" else strategy._grad_scaler()
+    set_loss_scale(scaler, 1024.0)
+    state = strategy.full_state()
+    assert state.meta["loss_scale"] == 1024.0
+    _, fresh = strategy_for(engine, "train.precision=fp16", "dist.use_gpu=true")
+    fresh.load_full_state(state)
+    assert fresh.full_state().meta["loss_scale"] == 1024.0
+    if engine != "ddp":
+        strategy.save_native(str(tmp_path))
+        _, native = strategy_for(engine, "train.precision=fp16", "dist.use_gpu=true")
+        native.load_native(str(tmp_path))
+        assert native._grad_scaler().get_scale() == 1024.0

@@ -68,8 +68,10 @@ def run_section(name: str, cpu: bool, scratch: Path, limit: float, log) -> dict:
     log.write(f"\n===== {name}: {' '.join(command)} (limit {limit:.0f} s)\n")
     log.flush()
     started = time.perf_counter()
+    # tests/conftest.py defaults DeepSpeed to its CPU accelerator; the GPU tests need CUDA's
+    env = {**os.environ, "DS_ACCELERATOR": "cpu" if cpu else "cuda"}
     try:
-        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+        done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
         code = done.returncode
     except subprocess.TimeoutExpired:
         code = None

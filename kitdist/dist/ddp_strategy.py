@@ -23,6 +23,7 @@ from kitdist.dist.strategy import (
     compile_if_asked,
     load_scheduler_state,
     optimizer_step_of,
+    set_loss_scale,
     set_optimizer_step,
     step_tensor,
 )
@@ -113,7 +114,7 @@ class DDPStrategy(Strategy):
         set_optimizer_step(self.optimizer, step)
         load_scheduler_state(self.scheduler, state.meta["scheduler"])
         if self.scaler is not None and state.meta.get("loss_scale"):
-            self.scaler.update(float(state.meta["loss_scale"]))
+            set_loss_scale(self.scaler, state.meta["loss_scale"])
 
 
 def _compress_gradients(ddp: DistributedDataParallel, dtype: str) -> None:

@@ -31,6 +31,7 @@ from kitdist.dist.strategy import (
     load_scheduler_state,
     micro_batch_size,
     optimizer_step_of,
+    set_loss_scale,
     set_optimizer_step,
 )
 from kitdist.train.optim import build_optimizer, build_scheduler
@@ -204,7 +205,7 @@ class DeepSpeedStrategy(Strategy):
         load_scheduler_state(self.scheduler, state.meta["scheduler"])
         self.engine.global_steps = int(state.meta.get("global_steps", 0))
         if state.meta.get("loss_scale") and self._grad_scaler() is not None:
-            self._grad_scaler().update(float(state.meta["loss_scale"]))
+            set_loss_scale(self._grad_scaler(), state.meta["loss_scale"])
 
     def save_native(self, folder: str) -> bool:
         self.engine.save_checkpoint(folder, tag=NATIVE_TAG, save_latest=False)

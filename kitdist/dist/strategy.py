@@ -135,6 +135,12 @@ def step_tensor(optimizer: torch.optim.Optimizer, param: torch.Tensor, step: int
     return torch.tensor(float(step), device=param.device if on_device else "cpu")
 
 
+def set_loss_scale(scaler: torch.amp.GradScaler, scale: float) -> None:
+    """Restores fp16's loss scale, also into a scaler that has not scaled anything yet (whose `update`
+    would refuse)."""
+    scaler.load_state_dict({**scaler.state_dict(), "scale": float(scale)})
+
+
 def as_float(value: torch.Tensor | float | None) -> float:
     """A number the loop kept on the device, read at a logging step (the one synchronisation)."""
     if value is None:
