@@ -163,7 +163,9 @@ class TrainConfig:
     # dtype of the gradient all-reduce under bf16/fp16 (fp32: exact sums of fp32 gradients; the precision's
     # own dtype halves the bytes sent)
     grad_reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    fused_optimizer: bool = False  # apex FusedAdam when importable (on CUDA torch's fused AdamW is the default)
+    fused_optimizer: bool = (
+        False  # apex FusedAdam when importable (on CUDA torch's fused AdamW is the default)
+    )
     compile: bool = False  # torch.compile the model (in place: parameter names and checkpoints unchanged)
     seed: int = 0
     log_every: int = 10

@@ -27,7 +27,10 @@ def cuda(index: int) -> torch.device:
         # Ray lists the GPUs of all workers on the node; the worker's own is at its position in that list,
         # which LOCAL_RANK need not match (Ray's docs: "2,3" and ids [2] -> cuda:0)
         (LauncherFacts(visible_gpus=2, cuda_visible_devices="2,3", local_rank=1, ray_gpu_ids=["2"]), cuda(0)),
-        (LauncherFacts(visible_gpus=4, cuda_visible_devices="0,1,2,3", local_rank=0, ray_gpu_ids=["2"]), cuda(2)),
+        (
+            LauncherFacts(visible_gpus=4, cuda_visible_devices="0,1,2,3", local_rank=0, ray_gpu_ids=["2"]),
+            cuda(2),
+        ),
         (LauncherFacts(visible_gpus=4, cuda_visible_devices="0,1,2,3", ray_gpu_ids=["2", "3"]), cuda(2)),
         (LauncherFacts(visible_gpus=4, cuda_visible_devices=None, local_rank=0, ray_gpu_ids=["1"]), cuda(1)),
         # several GPUs and no launcher (restore, evaluate by hand): the first

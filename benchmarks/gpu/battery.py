@@ -48,7 +48,15 @@ def commands(name: str, cpu: bool, result: Path, scratch: Path) -> list[str]:
         shape = ["--device", "cpu", "--quick"] if cpu else ["--device", "cuda", "--dtype", "bf16"]
         return [python, str(REPO / "benchmarks" / "attention.py"), *shape, "--json", str(result)]
     if name == "train":
-        launcher = [python, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", free_port()]
+        launcher = [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "1",
+            "--master-port",
+            free_port(),
+        ]
         return [*launcher, str(HERE / "sections.py"), "train", str(result), str(scratch), *mode]
     return [python, str(HERE / "sections.py"), name, str(result), str(scratch), *mode]
 
@@ -114,9 +122,13 @@ def test_counts(junit: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", help="folder for report.json, report.md and battery.log")
-    parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (checks the script itself)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="tiny shapes on the CPU (checks the script itself)"
+    )
     parser.add_argument("--sections", nargs="*", default=list(LIMITS), help="a subset, in this order")
     args = parser.parse_args()
     out = Path(args.out)

@@ -17,7 +17,16 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _device(entry: dict) -> list[str]:
-    keys = ("name", "torch", "cuda", "capability", "memory_gib", "peak_bf16_tflops", "peak_source", "packages")
+    keys = (
+        "name",
+        "torch",
+        "cuda",
+        "capability",
+        "memory_gib",
+        "peak_bf16_tflops",
+        "peak_source",
+        "packages",
+    )
     return [f"- {key}: {entry[key]}" for key in keys if key in entry]
 
 
@@ -60,7 +69,10 @@ def _restore(entry: dict) -> list[str]:
 def _loader(entry: dict) -> list[str]:
     if "rates" not in entry:
         return []
-    lines = [f"{entry.get('samples')} PNG tiles of {entry.get('tile')} px, {entry.get('workers')} workers", ""]
+    lines = [
+        f"{entry.get('samples')} PNG tiles of {entry.get('tile')} px, {entry.get('workers')} workers",
+        "",
+    ]
     lines += ["| measure | samples/s |", "|---|---|"]
     lines += [f"| {name} | {rate:.0f} |" for name, rate in entry["rates"].items()]
     if "pipeline_over_decode" in entry:

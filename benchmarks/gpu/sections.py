@@ -265,7 +265,11 @@ def restore_photograph(run: Path, size: tuple[int, int], cpu: bool) -> dict:
         start = time.perf_counter()
         restored = restorer.restore(pixels)  # returns a host array: the GPU has finished
         seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(restorer.device) / 2**20 if restorer.device.type == "cuda" else None
+        peak = (
+            torch.cuda.max_memory_allocated(restorer.device) / 2**20
+            if restorer.device.type == "cuda"
+            else None
+        )
         figures[precision] = {"seconds": round(seconds, 3), "peak_mib": peak, "shape": list(restored.shape)}
     return figures
 

@@ -134,7 +134,9 @@ class DeepSpeedStrategy(Strategy):
         API): id(param) -> views of its fp32 master and Adam moments. The fused wrapper keeps one flat
         master per group, the unfused one a master per parameter."""
         groups = getattr(self.optimizer, "fp16_groups", None)
-        masters = getattr(self.optimizer, "fp32_groups_flat", None) or getattr(self.optimizer, "fp32_groups", None)
+        masters = getattr(self.optimizer, "fp32_groups_flat", None) or getattr(
+            self.optimizer, "fp32_groups", None
+        )
         if groups is None or masters is None:
             return {}
         state = self._base_optimizer().state
