@@ -107,3 +107,22 @@ def test_fp16_trains_with_a_dynamic_loss_scale_kept_in_checkpoints(nccl_group_of
     _, fresh = strategy_for(nccl_group_of_one, *engine, "train.precision=fp16")
     fresh.load_full_state(state)
     assert fresh.full_state().meta["loss_scale"] == state.meta["loss_scale"]
+
+
+def test_inductor_compiled_model_trains_like_eager(nccl_group_of_one):
+    """`train.compile=true` with inductor (Triton kernels): two bf16 steps give eager's losses (inductor
+    told to draw LSH rotations from torch's generator, as eager does)."""
+    import torch._inductor.config as inductor_config
+
+    losses = {}
+    for compiled in (False, True):
+        cfg, strategy = strategy_for(nccl_group_of_one, *DDP, f"train.compile={str(compiled).lower()}")
+        torch.manual_seed(5)
+        window, found, stream = _Window(), [], batches(nccl_group_of_one)
+        with inductor_config.patch(fallback_random=True):
+            for _ in range(2):
+                before = window.loss_sum
+                train_step(cfg, strategy, stream, window)
+                found.append(float(window.loss_sum - before))
+        losses[compiled] = found
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
