@@ -163,8 +163,9 @@ def _after_step(cfg, session, strategy, stream, recorder, step, window, flops, p
 
 
 def _log_record(cfg, session, strategy, step, window, flops, peak) -> dict[str, Any]:
-    elapsed = time.perf_counter() - window.start
+    # Reading the loss waits for the device's queued work: the time taken after it is the window's own.
     loss_sum, wait_sum = all_reduce_sum([window.loss_sum, window.data_wait], strategy.device)
+    elapsed = time.perf_counter() - window.start
     samples_per_s = cfg.data.global_batch_size * window.steps / elapsed
     record = {
         "loss": loss_sum / session.world_size / window.steps,
