@@ -45,15 +45,17 @@ def _train(entry: dict) -> list[str]:
         f"{entry.get('model')} at {entry.get('crop')}x{entry.get('crop')}, global batch {entry.get('batch')},"
         f" {entry.get('precision')}; MFU against {entry.get('peak_source')}",
         "",
-        "| engine | act. ckpt | step ms | x DDP | images/s | MFU | peak MiB | host syncs/step | error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| engine | act. ckpt | step ms | x DDP | images/s | MFU | peak MiB | activations MiB | host syncs/step"
+        " | error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['engine']} | {row['checkpointing']} | {_num(row.get('step_ms'), '.1f')} | "
             f"{_num(row.get('x_ddp'), '.2f')} | {_num(row.get('images_per_s'), '.1f')} | "
             f"{_num(row.get('mfu'), '.1%')} | {_num(row.get('peak_mib'), '.0f')} | "
-            f"{_num(row.get('syncs_per_step'), '.1f')} | {row.get('error', '')} |"
+            f"{_num(row.get('activation_mib'), '.0f')} | {_num(row.get('syncs_per_step'), '.1f')} | "
+            f"{row.get('error', '')} |"
         )
     for key in ("checkpointing_memory", "checkpointing_time"):
         if key in entry:
