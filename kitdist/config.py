@@ -177,8 +177,15 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     grad_accum_steps: int = 1
     loss: Literal["charbonnier", "l1"] = "charbonnier"
+    # bf16 / fp16: autocast over fp32 weights; the network's input, global residual and output stay fp32
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    fused_optimizer: bool = False  # apex FusedAdam when importable
+    # dtype of the gradient all-reduce under bf16/fp16 (fp32: exact sums of fp32 gradients; the precision's
+    # own dtype halves the bytes sent)
+    grad_reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fused_optimizer: bool = (
+        False  # apex FusedAdam when importable (on CUDA torch's fused AdamW is the default)
+    )
+    compile: bool = False  # torch.compile the model (in place: parameter names and checkpoints unchanged)
     seed: int = 0
     log_every: int = 10
     val_every: int = 0  # 0: validate only at the end
@@ -207,6 +214,11 @@ class TrainConfig:
             _fail("train.grad_clip", f"must be >= 0, got {self.grad_clip}")
         if not all(0.0 <= beta < 1.0 for beta in self.betas):
             _fail("train.betas", f"each beta lies in [0, 1), got {list(self.betas)}")
+        if self.grad_reduce_dtype not in ("fp32", self.precision):
+            _fail(
+                "train.grad_reduce_dtype",
+                f"is fp32 or the training precision (train.precision={self.precision}), got {self.grad_reduce_dtype}",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -156,12 +156,20 @@ class Restorer:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """ "auto": the first CUDA GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """ "auto": a GPU when there is one, else the CPU; "auto" and "cuda" take the GPU the launcher meant
+    for this process (`kitdist.dist.env.choose_device`: LOCAL_RANK, Ray's assignment), "cuda:N" that one.
+    A GPU chosen is made the current device."""
+    from kitdist.dist.env import LauncherFacts, choose_device
+
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch")
-    return torch.device(name)
+    if name in ("auto", "cuda"):
+        device = choose_device(torch.cuda.is_available(), LauncherFacts.of_this_process())
+    else:
+        device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def weights_url_of(url: str) -> str:

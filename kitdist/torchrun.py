@@ -25,12 +25,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ).parse_args(argv)
     cfg = config_or_exit(args.config, args.overrides)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.dist.use_gpu else "cpu")
+    from kitdist.dist.env import device_for
     from kitdist.launch import with_absolute_paths
     from kitdist.train.loop import run_url, train_worker
     from kitdist.train.session import StorageSession
     from kitdist.train.stop import clear_request
 
     cfg = with_absolute_paths(cfg)
+    device_for(cfg.dist)  # sets this rank's GPU before NCCL starts: every collective then runs on it
     dist.init_process_group("nccl" if cfg.dist.use_gpu else "gloo")
     if dist.get_rank() == 0:
         clear_request(run_url(cfg))  # a request left by an earlier, stopped launch of this run

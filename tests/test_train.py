@@ -211,7 +211,7 @@ def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(
 
 def val_psnr_of_weights(cfg, weights: dict[str, torch.Tensor]) -> float:
     """Mean RGB PSNR of a fresh `build_model` holding `weights`, on the run's validation images, computed
-    as the run's own validation does (bf16 weights and input, padded to a multiple of 32)."""
+    as the run's own validation does (fp32 weights and input, bf16 autocast, padded to a multiple of 32)."""
     from kitdist.data import val_batches
     from kitdist.model import build_model
     from kitdist.train.loop import VAL_CONVENTIONS, _restore_padded
@@ -219,8 +219,13 @@ def val_psnr_of_weights(cfg, weights: dict[str, torch.Tensor]) -> float:
 
     model = build_model(cfg.model)
     model.load_state_dict(weights, strict=True)
-    model = model.to(torch.bfloat16).eval()
-    local = types.SimpleNamespace(device=torch.device("cpu"), input_dtype=torch.bfloat16, forward=model)
+    model = model.eval()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)
+
+    local = types.SimpleNamespace(device=torch.device("cpu"), input_dtype=torch.float32, forward=forward)
     values = []
     with torch.no_grad():
         for batch in val_batches(cfg, 0, 1):

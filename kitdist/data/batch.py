@@ -65,8 +65,18 @@ def as_float(pixels: np.ndarray) -> np.ndarray:
     return to_float(pixels) if pixels.dtype == np.uint8 else pixels
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An asynchronous copy to a GPU: from pinned memory (the DataLoader pins batches for a CUDA trainer;
+    small tensors made here are pinned on the way), so the host never waits for the copy."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def _to_unit(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    pixels = pixels.to(device, non_blocking=True)
+    pixels = _to_device(pixels, device)
     return pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
 
 
@@ -82,7 +92,7 @@ def finish(batch: dict[str, Any], device: torch.device | str = "cpu") -> dict[st
         if sigma > 0:
             generator = torch.Generator(device).manual_seed(seed)
             torch.randn((height, width, channels), generator=generator, device=device, out=noise[index])
-    scale = torch.tensor([sigma / 255.0 for sigma in sigmas], dtype=torch.float32, device=device)
+    scale = _to_device(torch.tensor([sigma / 255.0 for sigma in sigmas], dtype=torch.float32), device)
     noise *= scale.view(size, 1, 1, 1)
     extra = {k: v for k, v in batch.items() if k not in ("input", "target", "noise_sigma", "noise_seed")}
     return {"input": source + noise.permute(0, 3, 1, 2), "target": target, **extra}

@@ -134,7 +134,8 @@ class TrainStream:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=2 if workers else None,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.device.type == "cuda",  # page-locked batches: asynchronous copies to the GPU
+            # Created once per run and iterated endlessly: its workers live as long as the run.
             # A private generator: a DataLoader iterator otherwise draws its base seed from the global
             # RNG, which the model's LSH rotations also use; a resumed run (which creates its iterator
             # after restoring the RNG) would then draw other rotations than the uninterrupted run.

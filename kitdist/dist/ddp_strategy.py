@@ -1,6 +1,8 @@
 """Plain PyTorch DDP behind the Strategy interface: the baseline DeepSpeed is measured against.
 
-Mixed precision is autocast (bf16, or fp16 with a dynamic GradScaler) over fp32 weights.
+Mixed precision is autocast (bf16, or fp16 with a dynamic GradScaler) over fp32 weights: the network's
+input, global residual and output stay fp32, gradients are fp32 and all-reduced in fp32 unless
+`train.grad_reduce_dtype` asks for a compressed all-reduce (DDP's bf16 / fp16 communication hooks).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from kitdist.dist.strategy import (
     DTYPES,
     FullState,
     Strategy,
+    compile_if_asked,
     load_scheduler_state,
     optimizer_step_of,
+    set_loss_scale,
     set_optimizer_step,
+    step_tensor,
 )
 from kitdist.train.optim import build_optimizer, build_scheduler
 
@@ -31,12 +36,12 @@ class DDPStrategy(Strategy):
     def __init__(self, cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
-        self.input_dtype = torch.float32
         self.autocast_dtype = DTYPES[cfg.train.precision]
-        self._bare = model.to(device)
+        self._bare = compile_if_asked(model.to(device), cfg)
         if dist.is_initialized():
             device_ids = [device.index] if device.type == "cuda" else None
             self._wrapped: nn.Module = DistributedDataParallel(self._bare, device_ids=device_ids)
+            _compress_gradients(self._wrapped, cfg.train.grad_reduce_dtype)
         else:
             self._wrapped = self._bare
         self.optimizer = build_optimizer(self._bare.parameters(), cfg.train)
@@ -62,19 +67,19 @@ class DDPStrategy(Strategy):
         with context:
             loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._bare.parameters(), max_norm)
-        if self.scaler is not None:
+        if self.scaler is not None:  # with fused AdamW the overflow check stays on the device
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -103,10 +108,20 @@ class DDPStrategy(Strategy):
             if f"exp_avg/{name}" not in state.moments:
                 continue
             self.optimizer.state[param] = {
-                "step": torch.tensor(float(step)),
+                "step": step_tensor(self.optimizer, param, step),
                 **{key: state.moments[f"{key}/{name}"].to(param.device) for key in ADAM_MOMENTS},
             }
         set_optimizer_step(self.optimizer, step)
         load_scheduler_state(self.scheduler, state.meta["scheduler"])
         if self.scaler is not None and state.meta.get("loss_scale"):
-            self.scaler.update(float(state.meta["loss_scale"]))
+            set_loss_scale(self.scaler, state.meta["loss_scale"])
+
+
+def _compress_gradients(ddp: DistributedDataParallel, dtype: str) -> None:
+    """All-reduce gradients in `dtype` (train.grad_reduce_dtype) instead of their own fp32."""
+    if dtype == "fp32":
+        return
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hook = default_hooks.bf16_compress_hook if dtype == "bf16" else default_hooks.fp16_compress_hook
+    ddp.register_comm_hook(None, hook)

@@ -1,5 +1,11 @@
 """DeepSpeed behind the Strategy interface: ZeRO stage 0-3, bf16 / fp16 (dynamic loss scaling) / fp32.
 
+Mixed precision is DeepSpeed's `torch_autocast` over fp32 weights, as DDP's: the network's input, global
+residual and output stay fp32 (DeepSpeed's `bf16` / `fp16` sections would cast the whole model, rounding
+the restored image itself), fp16 gets DeepSpeed's dynamic loss scaler (a torch GradScaler), and
+gradients are reduced in fp32 unless `train.grad_reduce_dtype` names the precision's dtype (then the
+weights of Linear and Conv layers are reduced in it, DeepSpeed's default for autocast).
+
 DeepSpeed is imported here only, lazily. On CPU it runs with DS_ACCELERATOR=cpu over the gloo process
 group that the launcher (Ray Train or torchrun) already initialised; on GPU the same code runs on CUDA
 and NCCL. The world-size-independent `full_state` uses DeepSpeed's tensor-fragment API
@@ -9,6 +15,7 @@ the ZeRO partitions online.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,17 +25,20 @@ from kitdist.config import RunConfig
 from kitdist.dist.env import world_size
 from kitdist.dist.strategy import (
     ADAM_MOMENTS,
-    DTYPES,
     FullState,
     Strategy,
+    compile_if_asked,
     load_scheduler_state,
     micro_batch_size,
     optimizer_step_of,
+    set_loss_scale,
     set_optimizer_step,
 )
 from kitdist.train.optim import build_optimizer, build_scheduler
 
 NATIVE_TAG = "deepspeed"
+GRAD_SCALER_FILE = "grad_scaler.pt"  # fp16's loss scale, beside DeepSpeed's own files
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def deepspeed_config(cfg: RunConfig, num_workers: int) -> dict[str, Any]:
@@ -44,10 +54,10 @@ def deepspeed_config(cfg: RunConfig, num_workers: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # our loop does the logging
         "wall_clock_breakdown": False,
     }
-    if train.precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif train.precision == "fp16":
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if train.precision in AUTOCAST_DTYPES:
+        config["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[train.precision]}
+        if train.grad_reduce_dtype == "fp32":  # no layer marked safe to reduce in lower precision
+            config["torch_autocast"]["lower_precision_safe_modules"] = []
     return config
 
 
@@ -59,7 +69,7 @@ class DeepSpeedStrategy(Strategy):
 
         self.cfg = cfg
         self.device = device
-        self.input_dtype = DTYPES[cfg.train.precision]
+        model = compile_if_asked(model.to(device), cfg)  # on its device first: fused AdamW needs that
         optimizer = build_optimizer(model.parameters(), cfg.train)
         scheduler = build_scheduler(optimizer, cfg.train)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -82,10 +92,15 @@ class DeepSpeedStrategy(Strategy):
         if not last_micro_batch:
             self.engine.step()  # only counts the micro-batch; the update happens at the boundary
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float | None:
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return self.engine.get_global_grad_norm()
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16's dynamic loss scaler: the engine's without ZeRO, the ZeRO optimizer's with it."""
+        return getattr(self.engine, "torch_autocast_z0_gradscaler", None) or getattr(
+            self.optimizer, "torch_autocast_gradscaler", None
+        )
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
@@ -119,7 +134,9 @@ class DeepSpeedStrategy(Strategy):
         API): id(param) -> views of its fp32 master and Adam moments. The fused wrapper keeps one flat
         master per group, the unfused one a master per parameter."""
         groups = getattr(self.optimizer, "fp16_groups", None)
-        masters = getattr(self.optimizer, "fp32_groups_flat", None) or getattr(self.optimizer, "fp32_groups", None)
+        masters = getattr(self.optimizer, "fp32_groups_flat", None) or getattr(
+            self.optimizer, "fp32_groups", None
+        )
         if groups is None or masters is None:
             return {}
         state = self._base_optimizer().state
@@ -157,7 +174,7 @@ class DeepSpeedStrategy(Strategy):
         meta = {
             "optimizer_step": optimizer_step_of(base),
             "scheduler": self.scheduler.state_dict(),
-            "loss_scale": getattr(self.optimizer, "cur_scale", None),
+            "loss_scale": self._grad_scaler().get_scale() if self._grad_scaler() is not None else None,
             "global_steps": self.engine.global_steps,
         }
         return FullState(weights=ordered, moments=moments, meta=meta)
@@ -189,11 +206,14 @@ class DeepSpeedStrategy(Strategy):
         set_optimizer_step(base, int(state.meta.get("optimizer_step", 0)))
         load_scheduler_state(self.scheduler, state.meta["scheduler"])
         self.engine.global_steps = int(state.meta.get("global_steps", 0))
-        if state.meta.get("loss_scale") and hasattr(self.optimizer, "loss_scaler"):
-            self.optimizer.loss_scaler.cur_scale = float(state.meta["loss_scale"])
+        if state.meta.get("loss_scale") and self._grad_scaler() is not None:
+            set_loss_scale(self._grad_scaler(), state.meta["loss_scale"])
 
     def save_native(self, folder: str) -> bool:
         self.engine.save_checkpoint(folder, tag=NATIVE_TAG, save_latest=False)
+        scaler = self._grad_scaler()
+        if scaler is not None:  # DeepSpeed's checkpoint leaves the autocast loss scaler out
+            torch.save(scaler.state_dict(), Path(folder, NATIVE_TAG, GRAD_SCALER_FILE))
         return True
 
     def load_native(self, folder: str) -> None:
@@ -202,6 +222,9 @@ class DeepSpeedStrategy(Strategy):
         )
         if path is None:
             raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag {NATIVE_TAG!r})")
+        scaler, saved = self._grad_scaler(), Path(folder, NATIVE_TAG, GRAD_SCALER_FILE)
+        if scaler is not None and saved.is_file():
+            scaler.load_state_dict(torch.load(saved, weights_only=True))
 
 
 def _split_flat(flat: torch.Tensor, params: list[torch.Tensor]) -> list:

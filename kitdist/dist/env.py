@@ -1,12 +1,18 @@
 """Process environment of a training worker: device choice, rank queries, DeepSpeed's CPU accelerator.
 
 Works the same under Ray Train and torchrun: both initialise `torch.distributed` and set RANK,
-WORLD_SIZE and LOCAL_RANK, so nothing here knows which launcher started the process.
+WORLD_SIZE and LOCAL_RANK. Where they differ is how a worker finds its GPU: torchrun starts one process
+per GPU with every GPU visible (the GPU is `cuda:LOCAL_RANK`), while Ray assigns GPUs through
+CUDA_VISIBLE_DEVICES (often listing the GPUs of every worker on the node) and `ray.get_gpu_ids()`.
+`choose_device` decides from those facts alone, for training, `restore` and `evaluate` alike.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -45,10 +51,77 @@ def worker_env_vars(cfg: DistConfig) -> dict[str, str]:
     return assert_no_secrets(env)
 
 
+class DeviceError(RuntimeError):
+    """No usable device for this worker; the message names the facts it was chosen from."""
+
+
+@dataclass(frozen=True)
+class LauncherFacts:
+    """What a process knows about the GPUs it may use."""
+
+    visible_gpus: int  # torch.cuda.device_count(): GPUs this process can address, cuda:0..n-1
+    cuda_visible_devices: str | None = None  # as the launcher set it (None: unset, every GPU visible)
+    local_rank: int | None = None  # torchrun / Ray Train: this process's rank on its node
+    ray_gpu_ids: Sequence[str] = ()  # ray.get_gpu_ids() inside a Ray worker holding GPUs
+
+    @classmethod
+    def of_this_process(cls, env: Mapping[str, str] = os.environ) -> LauncherFacts:
+        local_rank = env.get("LOCAL_RANK")
+        return cls(
+            visible_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
+            local_rank=int(local_rank) if local_rank not in (None, "") else None,
+            ray_gpu_ids=_ray_gpu_ids(),
+        )
+
+
+def _ray_gpu_ids() -> tuple[str, ...]:
+    """The GPUs Ray assigned to this worker; empty outside Ray (ray is never imported for this)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return ()
+    return tuple(str(gpu) for gpu in ray.get_gpu_ids())
+
+
+def choose_device(use_gpu: bool, facts: LauncherFacts) -> torch.device:
+    """The one decision of which device a worker (or `restore` / `evaluate`) runs on:
+    - Ray assigned GPUs: the first of them, at its position in CUDA_VISIBLE_DEVICES (what
+      `ray.train.torch.get_device()` answers), whatever LOCAL_RANK says;
+    - exactly one visible GPU: cuda:0 (the launcher isolated it; LOCAL_RANK counts processes, not GPUs);
+    - several: cuda:LOCAL_RANK (torchrun's one process per GPU), cuda:0 without LOCAL_RANK."""
+    if not use_gpu:
+        return torch.device("cpu")
+    seen = f"CUDA_VISIBLE_DEVICES={facts.cuda_visible_devices!r}, LOCAL_RANK={facts.local_rank}"
+    if facts.visible_gpus < 1:
+        raise DeviceError(f"dist.use_gpu=true but this process sees no CUDA GPU ({seen})")
+    if facts.ray_gpu_ids:
+        return torch.device("cuda", _ray_index(facts, seen))
+    if facts.visible_gpus == 1:
+        return torch.device("cuda", 0)
+    index = facts.local_rank or 0
+    if index >= facts.visible_gpus:
+        raise DeviceError(f"LOCAL_RANK {index} but only {facts.visible_gpus} GPUs are visible ({seen})")
+    return torch.device("cuda", index)
+
+
+def _ray_index(facts: LauncherFacts, seen: str) -> int:
+    assigned = facts.ray_gpu_ids[0]
+    if facts.cuda_visible_devices is None:  # Ray left every GPU visible: its ids are torch's indices
+        return int(assigned)
+    listed = [item.strip() for item in facts.cuda_visible_devices.split(",") if item.strip()]
+    if assigned not in listed:
+        raise DeviceError(f"Ray assigned GPU {assigned}, which CUDA_VISIBLE_DEVICES does not list ({seen})")
+    return listed.index(assigned)
+
+
 def device_for(cfg: DistConfig) -> torch.device:
-    if cfg.use_gpu:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """This worker's device, made current (`torch.cuda.set_device`) so that every collective that
+    picks the current device (all_gather_object, barrier, NCCL's communicator) uses it: call it before
+    the first collective."""
+    device = choose_device(cfg.use_gpu, LauncherFacts.of_this_process())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def rank() -> int:
@@ -74,9 +147,10 @@ def all_gather_objects(value: object) -> list[object]:
     return gathered
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over ranks of a short list of floats (in float64)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Element-wise sum over ranks of a short list of numbers (in float64); numbers may be 0-d tensors
+    on `device`, which are read here, once, rather than where they were computed."""
+    tensor = torch.stack([torch.as_tensor(value, device=device).double().reshape(()) for value in values])
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()

@@ -39,7 +39,9 @@ class Strategy(ABC):
 
     name: str
     device: torch.device
-    input_dtype: torch.dtype  # what `forward` expects its input in
+    # what `forward` expects its input in: fp32 always, mixed precision is autocast inside `forward`, so
+    # the network's input, its global residual and its output stay fp32
+    input_dtype: torch.dtype = torch.float32
 
     @property
     @abstractmethod
@@ -54,8 +56,9 @@ class Strategy(ABC):
         """Backward for one micro-batch; gradients are synchronised on the last one of an update."""
 
     @abstractmethod
-    def step(self) -> float:
-        """Clips, applies the update and advances the lr schedule; returns the global grad norm."""
+    def step(self) -> torch.Tensor | float | None:
+        """Clips, applies the update and advances the lr schedule; returns the global grad norm, left
+        where the engine computed it (a device tensor is read only at logging steps: `as_float`)."""
 
     @abstractmethod
     def lr(self) -> float: ...
@@ -95,6 +98,19 @@ def build_strategy(cfg: RunConfig, model: nn.Module, device: torch.device) -> St
     return DDPStrategy(cfg, model, device)
 
 
+# torch.compile's options for `train.compile` (inductor by default); tests on a CPU swap in "aot_eager",
+# which traces and differentiates the same graphs without inductor's minutes of C++ compilation.
+COMPILE_OPTIONS: dict[str, Any] = {}
+
+
+def compile_if_asked(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """`train.compile`: compiles the model's forward in place (`nn.Module.compile`), so parameter names,
+    state dicts and checkpoints stay those of the eager model."""
+    if cfg.train.compile:
+        model.compile(**COMPILE_OPTIONS)
+    return model
+
+
 def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
     return cfg.data.global_batch_size // world_size // cfg.train.grad_accum_steps
 
@@ -111,7 +127,30 @@ def set_optimizer_step(optimizer: torch.optim.Optimizer, step: int) -> None:
     for state in optimizer.state.values():
         if "step" in state:
             value = state["step"]
-            state["step"] = torch.tensor(float(step), dtype=value.dtype) if torch.is_tensor(value) else step
+            if torch.is_tensor(value):  # fused / capturable AdamW keep it on the parameters' device
+                state["step"] = torch.tensor(float(step), dtype=value.dtype, device=value.device)
+            else:
+                state["step"] = step
+
+
+def step_tensor(optimizer: torch.optim.Optimizer, param: torch.Tensor, step: int) -> torch.Tensor:
+    """Adam's step count as this optimizer keeps it: on the parameter's device for fused or capturable
+    AdamW, on the CPU otherwise (where reading it costs no device synchronisation)."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    return torch.tensor(float(step), device=param.device if on_device else "cpu")
+
+
+def set_loss_scale(scaler: torch.amp.GradScaler, scale: float) -> None:
+    """Restores fp16's loss scale, also into a scaler that has not scaled anything yet (whose `update`
+    would refuse)."""
+    scaler.load_state_dict({**scaler.state_dict(), "scale": float(scale)})
+
+
+def as_float(value: torch.Tensor | float | None) -> float:
+    """A number the loop kept on the device, read at a logging step (the one synchronisation)."""
+    if value is None:
+        return float("nan")
+    return float(value)
 
 
 def load_scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict[str, Any]) -> None:

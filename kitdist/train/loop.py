@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from kitdist import storage
 from kitdist.config import SPATIAL_MULTIPLE, RunConfig
 from kitdist.dist.env import all_gather_objects, all_reduce_sum, device_for, print0
-from kitdist.dist.strategy import Strategy, build_strategy
+from kitdist.dist.strategy import Strategy, as_float, build_strategy
 from kitdist.train import checkpoint as ckpt
 from kitdist.train.metrics import LOSSES, MetricConvention, psnr, ssim
 from kitdist.train.perf import peak_flops, peak_memory_mb, training_flops_per_sample
@@ -95,37 +95,47 @@ def load_weights_url(url: str) -> dict[str, torch.Tensor]:
 
 
 class _Window:
-    """Sums over the steps since the last log line."""
+    """Sums over the steps since the last log line. The loss sum and the last grad norm stay where the
+    engine left them (on the GPU) until a logging step reads them: no host synchronisation per step."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.start = time.perf_counter()
-        self.loss_sum, self.steps, self.data_wait, self.grad_norm = 0.0, 0, 0.0, 0.0
+        self.steps, self.data_wait = 0, 0.0
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.grad_norm: torch.Tensor | float | None = None
+
+
+def train_step(cfg: RunConfig, strategy: Strategy, batches, window: _Window) -> None:
+    """One optimiser update over `train.grad_accum_steps` micro-batches, adding to `window`. It reads
+    nothing back from the device (the GPU battery counts its synchronisations)."""
+    loss_fn = LOSSES[cfg.train.loss]
+    for micro in range(cfg.train.grad_accum_steps):
+        waited = time.perf_counter()
+        batch = next(batches)
+        window.data_wait += time.perf_counter() - waited
+        x = batch["input"].to(strategy.device, strategy.input_dtype, non_blocking=True)
+        y = batch["target"].to(strategy.device, torch.float32, non_blocking=True)
+        loss = loss_fn(strategy.forward(x).float(), y)
+        strategy.backward(loss, last_micro_batch=micro == cfg.train.grad_accum_steps - 1)
+        window.loss_sum = window.loss_sum + loss.detach().double() / cfg.train.grad_accum_steps
+    window.grad_norm = strategy.step()
+    window.steps += 1
 
 
 def _train_steps(cfg, session, strategy, stream, recorder, start_step) -> dict[str, Any]:
-    loss_fn = LOSSES[cfg.train.loss]
     flops, peak = _mfu_inputs(cfg, strategy.device)
     batches = iter(stream)
     window, last = _Window(), {}
     stop = StopWatch(run_url(cfg), session.rank, strategy.device)
     strategy.train(True)
     for step in range(start_step + 1, cfg.train.max_steps + 1):
-        for micro in range(cfg.train.grad_accum_steps):
-            waited = time.perf_counter()
-            batch = next(batches)
-            window.data_wait += time.perf_counter() - waited
-            x = batch["input"].to(strategy.device, strategy.input_dtype, non_blocking=True)
-            y = batch["target"].to(strategy.device, torch.float32, non_blocking=True)
-            loss = loss_fn(strategy.forward(x).float(), y)
-            strategy.backward(loss, last_micro_batch=micro == cfg.train.grad_accum_steps - 1)
-            window.loss_sum += loss.item() / cfg.train.grad_accum_steps
-        window.grad_norm = strategy.step()
-        window.steps += 1
+        train_step(cfg, strategy, batches, window)
         last = _after_step(cfg, session, strategy, stream, recorder, step, window, flops, peak) or last
-        if step < cfg.train.max_steps and stop.should_stop():
+        # The ranks agree on stopping at logging steps only, which synchronise anyway.
+        if step < cfg.train.max_steps and step % cfg.train.log_every == 0 and stop.should_stop():
             if step % cfg.train.checkpoint_every:
                 save_checkpoint(cfg, session, strategy, stream, step, {})
             print0(f"stopped on request after step {step}; the same command again resumes from there")
@@ -153,13 +163,14 @@ def _after_step(cfg, session, strategy, stream, recorder, step, window, flops, p
 
 
 def _log_record(cfg, session, strategy, step, window, flops, peak) -> dict[str, Any]:
-    elapsed = time.perf_counter() - window.start
+    # Reading the loss waits for the device's queued work: the time taken after it is the window's own.
     loss_sum, wait_sum = all_reduce_sum([window.loss_sum, window.data_wait], strategy.device)
+    elapsed = time.perf_counter() - window.start
     samples_per_s = cfg.data.global_batch_size * window.steps / elapsed
     record = {
         "loss": loss_sum / session.world_size / window.steps,
         "lr": strategy.lr(),
-        "grad_norm": window.grad_norm,
+        "grad_norm": as_float(window.grad_norm),
         "samples_per_s": samples_per_s,
         "data_wait_share": wait_sum / session.world_size / elapsed,
         "peak_memory_mb": peak_memory_mb(strategy.device),

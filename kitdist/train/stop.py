@@ -5,8 +5,9 @@ Two ways a stop request reaches the workers:
   pre-emption notice, and writes a marker file `<run>/stop-requested` on the run's storage, which
   rank 0 polls (every few seconds at most, so a remote store sees one HEAD request per poll);
 - a worker process gets SIGTERM itself (torchrun under SLURM signals every rank).
-Every step the ranks agree (one tiny all-reduce) on whether any of them saw a request, so they all stop
-after the same step. Re-running the same command removes the marker and resumes from that checkpoint.
+At every logging step (`train.log_every`) the ranks agree (one tiny all-reduce) on whether any of them saw
+a request, so they all stop after the same step; other steps never wait for the host. Re-running the
+same command removes the marker and resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def request_stop_on_sigterm(run_url: str, announce: Callable[[str], None] = prin
 
 
 class StopWatch:
-    """Worker side: `should_stop()` is collective, called by every rank after every step."""
+    """Worker side: `should_stop()` is collective, called by every rank after the same steps."""
 
     def __init__(self, run_url: str, rank: int, device: torch.device) -> None:
         self.url = marker_url(run_url)
