@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kitdist import storage
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
+from kitdist.console import filter_worker_output, print_summary, quiet_ray_init, quiet_worker
 from kitdist.dist.env import worker_env_vars
 from kitdist.train import stop
 
@@ -55,7 +57,35 @@ class RaySession:
 def _train_fn(config: dict[str, Any]) -> None:
     from kitdist.train.loop import train_worker
 
+    quiet_worker()
+    use_assigned_cpus()
     train_worker(from_dict(RunConfig, config), RaySession())
+
+
+# Ray starts its worker processes at nice 15 (RayConfig `worker_niceness`, read from this variable by each
+# worker) so that they yield to its own daemons; a training worker is the work itself, and at nice 15 any
+# other process on the machine takes its CPU first.
+WORKER_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
+
+
+def use_assigned_cpus() -> int:
+    """In a Ray worker: torch threads = the CPUs Ray reserved for it (Ray's own OMP_NUM_THREADS is set too
+    late for torch, which may be imported first); returns the thread count."""
+    import ray
+    import torch
+
+    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    torch.set_num_threads(cpus)
+    return cpus
+
+
+def with_worker_cpus(cfg: RunConfig, cpus: float, workers: int = 0) -> RunConfig:
+    """dist.cpus_per_worker=0 resolved: `cpus` split evenly over `workers` (default: all of the run's),
+    at least 1 each."""
+    if cfg.dist.cpus_per_worker:
+        return cfg
+    share = max(1, int(cpus) // (workers or cfg.dist.num_workers))
+    return dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, cpus_per_worker=share))
 
 
 def ray_storage(url: str) -> tuple[str, Any]:
@@ -107,9 +137,10 @@ def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
     storage.check_writable(storage.join(cfg.storage.root, cfg.storage.run_name))
 
 
-def connect_ray(cfg: RunConfig) -> None:
+def connect_ray(cfg: RunConfig) -> RunConfig:
     """Joins the cluster at dist.ray_address / RAY_ADDRESS, else starts a local one on this machine;
-    then checks the cluster can hold the workers (Ray would otherwise wait for them forever)."""
+    then checks the cluster can hold the workers (Ray would otherwise wait for them forever). Returns the
+    config with dist.cpus_per_worker resolved against the cluster."""
     import ray
 
     address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS", "")
@@ -119,8 +150,13 @@ def connect_ray(cfg: RunConfig) -> None:
         else:
             need = cfg.dist.num_workers * cfg.dist.cpus_per_worker
             # "local": a new cluster of our own, never whichever one this machine happens to run.
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
-    _check_resources(cfg, ray.cluster_resources())
+            cpus = max(os.cpu_count() or 1, need)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet_ray_init())
+    filter_worker_output()
+    resources = ray.cluster_resources()
+    cfg = with_worker_cpus(cfg, resources.get("CPU", 1))
+    _check_resources(cfg, resources)
+    return cfg
 
 
 def _check_resources(cfg: RunConfig, resources: dict[str, float]) -> None:
@@ -147,7 +183,11 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
 
     cfg = with_absolute_paths(cfg)
     check_launchable(cfg, paired=paired)
-    connect_ray(cfg)
+    cfg = connect_ray(cfg)
+    print(
+        f"{cfg.dist.num_workers} workers x {cfg.dist.cpus_per_worker} CPU(s), as many torch threads",
+        flush=True,
+    )
     run = storage.join(cfg.storage.root, cfg.storage.run_name)
     stop.clear_request(run)
     if stop_on_sigterm:  # after ray.init, which installs a SIGTERM handler of its own
@@ -159,7 +199,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
         storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        worker_runtime_env={"env_vars": worker_env_vars(cfg.dist)},
+        worker_runtime_env={"env_vars": {**worker_env_vars(cfg.dist), **WORKER_PRIORITY_ENV}},
     )
     resources = {"CPU": cfg.dist.cpus_per_worker} | ({"GPU": 1} if cfg.dist.use_gpu else {})
     trainer = TorchTrainer(
@@ -170,10 +210,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
         ),
         run_config=run_config,
     )
-    result = trainer.fit()
-    print(f"checkpoints: {result.checkpoint.path if result.checkpoint else run} (weights.safetensors inside)")
-    print(f"metrics:     {storage.join(run, 'metrics', 'metrics.jsonl')} and TensorBoard events beside it")
-    return result
+    return trainer.fit()
 
 
 def run_or_exit(cfg: RunConfig, paired: bool) -> None:
@@ -182,6 +219,7 @@ def run_or_exit(cfg: RunConfig, paired: bool) -> None:
 
     from kitdist.shards.manifest import ManifestError
 
+    started = time.monotonic()
     try:
         result = launch(cfg, paired=paired, stop_on_sigterm=True)
     except (ConfigError, ManifestError, storage.StorageError) as err:
@@ -190,3 +228,4 @@ def run_or_exit(cfg: RunConfig, paired: bool) -> None:
     if reached < cfg.train.max_steps:
         print(f"stopped early at step {reached} of {cfg.train.max_steps}; run the same command to resume")
         sys.exit(stop.STOPPED_EXIT_CODE)
+    print_summary(with_absolute_paths(cfg), result, started)

@@ -46,8 +46,15 @@ TRAIN_TILE = 128
 
 def photo_paths() -> list[Path]:
     """scikit-image's colour photographs of at least 256 px a side, in name order."""
-    import skimage
     from PIL import Image
+
+    try:
+        import skimage
+    except ImportError:
+        raise RuntimeError(
+            "the embedded default trains on scikit-image's photographs: install kitdist with its `dist` "
+            "extra (tools/install-cpu) or `pip install scikit-image`"
+        ) from None
 
     paths = []
     for path in sorted((Path(skimage.__file__).parent / "data").glob("*")):
@@ -79,8 +86,14 @@ def ensure_photo_shards(out: str = EMBEDDED_DATA) -> tuple[str, str]:
             if not target.exists():
                 target.symlink_to(path)
     print(f"building shards from {len(photos)} scikit-image photographs under {out} (once)", flush=True)
-    build_shards("folder", source / "train", train_url, samples_per_shard=16, tile=TRAIN_TILE)
-    build_shards("folder", source / "val", val_url, samples_per_shard=16)
+    tiles = build_shards(
+        "folder", source / "train", train_url, samples_per_shard=16, tile=TRAIN_TILE, progress=False
+    )
+    build_shards("folder", source / "val", val_url, samples_per_shard=16, progress=False)
+    count = sum(manifest.total_samples for manifest in tiles.values())
+    print(
+        f"  training: {count} tiles of {TRAIN_TILE} px; validation: {NUM_VAL_PHOTOS} whole photographs held out"
+    )
     return train_url, val_url
 
 
@@ -94,7 +107,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.config is None:
         cfg = config_or_exit(None, args.overrides, base=EMBEDDED)
         if not cfg.data.train_shards:
-            train_url, val_url = ensure_photo_shards()
+            try:
+                train_url, val_url = ensure_photo_shards()
+            except RuntimeError as err:
+                sys.exit(f"error: {err}")
             extra = [f"data.train_shards={train_url}", f"data.val_shards={val_url}"]
             cfg = config_or_exit(None, [*extra, *args.overrides], base=EMBEDDED)
     else:

@@ -187,6 +187,11 @@ def _progress_line(cfg: RunConfig, step: int, record: dict[str, Any]) -> str:
     for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("samples_per_s", "{:.1f}/s")):
         if key in record:
             parts.append(f"{key} " + fmt.format(record[key]))
+    if record.get("samples_per_s") and step < cfg.train.max_steps:
+        from kitdist.console import duration  # at the pace of the last window
+
+        left = (cfg.train.max_steps - step) * cfg.data.global_batch_size / record["samples_per_s"]
+        parts.append(f"ETA {duration(left)}")
     if "data_wait_share" in record:
         parts.append(f"data-wait {record['data_wait_share']:.0%}")
     if "mfu" in record:
