@@ -68,6 +68,16 @@ def _train_fn(config: dict[str, Any]) -> None:
 WORKER_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 
 
+# A local cluster lives for one run: no idle workers started ahead (ours need their own runtime
+# environment, so prestarted ones only take CPU while the run starts), and no pre-emption watcher (this
+# machine is never drained; a SIGTERM to the command is how a local run is stopped).
+LOCAL_CLUSTER_ENV = {
+    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
 def use_assigned_cpus() -> int:
     """In a Ray worker: torch threads = the CPUs Ray reserved for it (Ray's own OMP_NUM_THREADS is set too
     late for torch, which may be imported first); returns the thread count."""
@@ -151,6 +161,8 @@ def connect_ray(cfg: RunConfig) -> RunConfig:
             need = cfg.dist.num_workers * cfg.dist.cpus_per_worker
             # "local": a new cluster of our own, never whichever one this machine happens to run.
             cpus = max(os.cpu_count() or 1, need)
+            for name, value in LOCAL_CLUSTER_ENV.items():
+                os.environ.setdefault(name, value)  # read by the raylet and Train controller we start
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet_ray_init())
     filter_worker_output()
     resources = ray.cluster_resources()

@@ -68,9 +68,10 @@ def command_run(args: argparse.Namespace) -> int:
 
     spec = load_pipeline(args.pipeline)
     if spec.demo_data:
-        from kitdist.coordinator.demo import ensure_demo_shards
+        from kitdist.coordinator.demo import ensure_demo_shards, with_embedded_weights
 
         ensure_demo_shards(spec.demo_data)
+        spec = with_embedded_weights(spec)
     plan = make_plan(spec)
     print(f"pipeline {spec.name}: {len(plan.stage_kinds())} stages checked", flush=True)
     if args.check:
