@@ -171,9 +171,15 @@ def panel_names(cfg: RunConfig) -> tuple[str, str, str]:
     return ("noisy" if only_noise else "input", "restored", "clean" if cfg.data.kind == "clean" else "target")
 
 
+GRID_SIDE = 256  # the grid shows this much of a held-out image (its centre), at least
+
+
 def comparison(cfg: RunConfig, checkpoint: str, run: str) -> tuple[float, str]:
     """The validation inputs' mean PSNR (RGB, as validation measures it), and the URL of a grid
-    (input | restored | target) of the first validation image, restored by the run's weights."""
+    (input | restored | target) of the most textured validation image's centre, degraded as validation
+    degrades it, restored by the run's weights."""
+    import dataclasses
+
     import torch
 
     from kitdist.data import val_batches
@@ -182,16 +188,18 @@ def comparison(cfg: RunConfig, checkpoint: str, run: str) -> tuple[float, str]:
     from kitdist.train.loop import VAL_CONVENTIONS
     from kitdist.train.metrics import psnr
 
-    values, first = [], None
-    for batch in val_batches(cfg, 0, 1):
-        first = first or batch
-        values.append(psnr(batch["input"].clamp(0, 1), batch["target"], VAL_CONVENTIONS["rgb"]).item())
-    image, target = (first[name][0].permute(1, 2, 0).numpy() for name in ("input", "target"))
+    values = [
+        psnr(batch["input"].clamp(0, 1), batch["target"], VAL_CONVENTIONS["rgb"]).item()
+        for batch in val_batches(cfg, 0, 1)
+    ]
+    side = max(cfg.data.val_crop_size, GRID_SIDE) if cfg.data.val_crop_size else 0
+    larger = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_crop_size=side))
+    picked = max(val_batches(larger, 0, 1), key=lambda batch: float(batch["target"].diff(dim=-1).abs().mean()))
+    image, target = (picked[name][0].permute(1, 2, 0).numpy() for name in ("input", "target"))
     with torch.random.fork_rng():
         restored = load_restorer(checkpoint, device="cpu").restore(image)
-    names = panel_names(cfg)
-    png = comparison_grid(list(zip(names, (image.clip(0, 1), restored, target), strict=True)))
-    grid = storage.join(run, "summary", f"{first['keys'][0]}.png")
+    png = comparison_grid(list(zip(panel_names(cfg), (image.clip(0, 1), restored, target), strict=True)))
+    grid = storage.join(run, "summary", f"{picked['keys'][0]}.png")
     storage.write_bytes(grid, png)
     return sum(values) / len(values), grid
 
