@@ -1,7 +1,7 @@
 """`python -m kitdist.pretrain`: pre-train KiT on clean images with synthetic degradations.
 
 With no --config it is the embedded default: a local Ray cluster on this machine, CPU, the `debug`-size
-KiT, trained for about half an hour on shards built once (cached under ./runs/data) from the photographs
+KiT, trained for under 20 minutes on 2 cores on shards built once (cached under ./runs/data) from the photographs
 that scikit-image ships, two of them held out for validation. With a config and a cluster the same code path
 runs on many GPUs.
 """
@@ -16,11 +16,12 @@ from kitdist import storage
 from kitdist.cli import config_or_exit, parser
 
 # The embedded default run; every key can still be overridden on the command line (`train.max_steps=60`
-# makes it a one-minute smoke run). 3600 steps of 8 crops (~31 min on 2 CPU cores) train a denoiser that
-# beats non-local means at sigma 25 on the held-out photographs (benchmarks/denoise_quality.py: +0.26 dB;
-# 2400 steps: -0.07 dB; 60 steps stay at the identity the global residual starts from). fp32, not bf16:
-# without AMX, bf16 matmuls on CPU run about 5x slower than fp32 ones (measured on the 2-core dev box);
-# GPU configs use bf16.
+# makes it a smoke run). 3000 steps of 8 crops of 64 px at lr 3e-3 (cosine, 20 warm-up steps) train a
+# denoiser that beats non-local means at sigma 25 on the held-out photographs (benchmarks/RESULTS.md,
+# "The embedded default after issue 16"; 2400 steps: -0.07 dB, 3600: +0.26 dB; a higher lr (5e-3) was
+# behind at the same step in the recipe probes). fp32, not bf16: without AMX, bf16 matmuls on CPU run
+# about 5x slower than fp32 ones (measured on the 2-core dev box); GPU configs use bf16. The two workers
+# share the machine's cores (dist.cpus_per_worker=0, the default).
 EMBEDDED = [
     "model.size=debug",
     "data.crop_size=64",
