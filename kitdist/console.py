@@ -194,7 +194,9 @@ def comparison(cfg: RunConfig, checkpoint: str, run: str) -> tuple[float, str]:
     ]
     side = max(cfg.data.val_crop_size, GRID_SIDE) if cfg.data.val_crop_size else 0
     larger = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_crop_size=side))
-    picked = max(val_batches(larger, 0, 1), key=lambda batch: float(batch["target"].diff(dim=-1).abs().mean()))
+    picked = max(
+        val_batches(larger, 0, 1), key=lambda batch: float(batch["target"].diff(dim=-1).abs().mean())
+    )
     image, target = (picked[name][0].permute(1, 2, 0).numpy() for name in ("input", "target"))
     with torch.random.fork_rng():
         restored = load_restorer(checkpoint, device="cpu").restore(image)
