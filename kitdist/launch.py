@@ -89,13 +89,27 @@ def use_assigned_cpus() -> int:
     return cpus
 
 
-def with_worker_cpus(cfg: RunConfig, cpus: float, workers: int = 0) -> RunConfig:
-    """dist.cpus_per_worker=0 resolved: `cpus` split evenly over `workers` (default: all of the run's),
-    at least 1 each."""
+def with_worker_cpus(cfg: RunConfig, cpus: float | list[float], workers: int = 0) -> RunConfig:
+    """dist.cpus_per_worker=0 resolved: the most CPUs per worker such that `workers` (default: all of
+    the run's) fit on nodes with `cpus` each (one number: one node), at least 1."""
     if cfg.dist.cpus_per_worker:
         return cfg
-    share = max(1, int(cpus) // (workers or cfg.dist.num_workers))
+    nodes = [int(n) for n in (cpus if isinstance(cpus, list) else [cpus])]
+    wanted = workers or cfg.dist.num_workers
+    fits = [
+        share for share in range(1, max(nodes, default=1) + 1) if sum(n // share for n in nodes) >= wanted
+    ]
+    share = max(fits, default=1)
     return dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, cpus_per_worker=share))
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each live node of the connected Ray cluster (GPU runs: of the nodes with GPUs)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    with_gpus = [node for node in nodes if node.get("GPU", 0) > 0]
+    return [node.get("CPU", 0.0) for node in with_gpus or nodes]
 
 
 def ray_storage(url: str) -> tuple[str, Any]:
@@ -166,7 +180,7 @@ def connect_ray(cfg: RunConfig) -> RunConfig:
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet_ray_init())
     filter_worker_output()
     resources = ray.cluster_resources()
-    cfg = with_worker_cpus(cfg, resources.get("CPU", 1))
+    cfg = with_worker_cpus(cfg, node_cpus())
     _check_resources(cfg, resources)
     return cfg
 

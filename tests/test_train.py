@@ -237,6 +237,19 @@ def test_workers_get_an_even_share_of_the_cores_as_torch_threads_at_nice_0(ray_a
     assert found == [(dist.cpus_per_worker, dist.cpus_per_worker, 0)] * dist.num_workers
 
 
+def test_cpus_per_worker_0_picks_the_largest_share_that_places_every_worker():
+    """On uneven nodes the share is what every worker can get on some node, not total / workers."""
+    from kitdist.launch import with_worker_cpus
+
+    cfg = load_config(None, ["dist.num_workers=4"])
+    shares = {
+        nodes: with_worker_cpus(cfg, list(nodes)).dist.cpus_per_worker
+        for nodes in [(16,), (12, 4), (6, 1), (2,)]
+    }
+    assert shares == {(16,): 4, (12, 4): 4, (6, 1): 1, (2,): 1}
+    assert with_worker_cpus(load_config(None, ["dist.cpus_per_worker=3"]), [64]).dist.cpus_per_worker == 3
+
+
 def val_psnr_of_weights(cfg, weights: dict[str, torch.Tensor]) -> float:
     """Mean RGB PSNR of a fresh `build_model` holding `weights`, on the run's validation images, computed
     as the run's own validation does (bf16 weights and input, padded to a multiple of 32)."""
