@@ -192,8 +192,8 @@ class DistConfig:
     zero_stage: int = 1
     num_workers: int = 2
     use_gpu: bool = False
-    # CPUs Ray reserves for each worker, and its torch threads; 0: the cluster's CPUs split evenly over the
-    # workers (a local cluster: this machine's cores)
+    # CPUs Ray reserves for each worker, and its torch threads; 0: the largest equal share that places every
+    # worker on some node (a local cluster: this machine's cores split evenly)
     cpus_per_worker: int = 0
     max_failures: int = 3  # worker-group restarts Ray Train may do before the run fails
     ray_address: str = ""  # "" = RAY_ADDRESS from the environment, else a local cluster
