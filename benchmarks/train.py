@@ -8,8 +8,11 @@ checkpointing on/off, and Ray Train against the same loop under torchrun.
   step); peak memory is rank 0's peak resident set (CPU) or peak allocated memory (CUDA);
 - activation checkpointing: one process, forward + backward of one micro-batch; activation memory is
   the bytes autograd saves for backward (counted with saved-tensor hooks), time the median of repeats;
-- Ray: the same ZeRO-2 run launched by `python -m kitdist.pretrain` on a local Ray cluster against
-  torchrun: median step time, and wall-clock of the whole command (start-up included).
+- Ray: the embedded default's config (`kitdist.pretrain.EMBEDDED`: ZeRO-2 fp32, batch 8 over 2 workers)
+  for `--steps` steps, launched by `python -m kitdist.pretrain` (a local Ray cluster of its own) and by
+  torchrun, alternating for `--rounds` rounds: median step time and the whole command's wall-clock, with
+  its phases (seconds from the command's start to: the cluster joined, the loop started, the first and
+  the last step logged, the process gone). `--ray-only` runs this part alone.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kitdist.config import load_config  # noqa: E402
-from kitdist.pretrain import ensure_photo_shards  # noqa: E402
+from kitdist.pretrain import EMBEDDED, ensure_photo_shards  # noqa: E402
 
 ENGINES = {
     "DDP": ["dist.strategy=ddp", "dist.zero_stage=0"],
@@ -58,19 +61,43 @@ def overrides(args: argparse.Namespace, shards: tuple[str, str], root: str, name
     ]
 
 
+# A command's phases: the first output line holding each marker (the Ray launcher's worker line, the
+# loop's start line, a progress line), then the last progress line and the exit.
+PHASES = {"cluster joined": " workers x ", "loop started": "training steps ", "first step": " | loss "}
+
+
 def run_command(command: list[str]) -> float:
+    return timed_command(command)["exit"]
+
+
+def timed_command(command: list[str]) -> dict[str, float]:
+    """Runs a command; seconds from its start to each phase of PHASES that it printed, and to "exit"."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(command[:6])} ... failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    start, seen, lines = time.perf_counter(), {}, []
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as job:
+        for line in job.stdout:
+            lines.append(line)
+            now = time.perf_counter() - start
+            for phase, marker in PHASES.items():
+                if marker in line:
+                    seen.setdefault(phase, now)
+            if " | loss " in line:
+                seen["last step"] = now
+    if job.returncode != 0:
+        sys.exit(f"{' '.join(command[:6])} ... failed:\n{''.join(lines[-40:])}")
+    return {**seen, "exit": time.perf_counter() - start}
 
 
 def torchrun(cli: list[str]) -> float:
+    return timed_torchrun(cli)["exit"]
+
+
+def timed_torchrun(cli: list[str]) -> dict[str, float]:
     port = str(20000 + os.getpid() % 20000)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
-    return run_command([*launcher, "-m", "kitdist.torchrun", *cli])
+    return timed_command([*launcher, "-m", "kitdist.torchrun", *cli])
 
 
 def step_figures(root: str, name: str, args: argparse.Namespace) -> tuple[float, float]:
@@ -125,16 +152,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="steps per run (default 8)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of the median (default 3)")
     parser.add_argument("--repeats", type=int, default=6, help="activation-checkpointing repeats (default 6)")
+    parser.add_argument("--ray-steps", type=int, default=60, help="steps per Ray/torchrun run (default 60)")
+    parser.add_argument("--rounds", type=int, default=2, help="Ray/torchrun rounds, alternating (default 2)")
+    parser.add_argument("--ray-only", action="store_true", help="only the Ray/torchrun comparison")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="kitdist-bench-train-")
     shards = ensure_photo_shards(str(Path(folder) / "data"))
     root = str(Path(folder) / "runs")
-    figures = {}
-    for label, extra in ENGINES.items():
-        torchrun([*overrides(args, shards, root, label), *extra])
-        figures[label] = step_figures(root, label, args)
-    print_engines(figures)
-    print_checkpointing(activation_checkpointing(args))
+    if not args.ray_only:
+        figures = {}
+        for label, extra in ENGINES.items():
+            torchrun([*overrides(args, shards, root, label), *extra])
+            figures[label] = step_figures(root, label, args)
+        print_engines(figures)
+        print_checkpointing(activation_checkpointing(args))
     print_ray(args, shards, root)
 
 
@@ -155,25 +186,47 @@ def print_checkpointing(results: dict[str, tuple[int, float]]) -> None:
     print(f"ratio on/off: memory {on_bytes / off_bytes:.2f}, time {on_time / off_time:.2f}")
 
 
+def embedded_overrides(args: argparse.Namespace, shards: tuple[str, str], root: str, name: str) -> list[str]:
+    """The embedded default's config, shortened to --ray-steps and logging every step."""
+    return [
+        *EMBEDDED,
+        f"data.train_shards={shards[0]}",
+        f"data.val_shards={shards[1]}",
+        f"train.max_steps={args.ray_steps}",
+        "train.log_every=1",
+        f"train.checkpoint_every={args.ray_steps}",
+        f"storage.root={root}",
+        f"storage.run_name={name}",
+    ]
+
+
+def median_step(root: str, name: str, batch: int, skip: int) -> float:
+    lines = Path(root, name, "metrics", "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return statistics.median(batch / r["samples_per_s"] for r in records if r["step"] > skip)
+
+
 def print_ray(args: argparse.Namespace, shards: tuple[str, str], root: str) -> None:
-    cli = [*overrides(args, shards, root, "ray"), *ENGINES["ZeRO-2"]]
-    ray_wall = run_command([sys.executable, "-m", "kitdist.pretrain", "--config", _empty_config(root), *cli])
-    torchrun_wall = torchrun([*overrides(args, shards, root, "torchrun"), *ENGINES["ZeRO-2"]])
-    ray_step, _ = step_figures(root, "ray", args)
-    torchrun_step, _ = step_figures(root, "torchrun", args)
-    print("\nZeRO-2 launched by | step s (median) | whole command s")
-    print(f"torchrun           | {torchrun_step:15.3f} | {torchrun_wall:15.1f}")
-    print(f"Ray Train          | {ray_step:15.3f} | {ray_wall:15.1f}")
+    """Ray Train against torchrun on the embedded config, ABBA order so that drifting load hits both."""
+    batch = load_config(None, EMBEDDED).data.global_batch_size
+    launchers = {
+        "torchrun": timed_torchrun,
+        "Ray Train": lambda cli: timed_command([sys.executable, "-m", "kitdist.pretrain", *cli]),
+    }
     print(
-        f"ratio Ray/torchrun: step {ray_step / torchrun_step:.2f}, whole command {ray_wall / torchrun_wall:.2f}"
+        f"\nembedded config, {args.ray_steps} steps | step s (median, after step 10) | phases: s from start"
     )
-
-
-def _empty_config(root: str) -> str:
-    """An empty YAML config: with --config, pretrain skips the embedded default's own settings."""
-    path = Path(root).parent / "empty.yaml"
-    path.write_text("{}\n")
-    return str(path)
+    steps: dict[str, list[float]] = {label: [] for label in launchers}
+    for round_ in range(args.rounds):
+        order = list(launchers) if round_ % 2 == 0 else list(reversed(launchers))
+        for label in order:
+            name = f"{label.split()[0].lower()}-{round_}"
+            phases = launchers[label](embedded_overrides(args, shards, root, name))
+            steps[label].append(median_step(root, name, batch, skip=10))
+            shown = ", ".join(f"{phase} {seconds:.1f}" for phase, seconds in phases.items())
+            print(f"round {round_} {label:<9} | {steps[label][-1]:.3f} | {shown}", flush=True)
+    ratios = [ray / torch_ for ray, torch_ in zip(steps["Ray Train"], steps["torchrun"], strict=True)]
+    print(f"step time Ray/torchrun per round: {', '.join(f'{r:.3f}' for r in ratios)}")
 
 
 if __name__ == "__main__":

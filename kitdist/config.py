@@ -229,7 +229,9 @@ class DistConfig:
     zero_stage: int = 1
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    # CPUs Ray reserves for each worker, and its torch threads; 0: the largest equal share that places every
+    # worker on some node (a local cluster: this machine's cores split evenly)
+    cpus_per_worker: int = 0
     max_failures: int = 3  # worker-group restarts Ray Train may do before the run fails
     ray_address: str = ""  # "" = RAY_ADDRESS from the environment, else a local cluster
 
@@ -238,8 +240,11 @@ class DistConfig:
             _fail("dist.zero_stage", f"DeepSpeed ZeRO stages are 0, 1, 2 and 3, got {self.zero_stage}")
         if self.num_workers < 1:
             _fail("dist.num_workers", f"must be >= 1, got {self.num_workers}")
-        if self.cpus_per_worker < 1:
-            _fail("dist.cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
+        if self.cpus_per_worker < 0:
+            _fail(
+                "dist.cpus_per_worker",
+                f"must be >= 0 (0: an even share of the CPUs), got {self.cpus_per_worker}",
+            )
         if self.max_failures < 0:
             _fail("dist.max_failures", f"must be >= 0, got {self.max_failures}")
 

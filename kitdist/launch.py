@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kitdist import storage
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
+from kitdist.console import filter_worker_output, print_summary, quiet_ray_init, quiet_worker
 from kitdist.dist.env import worker_env_vars
 from kitdist.preflight import check_launchable
 from kitdist.train import stop
@@ -61,8 +63,60 @@ def _train_fn(config: dict[str, Any]) -> None:
     from kitdist.failures import unrecoverable_as_one_line
     from kitdist.train.loop import train_worker
 
+    quiet_worker()
+    use_assigned_cpus()
     with unrecoverable_as_one_line():  # ends the run at once instead of max_failures restarts
         train_worker(from_dict(RunConfig, config), RaySession())
+
+
+# Ray starts its worker processes at nice 15 (RayConfig `worker_niceness`, read from this variable by each
+# worker) so that they yield to its own daemons; a training worker is the work itself, and at nice 15 any
+# other process on the machine takes its CPU first.
+WORKER_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
+
+
+# A local cluster lives for one run: no idle workers started ahead (ours need their own runtime
+# environment, so prestarted ones only take CPU while the run starts), and no pre-emption watcher (this
+# machine is never drained; a SIGTERM to the command is how a local run is stopped).
+LOCAL_CLUSTER_ENV = {
+    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def use_assigned_cpus() -> int:
+    """In a Ray worker: torch threads = the CPUs Ray reserved for it (Ray's own OMP_NUM_THREADS is set too
+    late for torch, which may be imported first); returns the thread count."""
+    import ray
+    import torch
+
+    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    torch.set_num_threads(cpus)
+    return cpus
+
+
+def with_worker_cpus(cfg: RunConfig, cpus: float | list[float], workers: int = 0) -> RunConfig:
+    """dist.cpus_per_worker=0 resolved: the most CPUs per worker such that `workers` (default: all of
+    the run's) fit on nodes with `cpus` each (one number: one node), at least 1."""
+    if cfg.dist.cpus_per_worker:
+        return cfg
+    nodes = [int(n) for n in (cpus if isinstance(cpus, list) else [cpus])]
+    wanted = workers or cfg.dist.num_workers
+    fits = [
+        share for share in range(1, max(nodes, default=1) + 1) if sum(n // share for n in nodes) >= wanted
+    ]
+    share = max(fits, default=1)
+    return dataclasses.replace(cfg, dist=dataclasses.replace(cfg.dist, cpus_per_worker=share))
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each live node of the connected Ray cluster (GPU runs: of the nodes with GPUs)."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    with_gpus = [node for node in nodes if node.get("GPU", 0) > 0]
+    return [node.get("CPU", 0.0) for node in with_gpus or nodes]
 
 
 def ray_storage(url: str) -> tuple[str, Any]:
@@ -90,9 +144,10 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=data, train=train, storage=store)
 
 
-def connect_ray(cfg: RunConfig) -> None:
+def connect_ray(cfg: RunConfig) -> RunConfig:
     """Joins the cluster at dist.ray_address / RAY_ADDRESS, else starts a local one on this machine;
-    then checks the cluster can hold the workers (Ray would otherwise wait for them forever)."""
+    then checks the cluster can hold the workers (Ray would otherwise wait for them forever). Returns the
+    config with dist.cpus_per_worker resolved against the cluster."""
     import ray
 
     address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS", "")
@@ -101,7 +156,11 @@ def connect_ray(cfg: RunConfig) -> None:
             ray.init(address=address, log_to_driver=True)
         else:
             _start_local_ray(max(os.cpu_count() or 1, cfg.dist.num_workers * cfg.dist.cpus_per_worker))
-    _check_resources(cfg, ray.cluster_resources())
+    filter_worker_output()
+    resources = ray.cluster_resources()
+    cfg = with_worker_cpus(cfg, node_cpus())
+    _check_resources(cfg, resources)
+    return cfg
 
 
 def _start_local_ray(num_cpus: int) -> None:
@@ -110,9 +169,11 @@ def _start_local_ray(num_cpus: int) -> None:
     (a port taken between Ray choosing and binding it) is tried again, on fresh ports."""
     import ray
 
+    for name, value in LOCAL_CLUSTER_ENV.items():
+        os.environ.setdefault(name, value)  # read by the raylet and Train controller we start
     for attempt in range(LOCAL_START_ATTEMPTS):
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet_ray_init())
             return
         except (ValueError, RuntimeError, ConnectionError):
             ray.shutdown()
@@ -146,7 +207,11 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
 
     cfg = with_absolute_paths(cfg)
     check_launchable(cfg, paired=paired)
-    connect_ray(cfg)
+    cfg = connect_ray(cfg)
+    print(
+        f"{cfg.dist.num_workers} workers x {cfg.dist.cpus_per_worker} CPU(s), as many torch threads",
+        flush=True,
+    )
     run = storage.join(cfg.storage.root, cfg.storage.run_name)
     stop.clear_request(run)
     if stop_on_sigterm:  # after ray.init, which installs a SIGTERM handler of its own
@@ -158,7 +223,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
         storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        worker_runtime_env={"env_vars": worker_env_vars(cfg.dist)},  # no secrets: kitdist.credentials
+        worker_runtime_env={"env_vars": {**worker_env_vars(cfg.dist), **WORKER_PRIORITY_ENV}},  # no secrets
         callbacks=[StopOnUnrecoverable()],
     )
     resources = {"CPU": cfg.dist.cpus_per_worker} | ({"GPU": 1} if cfg.dist.use_gpu else {})
@@ -170,10 +235,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
         ),
         run_config=run_config,
     )
-    result = trainer.fit()
-    print(f"checkpoints: {result.checkpoint.path if result.checkpoint else run} (weights.safetensors inside)")
-    print(f"metrics:     {storage.join(run, 'metrics', 'metrics.jsonl')} and TensorBoard events beside it")
-    return result
+    return trainer.fit()
 
 
 def run_or_exit(cfg: RunConfig, paired: bool) -> None:
@@ -183,6 +245,7 @@ def run_or_exit(cfg: RunConfig, paired: bool) -> None:
     from kitdist.failures import NO_RETRY_MARK, one_line, unrecoverable_in
     from kitdist.shards.manifest import ManifestError
 
+    started = time.monotonic()
     try:
         result = launch(cfg, paired=paired, stop_on_sigterm=True)
     except (ConfigError, ManifestError, storage.StorageError, FileNotFoundError) as err:
@@ -196,3 +259,4 @@ def run_or_exit(cfg: RunConfig, paired: bool) -> None:
     if reached < cfg.train.max_steps:
         print(f"stopped early at step {reached} of {cfg.train.max_steps}; run the same command to resume")
         sys.exit(stop.STOPPED_EXIT_CODE)
+    print_summary(with_absolute_paths(cfg), result, started)

@@ -1,9 +1,9 @@
 """`python -m kitdist.pretrain`: pre-train KiT on clean images with synthetic degradations.
 
 With no --config it is the embedded default: a local Ray cluster on this machine, CPU, the `debug`-size
-KiT, trained for about half an hour on shards built once (cached under ./runs/data) from the photographs
-that scikit-image ships, two of them held out for validation. With a config and a cluster the same code path
-runs on many GPUs.
+KiT, trained for about 11 minutes on 2 idle cores (0.21 s a step) on shards built once (cached under
+./runs/data) from the photographs that scikit-image ships, two of them held out for validation. With a
+config and a cluster the same code path runs on many GPUs.
 """
 
 from __future__ import annotations
@@ -16,22 +16,23 @@ from kitdist import storage
 from kitdist.cli import config_or_exit, parser
 
 # The embedded default run; every key can still be overridden on the command line (`train.max_steps=60`
-# makes it a one-minute smoke run). 3600 steps of 8 crops (~31 min on 2 CPU cores) train a denoiser that
-# beats non-local means at sigma 25 on the held-out photographs (benchmarks/denoise_quality.py: +0.26 dB;
-# 2400 steps: -0.07 dB; 60 steps stay at the identity the global residual starts from). fp32, not bf16:
-# without AMX, bf16 matmuls on CPU run about 5x slower than fp32 ones (measured on the 2-core dev box);
-# GPU configs use bf16.
+# makes it a smoke run). 3000 steps of 8 crops of 64 px at lr 3e-3 (cosine, 20 warm-up steps) train a
+# denoiser that beats non-local means at sigma 25 on the held-out photographs (benchmarks/RESULTS.md,
+# "The embedded default after issue 16"; 2400 steps: -0.07 dB, 3600: +0.26 dB; a higher lr (5e-3) was
+# behind at the same step in the recipe probes). fp32, not bf16: without AMX, bf16 matmuls on CPU run
+# about 5x slower than fp32 ones (measured on the 2-core dev box); GPU configs use bf16. The two workers
+# share the machine's cores (dist.cpus_per_worker=0, the default).
 EMBEDDED = [
     "model.size=debug",
     "data.crop_size=64",
     "data.global_batch_size=8",
     "data.val_crop_size=128",
     "data.num_workers=0",
-    "train.max_steps=3600",
+    "train.max_steps=3000",
     "train.warmup_steps=20",
     "train.lr=3e-3",
     "train.log_every=100",
-    "train.checkpoint_every=600",
+    "train.checkpoint_every=500",
     "train.precision=fp32",
     "dist.strategy=deepspeed",
     "dist.zero_stage=2",
@@ -46,8 +47,15 @@ TRAIN_TILE = 128
 
 def photo_paths() -> list[Path]:
     """scikit-image's colour photographs of at least 256 px a side, in name order."""
-    import skimage
     from PIL import Image
+
+    try:
+        import skimage
+    except ImportError:
+        raise RuntimeError(
+            "the embedded default trains on scikit-image's photographs: install kitdist with its `dist` "
+            "extra (tools/install-cpu) or `pip install scikit-image`"
+        ) from None
 
     paths = []
     for path in sorted((Path(skimage.__file__).parent / "data").glob("*")):
@@ -79,8 +87,14 @@ def ensure_photo_shards(out: str = EMBEDDED_DATA) -> tuple[str, str]:
             if not target.exists():
                 target.symlink_to(path)
     print(f"building shards from {len(photos)} scikit-image photographs under {out} (once)", flush=True)
-    build_shards("folder", source / "train", train_url, samples_per_shard=16, tile=TRAIN_TILE)
-    build_shards("folder", source / "val", val_url, samples_per_shard=16)
+    tiles = build_shards(
+        "folder", source / "train", train_url, samples_per_shard=16, tile=TRAIN_TILE, progress=False
+    )
+    build_shards("folder", source / "val", val_url, samples_per_shard=16, progress=False)
+    count = sum(manifest.total_samples for manifest in tiles.values())
+    print(
+        f"  training: {count} tiles of {TRAIN_TILE} px; validation: {NUM_VAL_PHOTOS} whole photographs held out"
+    )
     return train_url, val_url
 
 
@@ -94,7 +108,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.config is None:
         cfg = config_or_exit(None, args.overrides, base=EMBEDDED)
         if not cfg.data.train_shards:
-            train_url, val_url = ensure_photo_shards()
+            try:
+                train_url, val_url = ensure_photo_shards()
+            except RuntimeError as err:
+                sys.exit(f"error: {err}")
             extra = [f"data.train_shards={train_url}", f"data.val_shards={val_url}"]
             cfg = config_or_exit(None, [*extra, *args.overrides], base=EMBEDDED)
     else:

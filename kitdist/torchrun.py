@@ -25,13 +25,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     ).parse_args(argv)
     cfg = config_or_exit(args.config, args.overrides)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.dist.use_gpu else "cpu")
+    import torch
+
     from kitdist.dist.env import device_for
-    from kitdist.launch import with_absolute_paths
+    from kitdist.launch import with_absolute_paths, with_worker_cpus
     from kitdist.train.loop import run_url, train_worker
     from kitdist.train.session import StorageSession
     from kitdist.train.stop import clear_request
 
-    cfg = with_absolute_paths(cfg)
+    # the same share of this machine's cores per process as a local Ray cluster gives each worker
+    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cfg = with_absolute_paths(with_worker_cpus(cfg, os.cpu_count() or 1, local_workers))
+    torch.set_num_threads(cfg.dist.cpus_per_worker)
     device_for(cfg.dist)  # sets this rank's GPU before NCCL starts: every collective then runs on it
     dist.init_process_group("nccl" if cfg.dist.use_gpu else "gloo")
     if dist.get_rank() == 0:

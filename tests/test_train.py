@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +40,7 @@ BASE = [
     "train.checkpoint_every=2",
     "train.lr=1e-3",
     "dist.num_workers=2",
+    "dist.cpus_per_worker=1",
     "dist.max_failures=0",
 ]
 # The embedded default with fewer steps, only checkpoints at the end or on a stop request.
@@ -183,6 +185,7 @@ def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(
     assert any(f"resumed from step {step} (native state" in line for line in second.lines)
     printed = second.progress()
     assert len(printed) == len(set(printed)) == SHORT_STEPS - step, "each progress line is printed once"
+    assert_readable_console(first.lines + second.lines, tmp_path)
     records = records_of(str(tmp_path / "runs"), "embedded")
     assert sorted(losses(records)) == list(range(1, SHORT_STEPS + 1))
     assert 10 < records[-1]["val_psnr_rgb"] < 60
@@ -207,6 +210,74 @@ def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(
     )
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# What the console of a run must not show: Ray's and DeepSpeed's bookkeeping (issue 16's list).
+CHATTER = (
+    "PlacementGroupCleaner",
+    "Failed to query Ray Train Controller actor state",
+    "PreemptionWatcher",
+    "all_gather_into_tensor",
+    "Checkpoint successfully created",
+    "TrainingReport(",
+)
+
+
+def assert_readable_console(lines: list[str], folder: Path) -> None:
+    """No chatter; progress lines with step, loss, samples/s and ETA, unprefixed; each checkpoint
+    reported once; a summary naming loadable weights, validation against the input, a grid PNG that
+    exists, and the next commands."""
+    text = "\n".join(lines)
+    for chatter in CHATTER:
+        assert chatter not in text, f"{chatter!r} in the console:\n{text}"
+    progress = [line for line in lines if line.startswith("step ") and " | loss " in line]
+    assert progress and all("/s" in line for line in progress), text
+    assert any(" | ETA " in line for line in progress), text
+    saved = [line for line in lines if line.startswith("checkpoint step-")]
+    assert len(saved) == len(set(saved)), saved
+    summary = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines if ":  " in line}
+    assert Path(folder, summary["weights"]).is_file(), text
+    assert re.search(r"[\d.]+ dB PSNR .* their inputs: [\d.]+ dB", summary["validation"]), text
+    grid = Path(folder, summary["comparison"].split(" (")[0])
+    assert grid.suffix == ".png" and grid.stat().st_size > 0, text
+    for command in ("kitdist.restore", "kitdist.evaluate", "tensorboard --logdir"):
+        assert any(line.startswith(f"  {command}") or f" -m {command}" in line for line in lines), command
+
+
+def test_workers_get_an_even_share_of_the_cores_as_torch_threads_at_nice_0(ray_address):
+    """dist.cpus_per_worker=0 (the embedded default's) splits the machine's cores over the workers; in a
+    Ray worker holding that many CPUs and the launcher's priority setting, torch runs as many threads, at
+    nice 0."""
+    import ray
+
+    from kitdist.launch import WORKER_PRIORITY_ENV, use_assigned_cpus, with_worker_cpus
+    from kitdist.pretrain import EMBEDDED
+
+    cores = os.cpu_count()
+    dist = with_worker_cpus(load_config(None, EMBEDDED), cores).dist
+    assert dist.num_workers * dist.cpus_per_worker == cores - cores % dist.num_workers
+
+    def settings() -> tuple[int, int, int]:
+        return use_assigned_cpus(), torch.get_num_threads(), os.nice(0)
+
+    worker = ray.remote(num_cpus=dist.cpus_per_worker, runtime_env={"env_vars": WORKER_PRIORITY_ENV})(
+        settings
+    )
+    found = ray.get([worker.remote() for _ in range(dist.num_workers)])
+    assert found == [(dist.cpus_per_worker, dist.cpus_per_worker, 0)] * dist.num_workers
+
+
+def test_cpus_per_worker_0_picks_the_largest_share_that_places_every_worker():
+    """On uneven nodes the share is what every worker can get on some node, not total / workers."""
+    from kitdist.launch import with_worker_cpus
+
+    cfg = load_config(None, ["dist.num_workers=4"])
+    shares = {
+        nodes: with_worker_cpus(cfg, list(nodes)).dist.cpus_per_worker
+        for nodes in [(16,), (12, 4), (6, 1), (2,)]
+    }
+    assert shares == {(16,): 4, (12, 4): 4, (6, 1): 1, (2,): 1}
+    assert with_worker_cpus(load_config(None, ["dist.cpus_per_worker=3"]), [64]).dist.cpus_per_worker == 3
 
 
 def val_psnr_of_weights(cfg, weights: dict[str, torch.Tensor]) -> float:

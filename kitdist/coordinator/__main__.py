@@ -71,9 +71,10 @@ def command_run(args: argparse.Namespace) -> int:
 
     spec = load_pipeline(args.pipeline)
     if spec.demo_data:
-        from kitdist.coordinator.demo import ensure_demo_shards
+        from kitdist.coordinator.demo import ensure_demo_shards, with_embedded_weights
 
         ensure_demo_shards(spec.demo_data)
+        spec = with_embedded_weights(spec)
     plan = make_plan(spec)
     print(f"pipeline {spec.name}: {len(plan.stage_kinds())} stages checked", flush=True)
     if args.check:
@@ -81,7 +82,29 @@ def command_run(args: argparse.Namespace) -> int:
     state = Coordinator(
         plan, say=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
     ).run(continue_cancelled=args.continue_cancelled)
+    print_results(spec.state)
     return 0 if state.status == "succeeded" else 1
+
+
+def print_results(state_folder: str) -> None:
+    """Each evaluated task in one line: the test inputs' PSNR, the restored one's, where the grids are."""
+    import json
+
+    results = storage.join(state_folder, "results.json")
+    if not storage.exists(results):
+        return
+    print("results on the test images (PSNR / SSIM on RGB; the full table in results.md beside it):")
+    for row in json.loads(storage.read_text(results))["rows"]:
+        if row.get("psnr_rgb") is None:
+            print(f"  {row['task']:<8} {row['status']}")
+            continue
+        evaluation = storage.join(state_folder, "eval", row["stage"])
+        inputs = json.loads(storage.read_text(storage.join(evaluation, "results.json"))).get("input_psnr_rgb")
+        before = f"input {inputs:.2f} dB -> " if inputs is not None else ""
+        print(
+            f"  {row['task']:<8} {before}{row['psnr_rgb']:.2f} dB, SSIM {row['ssim_rgb']:.4f}; "
+            f"grids: {storage.join(evaluation, 'grids')}"
+        )
 
 
 def load_state(target: str) -> tuple[StateStore, State]:

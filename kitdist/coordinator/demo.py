@@ -10,6 +10,7 @@ datasets' recipes expect, then turned into shards by the same `build_shards` as 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,32 @@ TRAIN_SIDE = 192  # training photos are scaled to this long side and cut into 64
 TEST_SIDE = 128  # held-out photos, evaluated whole
 NOISE_SIGMA = 25.0
 BLUR_SIGMA = 1.5
+
+
+EMBEDDED_RUN = "runs/embedded"  # where `python -m kitdist.pretrain` (the embedded default) leaves its run
+
+
+def embedded_weights(run: str = EMBEDDED_RUN) -> str:
+    """The finished embedded default's weights.safetensors (its newest checkpoint), or "" if none."""
+    found = sorted(Path(run).glob("step-*/weights.safetensors"))
+    return str(found[-1].resolve()) if found else ""
+
+
+def with_embedded_weights(spec):  # a PipelineSpec; typed loosely to keep this module free of the planner
+    """The demo pipeline started from the embedded default's trained weights when they exist: the
+    fine-tunes then begin from a real denoiser (a few demo pre-training steps restore nothing)."""
+    weights = embedded_weights()
+    if not weights or not spec.pretrain.config:
+        print(
+            f"pre-training {spec.pretrain.config} for a few steps; the fine-tunes start from the embedded "
+            f"default's weights instead once `python -m kitdist.pretrain` has left them in {EMBEDDED_RUN}",
+            flush=True,
+        )
+        return spec
+    print(
+        f"fine-tunes start from the embedded default's weights: {weights} (pre-training skipped)", flush=True
+    )
+    return dataclasses.replace(spec, pretrain=dataclasses.replace(spec.pretrain, config="", weights=weights))
 
 
 def ensure_demo_shards(folder: str) -> dict[str, str]:

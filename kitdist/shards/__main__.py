@@ -145,8 +145,23 @@ def _build(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    build_shards(args.recipe, args.src, args.out, splits=args.split, options=options)
+    tiling = f", tiles of {args.tile} px (stride {args.stride or args.tile})" if args.tile else ""
+    print(
+        f"building {args.recipe} shards from {args.src} into {args.out} with {args.workers} worker(s){tiling}",
+        file=sys.stderr,
+    )
+    manifests = build_shards(args.recipe, args.src, args.out, splits=args.split, options=options)
+    print(_next_steps(args.recipe, args.out, list(manifests)), file=sys.stderr)
     return 0
+
+
+def _next_steps(recipe: str, out: str, splits: list[str]) -> str:
+    """What to do with the shards just built: check them, then train on them."""
+    from kitdist.shards import split_url
+
+    urls = [split_url(out, recipe, split) for split in splits]
+    lines = ["next: check them, then name them in a run config (data.train_shards=URL, data.val_shards=URL)"]
+    return "\n".join(lines + [f"  python -m kitdist.shards verify {url} --deep" for url in urls])
 
 
 def _verify(args: argparse.Namespace) -> int:

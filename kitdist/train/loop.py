@@ -134,8 +134,7 @@ def _train_steps(cfg, session, strategy, stream, recorder, start_step) -> dict[s
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         train_step(cfg, strategy, batches, window)
         last = _after_step(cfg, session, strategy, stream, recorder, step, window, flops, peak) or last
-        # The ranks agree on stopping at logging steps only, which synchronise anyway.
-        if step < cfg.train.max_steps and step % cfg.train.log_every == 0 and stop.should_stop():
+        if step < cfg.train.max_steps and stop.agrees_after(step, cfg.train.log_every) and stop.should_stop():
             if step % cfg.train.checkpoint_every:
                 save_checkpoint(cfg, session, strategy, stream, step, {})
             print0(f"stopped on request after step {step}; the same command again resumes from there")
@@ -198,6 +197,11 @@ def _progress_line(cfg: RunConfig, step: int, record: dict[str, Any]) -> str:
     for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("samples_per_s", "{:.1f}/s")):
         if key in record:
             parts.append(f"{key} " + fmt.format(record[key]))
+    if record.get("samples_per_s") and step < cfg.train.max_steps:
+        from kitdist.console import duration  # at the pace of the last window
+
+        left = (cfg.train.max_steps - step) * cfg.data.global_batch_size / record["samples_per_s"]
+        parts.append(f"ETA {duration(left)}")
     if "data_wait_share" in record:
         parts.append(f"data-wait {record['data_wait_share']:.0%}")
     if "mfu" in record:

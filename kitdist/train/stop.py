@@ -5,8 +5,9 @@ Two ways a stop request reaches the workers:
   pre-emption notice, and writes a marker file `<run>/stop-requested` on the run's storage, which
   rank 0 polls (every few seconds at most, so a remote store sees one HEAD request per poll);
 - a worker process gets SIGTERM itself (torchrun under SLURM signals every rank).
-At every logging step (`train.log_every`) the ranks agree (one tiny all-reduce) on whether any of them saw
-a request, so they all stop after the same step; other steps never wait for the host. Re-running the
+The ranks agree (one tiny all-reduce) on whether any of them saw a request, so they all stop after the
+same step: on an accelerator at logging steps only (`train.log_every`), so other steps never wait for the
+host; on CPU, where reading the result costs no synchronisation, after every step. Re-running the
 same command removes the marker and resumes from that checkpoint.
 """
 
@@ -75,6 +76,10 @@ class StopWatch:
             return False
         self.next_poll = time.monotonic() + POLL_SECONDS
         return storage.exists(self.url)
+
+    def agrees_after(self, step: int, log_every: int) -> bool:
+        """Whether the ranks compare their requests after `step` (the same answer on every rank)."""
+        return self.device.type == "cpu" or step % log_every == 0
 
     def should_stop(self) -> bool:
         return all_reduce_sum([float(self._seen_here())], self.device)[0] > 0

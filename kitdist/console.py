@@ -1,0 +1,228 @@
+"""What a person sees in the console of a training command: Ray's and DeepSpeed's internal chatter kept
+out (real warnings and errors still pass), the training workers' own lines without Ray's prefixes, and at
+the end a summary: where the weights are, validation PSNR against the input's, a comparison grid of a
+held-out image, and the commands to try next.
+
+The driver side hooks Ray's printer of worker output (a private Ray API; where it is missing, Ray's own
+printer stays and only the worker-side settings apply).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+import warnings
+from typing import Any
+
+from kitdist import storage
+from kitdist.config import RunConfig
+
+# Lines of Ray's and DeepSpeed's bookkeeping that need no action from anyone; matched anywhere in a line.
+CHATTER = re.compile(
+    "|".join(
+        [
+            r"Failed to query Ray Train Controller actor state",  # PlacementGroupCleaner polling the State API
+            r"'PreemptionWatcher'.*max_restarts > 0",  # Ray Train's own actor, an internal note
+            r"Checkpoint successfully created at: ",  # ours says "checkpoint step-N saved" once
+            r"Reporting training result \d+: TrainingReport\(",
+            r"Requesting resources: \{",
+            r"Attempting to start training worker group of size",
+            r"Started training worker group of size",
+            r"^- \(ip=[^)]*\) world_rank=\d+",
+            r"Setting up process group for: ",
+            r"deepspeed_shm_comm_op built successfully",
+        ]
+    )
+)
+# Notes that Ray follows with a traceback although they need no action: the traceback goes with them.
+NOISY_TRACEBACKS = re.compile(
+    r"Failed to send resource request for train-"  # Ray Train's autoscaling hint timed out (busy CPU)
+)
+TRACEBACK_BODY = re.compile(r"^(\s|Traceback \(most recent call last\)|\^)")
+# Ray Train's watchdog that removes a dead controller's placement group; it polls the State API, which
+# a cluster without the dashboard does not serve (and it cannot tell two clusters on one machine apart),
+# so all it ever prints is its own failure. Training never depends on it.
+SILENT_ACTORS = {"PlacementGroupCleaner"}
+TRAIN_WORKER = "RayTrainWorker"
+# DeepSpeed (0.19) calls the deprecated name; the warning asks nothing of the user
+DEPRECATED_GATHER = r"`torch.distributed.all_gather_into_tensor` is deprecated"
+
+
+def is_chatter(line: str) -> bool:
+    return CHATTER.search(line) is not None
+
+
+class ChatterFilter:
+    """Drops chatter lines, and the traceback after a note in NOISY_TRACEBACKS, per process."""
+
+    def __init__(self) -> None:
+        self.in_traceback: set[str] = set()
+
+    def keep(self, source: str, lines: list[str]) -> list[str]:
+        kept = []
+        for line in lines:
+            if source in self.in_traceback:
+                if TRACEBACK_BODY.match(line):
+                    continue
+                self.in_traceback.discard(source)
+                if re.match(r"[\w.]+(Error|Exception)\b", line):  # the traceback's last line
+                    continue
+            if NOISY_TRACEBACKS.search(line):
+                self.in_traceback.add(source)
+            elif not is_chatter(line):
+                kept.append(line)
+        return kept
+
+
+def quiet_worker() -> None:
+    """In a training worker: warnings about library internals off (real ones still show)."""
+    warnings.filterwarnings("ignore", message=DEPRECATED_GATHER, category=FutureWarning)
+
+
+def quiet_ray_init() -> dict[str, Any]:
+    """ray.init arguments for a local cluster of our own: its INFO notes (start, token written) off."""
+    return {"logging_level": logging.WARNING}
+
+
+def filter_worker_output() -> bool:
+    """Replaces Ray's printer of worker output on this driver: chatter dropped, the training workers'
+    own stdout printed as it is (one progress display), everything else as Ray prints it. Returns False
+    (Ray's printer kept) where this Ray version has no such hook."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+    ray_printer = dict(dispatcher.handlers).get("ray_print_logs")
+    if ray_printer is None or getattr(ray_printer, "kitdist", False):
+        return ray_printer is not None
+
+    chatter = ChatterFilter()
+
+    def printer(data: dict[str, Any]) -> None:
+        if data.get("actor_name") in SILENT_ACTORS:
+            return
+        lines = chatter.keep(f"{data.get('pid')}-{data.get('is_err')}", data.get("lines", []))
+        if not lines:
+            return
+        if data.get("actor_name") == TRAIN_WORKER and not data.get("is_err"):
+            print("\n".join(lines), flush=True)
+        else:
+            ray_printer({**data, "lines": lines})
+
+    printer.kitdist = True
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", printer)
+    return True
+
+
+def duration(seconds: float) -> str:
+    """42s, 3m05s, 1h02m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def shown(url: str) -> str:
+    """A local path relative to the working directory when it lies below it; other URLs as they are."""
+    if storage.is_local(url):
+        path = os.path.abspath(url.removeprefix("file://"))
+        relative = os.path.relpath(path)
+        return path if relative.startswith("..") else relative
+    return url
+
+
+# --- the end-of-run summary ---------------------------------------------------------------------------
+
+
+def summary_lines(cfg: RunConfig, metrics: dict[str, Any], checkpoint: str, seconds: float) -> list[str]:
+    """The summary of a finished run (cfg with absolute paths; metrics: the last report)."""
+    run = storage.join(cfg.storage.root, cfg.storage.run_name)
+    lines = [f"done: {metrics.get('step', cfg.train.max_steps)} steps in {duration(seconds)}"]
+    lines.append(f"weights:     {shown(storage.join(checkpoint, 'weights.safetensors'))}")
+    if cfg.data.val_shards and "val_psnr_rgb" in metrics:
+        lines += _validation_lines(cfg, metrics, checkpoint, run)
+    lines.append(f"metrics:     {shown(storage.join(run, 'metrics'))} (metrics.jsonl, TensorBoard events)")
+    lines += ["next:", *(f"  {command}" for command in next_commands(cfg, run))]
+    return lines
+
+
+def _validation_lines(cfg: RunConfig, metrics: dict[str, Any], checkpoint: str, run: str) -> list[str]:
+    try:
+        input_psnr, grid = comparison(cfg, checkpoint, run)
+    except Exception as err:  # the summary must never turn a finished run into a failure
+        return [f"validation:  {metrics['val_psnr_rgb']:.2f} dB PSNR (RGB); comparison not made: {err}"]
+    count = metrics.get("val_images", "the")
+    return [
+        f"validation:  {metrics['val_psnr_rgb']:.2f} dB PSNR (RGB) on {count} held-out images; "
+        f"their inputs: {input_psnr:.2f} dB",
+        f"comparison:  {shown(grid)} ({' | '.join(panel_names(cfg))})",
+    ]
+
+
+def panel_names(cfg: RunConfig) -> tuple[str, str, str]:
+    degrade = cfg.degrade
+    only_noise = cfg.data.kind == "clean" and degrade.blur_prob == 0 and degrade.jpeg_prob == 0
+    return ("noisy" if only_noise else "input", "restored", "clean" if cfg.data.kind == "clean" else "target")
+
+
+GRID_SIDE = 256  # the grid shows this much of a held-out image (its centre), at least
+
+
+def comparison(cfg: RunConfig, checkpoint: str, run: str) -> tuple[float, str]:
+    """The validation inputs' mean PSNR (RGB, as validation measures it), and the URL of a grid
+    (input | restored | target) of the most textured validation image's centre, degraded as validation
+    degrades it, restored by the run's weights."""
+    import dataclasses
+
+    import torch
+
+    from kitdist.data import val_batches
+    from kitdist.inference import load_restorer
+    from kitdist.report import comparison_grid
+    from kitdist.train.loop import VAL_CONVENTIONS
+    from kitdist.train.metrics import psnr
+
+    values = [
+        psnr(batch["input"].clamp(0, 1), batch["target"], VAL_CONVENTIONS["rgb"]).item()
+        for batch in val_batches(cfg, 0, 1)
+    ]
+    side = max(cfg.data.val_crop_size, GRID_SIDE) if cfg.data.val_crop_size else 0
+    larger = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_crop_size=side))
+    picked = max(
+        val_batches(larger, 0, 1), key=lambda batch: float(batch["target"].diff(dim=-1).abs().mean())
+    )
+    image, target = (picked[name][0].permute(1, 2, 0).numpy() for name in ("input", "target"))
+    with torch.random.fork_rng():
+        restored = load_restorer(checkpoint, device="cpu").restore(image)
+    png = comparison_grid(list(zip(panel_names(cfg), (image.clip(0, 1), restored, target), strict=True)))
+    grid = storage.join(run, "summary", f"{picked['keys'][0]}.png")
+    storage.write_bytes(grid, png)
+    return sum(values) / len(values), grid
+
+
+def next_commands(cfg: RunConfig, run: str) -> list[str]:
+    commands = [f"python -m kitdist.restore --weights {shown(run)} photo.jpg --out restored/"]
+    if cfg.data.val_shards:
+        out = storage.join(cfg.storage.root, "eval", cfg.storage.run_name)
+        commands.append(
+            f"python -m kitdist.evaluate --weights {shown(run)} --shards {shown(cfg.data.val_shards)} "
+            f"--out {shown(out)}"
+        )
+    commands.append(f"tensorboard --logdir {shown(storage.join(run, 'metrics'))}")
+    return commands
+
+
+def print_summary(cfg: RunConfig, result: Any, started: float) -> None:
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else ""
+    if not checkpoint:
+        return
+    if not storage.is_local(cfg.storage.root):  # Ray's checkpoint path has no scheme
+        checkpoint = storage.join(cfg.storage.root, cfg.storage.run_name, os.path.basename(checkpoint))
+    lines = summary_lines(cfg, result.metrics or {}, checkpoint, time.monotonic() - started)
+    print("\n".join(["", *lines]), flush=True, file=sys.stdout)

@@ -1,0 +1,61 @@
+"""The console filter and summary pieces on their own (the whole console of a real embedded run is checked
+in tests/test_train.py): Ray's and DeepSpeed's bookkeeping goes, real warnings and tracebacks stay."""
+
+from __future__ import annotations
+
+from kitdist.config import load_config
+from kitdist.console import ChatterFilter, duration, next_commands, panel_names
+
+# Lines as Ray 2.60 / DeepSpeed 0.19 print them during an embedded run (issue 16).
+CHATTER_LINES = [
+    "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
+    "Continuing to monitor.",
+    "[2026-11-27 14:36:58,892 E 9330 9391] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+    "and ID: '2c58' has constructor arguments in the object store and max_restarts > 0. If",
+    "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/tmp/r/step-00000060)",
+    "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(filesystem=local, path=/x), "
+    "metrics={'step': 60})",
+    "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
+    "Setting up process group for: env:// [rank=0, world_size=2]",
+]
+TIMEOUT_TRACEBACK = [
+    "Failed to send resource request for train-528e. If this only happens transiently during network "
+    "partition or CPU being overloaded, it's safe to ignore this error.",
+    "Traceback (most recent call last):",
+    '  File "/ray/autoscaling_coordinator_client.py", line 58, in send_resource_request',
+    "    ray.get(",
+    "           ^^^^^^^^^^^^^^^^^^^",
+    "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+]
+REAL = [
+    "step 10/60 | loss 0.0898 | lr 1.65e-03 | samples_per_s 17.8/s | ETA 1m00s | data-wait 2%",
+    "UserWarning: the learning rate scheduler was stepped before the optimizer",
+    "Traceback (most recent call last):",
+    '  File "/kitdist/train/loop.py", line 120, in _train_steps',
+    "RuntimeError: shapes do not match",
+]
+
+
+def test_chatter_goes_and_real_lines_stay():
+    kept = ChatterFilter().keep("worker-1", CHATTER_LINES + TIMEOUT_TRACEBACK + REAL)
+    assert kept == REAL
+
+
+def test_a_harmless_traceback_is_dropped_only_for_its_own_process():
+    lines = ChatterFilter()
+    assert lines.keep("controller", TIMEOUT_TRACEBACK[:2]) == []
+    assert lines.keep("worker", REAL[2:]) == REAL[2:]  # another process's traceback, at the same time
+    assert lines.keep("controller", TIMEOUT_TRACEBACK[2:] + REAL[:1]) == REAL[:1]
+
+
+def test_duration_reads_like_a_clock():
+    assert [duration(s) for s in (4.4, 65, 3599, 3720)] == ["4s", "1m05s", "59m59s", "1h02m"]
+
+
+def test_summary_names_panels_and_next_commands_for_the_run():
+    cfg = load_config(None, ["data.val_shards=runs/data/x/val", "storage.root=runs", "storage.run_name=r"])
+    assert panel_names(cfg) == ("noisy", "restored", "clean")
+    assert panel_names(load_config(None, ["degrade.blur_prob=0.5"]))[0] == "input"
+    commands = next_commands(cfg, "runs/r")
+    assert commands[0].startswith("python -m kitdist.restore --weights runs/r ")
+    assert "--shards runs/data/x/val" in commands[1] and commands[2] == "tensorboard --logdir runs/r/metrics"
