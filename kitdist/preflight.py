@@ -119,13 +119,20 @@ def weights_shapes(url: str) -> dict[str, tuple[int, ...]]:
     return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
 
 
+def first_difference(ours: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]]) -> str | None:
+    """The first parameter (by name) that one side lacks or that differs in shape; None if they match."""
+    if ours == theirs:
+        return None
+    missing = sorted(set(ours) ^ set(theirs))
+    return missing[0] if missing else sorted(n for n in ours if ours[n] != theirs[n])[0]
+
+
 def check_weights(what: str, url: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
     """The weights at `url` must fit the model parameter by parameter."""
     found = weights_shapes(url)
-    if found == shapes:
+    name = first_difference(shapes, found)
+    if name is None:
         return
-    differing = sorted(set(shapes) ^ set(found)) or sorted(n for n in shapes if shapes[n] != found[n])
-    name = differing[0]
     raise ConfigError(
         f"{what}: {url} does not fit model.size={cfg.size!r} (and the model.* settings): parameter {name} "
         f"is {found.get(name, 'absent')} there, {shapes.get(name, 'absent')} in the model",

@@ -15,7 +15,7 @@ from kitdist.config import ConfigError, ModelConfig, RunConfig, load_config
 from kitdist.coordinator.jobs import JobSpec
 from kitdist.coordinator.spec import PipelineSpec, Resources, TaskSpec
 from kitdist.launch import with_absolute_paths
-from kitdist.preflight import model_shapes, weights_shapes
+from kitdist.preflight import first_difference, model_shapes, weights_shapes
 from kitdist.preflight import weights_url as checkpoint_weights
 from kitdist.shards.manifest import ManifestError, read_manifest
 
@@ -169,10 +169,9 @@ def _weights_shapes(url: str) -> dict[str, tuple[int, ...]]:
 
 
 def _check_same_model(stage, shapes, reference, source: str, cfg: ModelConfig) -> None:
-    if shapes == reference:
+    name = first_difference(shapes, reference)
+    if name is None:
         return
-    differing = sorted(set(shapes) ^ set(reference)) or sorted(n for n in shapes if shapes[n] != reference[n])
-    name = differing[0]
     raise PlanError(
         f"stage {stage}: model (size {cfg.size!r}) does not match the pre-trained model of {source}: "
         f"parameter {name} is {shapes.get(name, 'absent')} here, {reference.get(name, 'absent')} there; "
