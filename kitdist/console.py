@@ -39,7 +39,14 @@ CHATTER = re.compile(
 )
 # Notes that Ray follows with a traceback although they need no action: the traceback goes with them.
 NOISY_TRACEBACKS = re.compile(
-    r"Failed to send resource request for train-"  # Ray Train's autoscaling hint timed out (busy CPU)
+    "|".join(
+        [
+            r"Failed to send resource request for train-",  # Ray Train's autoscaling hint timed out (busy CPU)
+            # the controller's shutdown of the watchdog below timed out (seen when the run joins a cluster
+            # started beforehand); the watchdog goes away with its controller anyway
+            r"Failed to stop PlacementGroupCleaner gracefully",
+        ]
+    )
 )
 TRACEBACK_BODY = re.compile(r"^(\s|Traceback \(most recent call last\)|\^)")
 # Ray Train's watchdog that removes a dead controller's placement group; it polls the State API, which

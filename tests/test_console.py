@@ -27,6 +27,13 @@ TIMEOUT_TRACEBACK = [
     "           ^^^^^^^^^^^^^^^^^^^",
     "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
 ]
+CLEANER_SHUTDOWN_TRACEBACK = [  # the controller's, at the end of a run that joined an existing cluster
+    "Failed to stop PlacementGroupCleaner gracefully.",
+    "Traceback (most recent call last):",
+    '  File "/ray/train/v2/_internal/callbacks/placement_group_callback.py", line 126, in _stop_cleaner',
+    "    ray.get(self._cleaner.stop.remote(), timeout=self._stop_timeout)",
+    "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+]
 REAL = [
     "step 10/60 | loss 0.0898 | lr 1.65e-03 | samples_per_s 17.8/s | ETA 1m00s | data-wait 2%",
     "UserWarning: the learning rate scheduler was stepped before the optimizer",
@@ -37,7 +44,8 @@ REAL = [
 
 
 def test_chatter_goes_and_real_lines_stay():
-    kept = ChatterFilter().keep("worker-1", CHATTER_LINES + TIMEOUT_TRACEBACK + REAL)
+    lines = CHATTER_LINES + TIMEOUT_TRACEBACK + CLEANER_SHUTDOWN_TRACEBACK + REAL
+    kept = ChatterFilter().keep("worker-1", lines)
     assert kept == REAL
 
 
