@@ -1,7 +1,7 @@
 """`python -m kitdist.pretrain`: pre-train KiT on clean images with synthetic degradations.
 
 With no --config it is the embedded default: a local Ray cluster on this machine, CPU, the `debug`-size
-KiT, trained for about 11 minutes on 2 idle cores (0.21 s a step) on shards built once (cached under
+KiT, trained for about 8 minutes on 2 idle cores (0.15 s a step) on shards built once (cached under
 ./runs/data) from the photographs that scikit-image ships, two of them held out for validation. With a
 config and a cluster the same code path runs on many GPUs.
 """
