@@ -1,7 +1,7 @@
 """`python -m kitdist.pretrain`: pre-train KiT on clean images with synthetic degradations.
 
 With no --config it is the embedded default: a local Ray cluster on this machine, CPU, the `debug`-size
-KiT, trained for about 8 minutes on 2 idle cores (0.15 s a step) on shards built once (cached under
+KiT, trained for about 10 minutes on 2 idle cores (0.15 s a step) on shards built once (cached under
 ./runs/data) from the photographs that scikit-image ships, two of them held out for validation. With a
 config and a cluster the same code path runs on many GPUs.
 """
@@ -16,10 +16,10 @@ from kitdist import storage
 from kitdist.cli import config_or_exit, parser
 
 # The embedded default run; every key can still be overridden on the command line (`train.max_steps=60`
-# makes it a smoke run). 3000 steps of 8 crops of 64 px at lr 3e-3 (cosine, 20 warm-up steps) train a
+# makes it a smoke run). 3600 steps of 8 crops of 64 px at lr 3e-3 (cosine, 20 warm-up steps) train a
 # denoiser that beats non-local means at sigma 25 on the held-out photographs (benchmarks/RESULTS.md,
-# "The embedded default after issue 16"; 2400 steps: -0.07 dB, 3600: +0.26 dB; a higher lr (5e-3) was
-# behind at the same step in the recipe probes). fp32, not bf16: without AMX, bf16 matmuls on CPU run
+# "The embedded default after issue 16": +0.36 dB, 10 min on 2 idle cores; 3000 steps: +0.10 to +0.20 dB,
+# 2400: -0.07 dB; a higher lr (5e-3) was behind at the same step in the recipe probes). fp32, not bf16: without AMX, bf16 matmuls on CPU run
 # about 5x slower than fp32 ones (measured on the 2-core dev box); GPU configs use bf16. The two workers
 # share the machine's cores (dist.cpus_per_worker=0, the default).
 EMBEDDED = [
@@ -28,11 +28,11 @@ EMBEDDED = [
     "data.global_batch_size=8",
     "data.val_crop_size=128",
     "data.num_workers=0",
-    "train.max_steps=3000",
+    "train.max_steps=3600",
     "train.warmup_steps=20",
     "train.lr=3e-3",
     "train.log_every=100",
-    "train.checkpoint_every=500",
+    "train.checkpoint_every=600",
     "train.precision=fp32",
     "dist.strategy=deepspeed",
     "dist.zero_stage=2",
