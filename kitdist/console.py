@@ -19,6 +19,7 @@ from typing import Any
 
 from kitdist import storage
 from kitdist.config import RunConfig
+from kitdist.preflight import weights_url
 
 # Lines of Ray's and DeepSpeed's bookkeeping that need no action from anyone; matched anywhere in a line.
 CHATTER = re.compile(
@@ -151,7 +152,7 @@ def summary_lines(cfg: RunConfig, metrics: dict[str, Any], checkpoint: str, seco
     """The summary of a finished run (cfg with absolute paths; metrics: the last report)."""
     run = storage.join(cfg.storage.root, cfg.storage.run_name)
     lines = [f"done: {metrics.get('step', cfg.train.max_steps)} steps in {duration(seconds)}"]
-    lines.append(f"weights:     {shown(storage.join(checkpoint, 'weights.safetensors'))}")
+    lines.append(f"weights:     {shown(weights_url(checkpoint))}")
     if cfg.data.val_shards and "val_psnr_rgb" in metrics:
         lines += _validation_lines(cfg, metrics, checkpoint, run)
     lines.append(f"metrics:     {shown(storage.join(run, 'metrics'))} (metrics.jsonl, TensorBoard events)")

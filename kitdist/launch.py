@@ -69,12 +69,6 @@ def _train_fn(config: dict[str, Any]) -> None:
         train_worker(from_dict(RunConfig, config), RaySession())
 
 
-# Ray starts its worker processes at nice 15 (RayConfig `worker_niceness`, read from this variable by each
-# worker) so that they yield to its own daemons; a training worker is the work itself, and at nice 15 any
-# other process on the machine takes its CPU first.
-WORKER_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
-
-
 # A local cluster lives for one run: no idle workers started ahead (ours need their own runtime
 # environment, so prestarted ones only take CPU while the run starts), and no pre-emption watcher (this
 # machine is never drained; a SIGTERM to the command is how a local run is stopped).
@@ -223,7 +217,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
         storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        worker_runtime_env={"env_vars": {**worker_env_vars(cfg.dist), **WORKER_PRIORITY_ENV}},  # no secrets
+        worker_runtime_env={"env_vars": worker_env_vars(cfg.dist)},  # no secrets: kitdist.credentials
         callbacks=[StopOnUnrecoverable()],
     )
     resources = {"CPU": cfg.dist.cpus_per_worker} | ({"GPU": 1} if cfg.dist.use_gpu else {})

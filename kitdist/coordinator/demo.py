@@ -11,6 +11,7 @@ datasets' recipes expect, then turned into shards by the same `build_shards` as 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,10 @@ EMBEDDED_RUN = "runs/embedded"  # where `python -m kitdist.pretrain` (the embedd
 
 def embedded_weights(run: str = EMBEDDED_RUN) -> str:
     """The finished embedded default's weights.safetensors (its newest checkpoint), or "" if none."""
-    found = sorted(Path(run).glob("step-*/weights.safetensors"))
-    return str(found[-1].resolve()) if found else ""
+    from kitdist.preflight import newest_weights
+
+    found = newest_weights(os.path.abspath(run))
+    return found
 
 
 def with_embedded_weights(spec):  # a PipelineSpec; typed loosely to keep this module free of the planner

@@ -37,6 +37,12 @@ FORWARDED_ENV = (
 )
 
 
+# Ray starts its worker processes at nice 15 (RayConfig `worker_niceness`, read from this variable by each
+# worker) so that they yield to its own daemons; a training worker is the work itself, and at nice 15 any
+# other process on the machine takes its CPU first.
+WORKER_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
+
+
 def worker_env_vars(cfg: DistConfig) -> dict[str, str]:
     """Variables every worker needs before it imports DeepSpeed (which picks its accelerator at import)."""
     from kitdist.credentials import assert_no_secrets
@@ -46,6 +52,7 @@ def worker_env_vars(cfg: DistConfig) -> dict[str, str]:
         # Ray Train's print patch re-prints to a wrapped stdout AND logs the line: every progress line
         # reached the driver twice. Plain prints are forwarded by Ray once.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        **WORKER_PRIORITY_ENV,
     }
     env.update({name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)})
     return assert_no_secrets(env)
