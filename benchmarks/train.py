@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kitdist.config import load_config  # noqa: E402
+from kitdist.memory import SavedBytes  # noqa: E402
 from kitdist.pretrain import EMBEDDED, ensure_photo_shards  # noqa: E402
 
 ENGINES = {
@@ -110,18 +111,11 @@ def step_figures(root: str, name: str, args: argparse.Namespace) -> tuple[float,
 
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, float]:
     """Bytes autograd keeps for backward in one forward, and the forward+backward time in s."""
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedBytes() as saved:
         loss = model(x).float().square().mean()
     loss.backward()
-    return total, time.perf_counter() - start
+    return saved.total, time.perf_counter() - start
 
 
 def activation_checkpointing(args: argparse.Namespace) -> dict[str, tuple[int, float]]:

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from kitdist import storage
+from kitdist.batching import driver_plan, for_workers
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
 from kitdist.console import filter_worker_output, print_summary, quiet_ray_init, quiet_worker
-from kitdist.dist.env import worker_env_vars
+from kitdist.dist.env import device_for, worker_env_vars
 from kitdist.preflight import check_launchable
 from kitdist.train import stop
 
@@ -66,7 +67,9 @@ def _train_fn(config: dict[str, Any]) -> None:
     quiet_worker()
     use_assigned_cpus()
     with unrecoverable_as_one_line():  # ends the run at once instead of max_failures restarts
-        train_worker(from_dict(RunConfig, config), RaySession())
+        session = RaySession()
+        cfg = from_dict(RunConfig, config)
+        train_worker(for_workers(cfg, session.world_size, device_for(cfg.dist)), session)
 
 
 # A local cluster lives for one run: no idle workers started ahead (ours need their own runtime
@@ -201,6 +204,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
 
     cfg = with_absolute_paths(cfg)
     check_launchable(cfg, paired=paired)
+    print(driver_plan(cfg), flush=True)  # the batches each phase trains on, or the key that cannot run
     cfg = connect_ray(cfg)
     print(
         f"{cfg.dist.num_workers} workers x {cfg.dist.cpus_per_worker} CPU(s), as many torch threads",

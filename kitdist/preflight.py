@@ -12,6 +12,7 @@ import json
 import struct
 
 from kitdist import storage
+from kitdist.batching import batches_per_epoch, phases
 from kitdist.config import ConfigError, ModelConfig, RunConfig
 from kitdist.credentials import check_credentials_file
 
@@ -55,7 +56,7 @@ def check_model(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
 
     from kitdist.model import build_model
 
-    crops = {cfg.data.crop_size, cfg.data.val_crop_size or cfg.data.crop_size}
+    crops = {*(phase.crop_size for phase in phases(cfg)), cfg.data.val_crop_size or cfg.data.crop_size}
     try:
         with torch.device("meta"), torch.no_grad():
             model = build_model(cfg.model)
@@ -87,7 +88,7 @@ def check_batches(cfg: RunConfig, samples: int) -> None:
     """Every rank needs a batch per epoch for each of its data workers (the rule TrainStream applies)."""
     if cfg.data.mode != "epoch":
         return
-    batches_per_rank = samples * cfg.train.grad_accum_steps // cfg.data.global_batch_size
+    batches_per_rank = batches_per_epoch(cfg, samples)
     slots = max(1, cfg.data.num_workers)
     if batches_per_rank < slots:
         raise ConfigError(

@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.dist.use_gpu else "cpu")
     import torch
 
+    from kitdist.batching import for_workers
     from kitdist.dist.env import device_for
     from kitdist.launch import with_absolute_paths, with_worker_cpus
     from kitdist.train.loop import run_url, train_worker
@@ -43,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         clear_request(run_url(cfg))  # a request left by an earlier, stopped launch of this run
     dist.barrier()
     try:
-        train_worker(cfg, StorageSession(run_url(cfg), cfg.train.keep_checkpoints))
+        worker_cfg = for_workers(cfg, dist.get_world_size(), device_for(cfg.dist))
+        train_worker(worker_cfg, StorageSession(run_url(cfg), cfg.train.keep_checkpoints))
     finally:
         dist.destroy_process_group()
 

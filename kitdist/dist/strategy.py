@@ -112,7 +112,9 @@ def compile_if_asked(model: nn.Module, cfg: RunConfig) -> nn.Module:
 
 
 def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
-    return cfg.data.global_batch_size // world_size // cfg.train.grad_accum_steps
+    from kitdist.batching import plan_run  # the one home of micro-batch arithmetic
+
+    return plan_run(cfg, world_size)[0].micro_batch
 
 
 def optimizer_step_of(optimizer: torch.optim.Optimizer) -> int:
