@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 
 from kitdist.config import SPATIAL_MULTIPLE, ConfigError, RunConfig
-from kitdist.memory import GIB, MemoryEstimate, budget_bytes, describe_memory, estimate_memory
+from kitdist.memory import GIB, MemoryEstimate, budget_bytes, describe_memory, estimate_memory, size_text
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,7 @@ def describe_plans(plans: list[BatchPlan], budget_note: str = "") -> str:
             f"{plan.grad_accum} x {plan.world_size} worker(s)"
         )
         if memory is not None:
-            line += f", ~{memory.total(plan.micro_batch) / GIB:.3g} GiB per worker ({describe_memory(memory, plan.micro_batch)})"
+            line += f", ~{size_text(memory.total(plan.micro_batch))} per worker ({describe_memory(memory, plan.micro_batch)})"
         lines.append(line + budget_note)
     return "\n".join(lines)
 

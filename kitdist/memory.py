@@ -2,7 +2,7 @@
 
 - **Budget** per worker, in GiB (2^30 bytes): `train.memory_budget_gb`; 0 means none on a CPU (the
   machine's memory is shared) and, on a GPU, `CUDA_BUDGET_SHARE` of the device's memory, decided on the
-  worker (`budget_bytes`).
+  worker (`budget_bytes`; a fixed `train.grad_accum_steps` is then taken as it is).
 - **Estimate** (`estimate_memory`), deterministic, no device needed: the model runs on fake tensors
   (shapes only) at the phase's crop, under the run's autocast precision, with saved-tensor hooks counting
   the bytes autograd keeps for backward (`SavedBytes`), at micro-batches 1 and 2: the difference is the
@@ -39,10 +39,11 @@ class MemoryEstimate:
 
 def budget_bytes(cfg: RunConfig, device: object = None) -> int | None:
     """Bytes a worker may use: `train.memory_budget_gb`, else on a CUDA `device` its share of the GPU's
-    memory, else None (no budget: the CPU's memory is the machine's, shared)."""
+    memory, else None (no budget: the CPU's memory is the machine's, shared). A fixed
+    `train.grad_accum_steps` is not second-guessed by the GPU's size, only by a budget stated."""
     if cfg.train.memory_budget_gb > 0:
         return int(cfg.train.memory_budget_gb * GIB)
-    if getattr(device, "type", None) == "cuda":
+    if getattr(device, "type", None) == "cuda" and not cfg.train.grad_accum_steps:
         import torch
 
         return int(torch.cuda.get_device_properties(device).total_memory * CUDA_BUDGET_SHARE)
@@ -133,7 +134,10 @@ class SavedBytes:
 
 
 def describe_memory(memory: MemoryEstimate, micro_batch: int) -> str:
-    return (
-        f"model states {memory.model_state / GIB:.3g} GiB + activations "
-        f"{(memory.fixed_activations + micro_batch * memory.per_sample) / GIB:.3g} GiB"
-    )
+    activations = memory.fixed_activations + micro_batch * memory.per_sample
+    return f"model states {size_text(memory.model_state)} + activations {size_text(activations)}"
+
+
+def size_text(size: int) -> str:
+    """Bytes as MiB below a GiB, else GiB, three significant digits."""
+    return f"{size / 2**20:.3g} MiB" if size < GIB else f"{size / GIB:.3g} GiB"

@@ -11,7 +11,7 @@ import shardkit
 
 from kitdist.batching import describe_plans, driver_plan, lr_scale, phases, plan_at, plan_run
 from kitdist.config import ConfigError, ModelConfig, load_config
-from kitdist.memory import GIB, activation_bytes, estimate_memory
+from kitdist.memory import GIB, activation_bytes, budget_bytes, estimate_memory
 
 SCHEDULE = (
     "data.schedule=[{step: 0, crop_size: 32, global_batch_size: 16}, {step: 4, crop_size: 64, "
@@ -54,6 +54,13 @@ def test_the_memory_budget_picks_the_largest_micro_batch_that_fits():
     budget = (memory.total(4) + memory.total(8)) // 2
     plan = plan_run(cfg, 1, budget)[0]
     assert (plan.micro_batch, plan.grad_accum) == (4, 4) and plan.memory == memory
+
+
+def test_a_budget_is_the_one_stated_and_none_on_a_cpu():
+    import torch
+
+    assert budget_bytes(config(), torch.device("cpu")) is None
+    assert budget_bytes(config("train.memory_budget_gb=1.5"), torch.device("cpu")) == int(1.5 * GIB)
 
 
 def test_an_elastic_resume_keeps_the_micro_batch_and_doubles_the_accumulation():
@@ -132,7 +139,7 @@ def test_the_driver_prints_every_phase():
     lines = describe_plans(plan_run(cfg, 2, with_memory=True)).splitlines()
     assert lines[0].startswith("steps 1..4: crop 32, global batch 16 = micro-batch 8 x accumulation 1 x 2")
     assert lines[1].startswith("steps 5..6: crop 64, global batch 8 = micro-batch 4 x accumulation 1 x 2")
-    assert all(" GiB per worker (model states " in line for line in lines) and len(lines) == 2
+    assert all(" MiB per worker (model states " in line for line in lines) and len(lines) == 2
 
 
 def test_the_estimate_grows_with_the_crop_and_shrinks_with_activation_checkpointing():
