@@ -162,13 +162,13 @@ def batching(args: argparse.Namespace, shards: tuple[str, str], root: str) -> No
             torchrun([*overrides(args, shards, root, name), *base, *settings[label]])
             times[label].append(median_step(root, name, args.accum_batch, skip=args.warmup))
     print(f"\nbatching: global batch {args.accum_batch} over 2 workers (torchrun, ZeRO-2, bf16)")
-    print("setting | micro-batch x accumulation x workers | step s (median per round) | x derived")
-    derived = statistics.median(times["derived"])
+    print("setting | micro x accumulation x workers | step s per round | x derived per round (paired)")
     for label, found in times.items():
         plan = plan_run(load_config(None, [*base, "dist.num_workers=2", *settings[label]]), 2)[0]
         shape = f"{plan.micro_batch} x {plan.grad_accum} x {plan.world_size}"
         rounds = ", ".join(f"{t:.3f}" for t in found)
-        print(f"{label:<7} | {shape:<36} | {rounds:<25} | {statistics.median(found) / derived:.2f}")
+        ratios = ", ".join(f"{t / d:.2f}" for t, d in zip(found, times["derived"], strict=True))
+        print(f"{label:<7} | {shape:<29} | {rounds:<16} | {ratios}")
 
 
 def main() -> None:
