@@ -14,6 +14,8 @@ weights URL (a file, a checkpoint or a whole run) becomes the weights. The one p
 
 A checkpoint is complete when it holds both its weights and its training state: Ray Train and the torchrun
 session upload a checkpoint's files one by one, so a folder without them is one whose upload was cut short.
+Resuming and the coordinator take the latest complete checkpoint; restoring and fine-tuning need only
+weights, and take a run's newest weights file.
 Writing the engine's part of a checkpoint (it needs a Strategy) is `kitdist.train.checkpoint`'s.
 """
 
@@ -98,14 +100,18 @@ def latest_checkpoint(run: str) -> str | None:
 
 
 def newest_weights(run: str) -> str:
-    """The weights of the run's newest complete checkpoint ("" when it has none yet)."""
-    folder = latest_checkpoint(run)
-    return weights_file(folder) if folder else ""
+    """The newest weights file among the run's checkpoints ("" when there is none yet). The checkpoint
+    need not be complete: its weights file is all that restoring or fine-tuning reads."""
+    for name in reversed(checkpoint_names(run)):
+        weights = weights_file(storage.join(run, name))
+        if storage.exists(weights):
+            return weights
+    return ""
 
 
 def weights_url(url: str) -> str:
     """A weights file (`*.safetensors`, taken as it is), a checkpoint folder holding one, or a run folder
-    (its newest complete checkpoint's); WeightsNotFoundError naming the URL when there is none."""
+    (its newest weights); WeightsNotFoundError naming the URL when there is none."""
     if url.endswith(".safetensors"):
         return url
     direct = weights_file(url)
@@ -115,7 +121,7 @@ def weights_url(url: str) -> str:
     if newest:
         return newest
     raise WeightsNotFoundError(
-        f"{url}: no {WEIGHTS} here (no {direct}), nor in a complete step-* checkpoint folder below it"
+        f"{url}: no {WEIGHTS} here (no {direct}), nor in a step-* checkpoint folder below it"
     )
 
 

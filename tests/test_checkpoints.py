@@ -83,7 +83,7 @@ def test_latest_complete_checkpoint_skips_folders_cut_short(tmp_path):
     assert checkpoint_names(run) == [checkpoint_name(step) for step in (2, 3, 4, 5)]
     assert complete_checkpoints(run) == [storage.join(run, checkpoint_name(step)) for step in (2, 3)]
     assert latest_checkpoint(run) == storage.join(run, checkpoint_name(3))
-    assert newest_weights(run) == storage.join(run, checkpoint_name(3), WEIGHTS)
+    assert newest_weights(run) == storage.join(run, checkpoint_name(4), WEIGHTS)  # weights are all it needs
 
 
 def test_a_run_without_checkpoints_has_no_latest(tmp_path):
@@ -97,8 +97,8 @@ def test_weights_url_of_a_file_a_checkpoint_and_a_run(tmp_path):
     assert weights_url(storage.join(run, checkpoint_name(4))) == storage.join(
         run, checkpoint_name(4), WEIGHTS
     )
-    assert weights_url(run) == storage.join(run, checkpoint_name(3), WEIGHTS)
-    assert load_weights_url(run)["w"].tolist() == [3.0, 3.0]
+    assert weights_url(run) == storage.join(run, checkpoint_name(4), WEIGHTS)
+    assert load_weights_url(run)["w"].tolist() == [4.0, 4.0]
 
 
 def test_missing_and_damaged_weights_name_the_url(tmp_path):
@@ -119,7 +119,7 @@ def test_missing_and_damaged_weights_name_the_url(tmp_path):
 def test_run_on_s3_resolves_and_loads(s3_env):
     run = a_run(s3_env)
     assert latest_checkpoint(run) == f"{s3_env}/run/{checkpoint_name(3)}"
-    assert load_weights_url(run)["w"].tolist() == [3.0, 3.0]
+    assert load_weights_url(run)["w"].tolist() == [4.0, 4.0]
     assert read_weights(latest_checkpoint(run))["w"].tolist() == [3.0, 3.0]
 
 

@@ -71,7 +71,6 @@ def test_resuming_a_run_of_another_model_is_refused(tmp_path, shards):
     step = tmp_path / "runs" / "r" / "step-00000004"
     step.mkdir(parents=True)
     weights_of("small", step / "weights.safetensors")
-    (step / "train_state.json").write_text("{}")  # complete: what a resumed run starts from
     with pytest.raises(ConfigError, match=r"storage.run_name=r \(resuming\).*step-00000004"):
         check_launchable(run_config(tmp_path, shards))
     check_launchable(run_config(tmp_path, shards, "model.size=small"))  # the same model resumes
