@@ -171,3 +171,28 @@ def test_checkpoint_written_now_has_the_format_of_before(tmp_path, photo_paths):
     written, legacy = (json.loads((f / TRAIN_STATE).read_text()) for f in (folder, LEGACY))
     assert list(written) == list(legacy) and list(written["optimizer"]) == list(legacy["optimizer"])
     assert read_weights(folder).keys() == read_weights(LEGACY).keys()
+
+
+def test_checkpoint_written_now_restores_the_whole_training_state(tmp_path):
+    """Weights into the model, then the optimizer and schedule into the engine: the state written is the
+    state restored (the world-size-independent path, as after a change of world size or engine)."""
+    from kitdist.dist.ddp_strategy import DDPStrategy
+    from kitdist.train.checkpoint import restore_strategy, write_checkpoint
+
+    cfg = load_config(None, ["model.size=debug", "dist.strategy=ddp", "dist.zero_stage=0"])
+    torch.manual_seed(0)
+    trained = DDPStrategy(cfg, build_model(cfg.model), torch.device("cpu"))
+    trained.train(True)
+    images = torch.rand(2, 3, 32, 32)
+    trained.backward((trained.forward(images) - images).abs().mean(), last_micro_batch=True)
+    trained.step()
+    folder = tmp_path / checkpoint_name(1)
+    write_checkpoint(folder, cfg, trained, 1, [{"rank": 0}], rank=0, world_size=1)
+    model = build_model(cfg.model)
+    model.load_state_dict(read_weights(folder))
+    restored = DDPStrategy(cfg, model, torch.device("cpu"))
+    assert restore_strategy(folder, cfg, restored, world_size=1) == "full"
+    before, after = trained.full_state(), restored.full_state()
+    for name, tensor in [*before.weights.items(), *before.moments.items()]:
+        assert torch.equal(tensor, {**after.weights, **after.moments}[name]), name
+    assert after.meta == before.meta and read_resume_info(folder).data_states == [{"rank": 0}]
