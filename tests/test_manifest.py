@@ -66,3 +66,5 @@ def test_a_set_of_the_other_kind_or_none_names_the_key_and_the_url(tmp_path):
     assert info.value.key == "data.val_shards"
     with pytest.raises(ManifestError, match=f"test_shards: {tmp_path}/none/manifest.json: no manifest here"):
         read_manifest_of_kind(str(tmp_path / "none"), "paired", "test_shards")
+    with pytest.raises(ConfigError, match="data.train_shards: no shard set given"):
+        read_manifest_of_kind("", "clean", "data.train_shards")

@@ -106,7 +106,9 @@ def read_manifest(shards_url: str) -> Manifest:
 def read_manifest_of_kind(shards_url: str, kind: str, key: str) -> Manifest:
     """The manifest of the shard set that config key `key` names, which must hold `kind` samples
     ("clean" or "paired", what data.kind says). Errors name the key and the URL: ManifestError for a
-    missing or unreadable manifest, ConfigError for samples of the other kind."""
+    missing or unreadable manifest, ConfigError for no URL or samples of the other kind."""
+    if not shards_url:
+        raise ConfigError(f"{key}: no shard set given (a folder or manifest.json URL)", key=key)
     try:
         manifest = read_manifest(shards_url)
     except ManifestError as err:
