@@ -36,7 +36,7 @@ def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
     if cfg.data.val_shards:
         read_manifest_of_kind(cfg.data.val_shards, cfg.data.kind, "data.val_shards")
     if cfg.train.init_weights:
-        check_weights("train.init_weights", weights_url(cfg.train.init_weights), shapes, cfg.model)
+        check_weights("train.init_weights", cfg.train.init_weights, shapes, cfg.model)
     run = run_url(cfg)
     resumed = newest_weights(run)
     if resumed:
@@ -119,8 +119,13 @@ def first_difference(ours: dict[str, tuple[int, ...]], theirs: dict[str, tuple[i
 
 
 def check_weights(what: str, url: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
-    """The weights at `url` must fit the model parameter by parameter."""
-    found = weights_shapes(url)
+    """The weights at `url` (a file, a checkpoint or a run folder) must exist and fit the model parameter
+    by parameter; FileNotFoundError or ConfigError naming `what` and the URL otherwise."""
+    try:
+        url = weights_url(url)
+        found = weights_shapes(url)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{what}: {err}") from None
     name = first_difference(shapes, found)
     if name is None:
         return
