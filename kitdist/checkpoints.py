@@ -92,11 +92,8 @@ def complete_checkpoints(run: str) -> list[str]:
 
 def latest_checkpoint(run: str) -> str | None:
     """The URL of the run's newest complete checkpoint; None when it has none (yet)."""
-    for name in reversed(checkpoint_names(run)):
-        folder = storage.join(run, name)
-        if is_complete(folder):
-            return folder
-    return None
+    complete = complete_checkpoints(run)
+    return complete[-1] if complete else None
 
 
 def newest_weights(run: str) -> str:
