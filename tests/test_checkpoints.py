@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from restorekit import export_debug_checkpoint
 from safetensors.torch import save
 
 from kitdist import checkpoints, storage
@@ -163,21 +162,11 @@ def test_checkpoint_written_before_the_change_restores_rng_and_images():
     assert restored.shape == (40, 48, 3)
 
 
-def test_checkpoint_written_now_has_the_format_of_before(tmp_path, photo_paths):
-    folder = export_debug_checkpoint(tmp_path, photo_paths[0], steps=1)
-    files = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
-    before = {path.relative_to(LEGACY).as_posix() for path in LEGACY.rglob("*") if path.is_file()}
-    assert files == before | {"optimizer.safetensors"}  # the fixture leaves its 3.5 MB of Adam moments out
-    written, legacy = (json.loads((f / TRAIN_STATE).read_text()) for f in (folder, LEGACY))
-    assert list(written) == list(legacy) and list(written["optimizer"]) == list(legacy["optimizer"])
-    assert read_weights(folder).keys() == read_weights(LEGACY).keys()
-
-
-def test_checkpoint_written_now_restores_the_whole_training_state(tmp_path):
-    """Weights into the model, then the optimizer and schedule into the engine: the state written is the
-    state restored (the world-size-independent path, as after a change of world size or engine)."""
+@pytest.fixture(scope="module")
+def written_now(tmp_path_factory):
+    """A checkpoint written by today's code after one step of a `debug` KiT, and the engine that wrote it."""
     from kitdist.dist.ddp_strategy import DDPStrategy
-    from kitdist.train.checkpoint import restore_strategy, write_checkpoint
+    from kitdist.train.checkpoint import write_checkpoint
 
     cfg = load_config(None, ["model.size=debug", "dist.strategy=ddp", "dist.zero_stage=0"])
     torch.manual_seed(0)
@@ -186,8 +175,28 @@ def test_checkpoint_written_now_restores_the_whole_training_state(tmp_path):
     images = torch.rand(2, 3, 32, 32)
     trained.backward((trained.forward(images) - images).abs().mean(), last_micro_batch=True)
     trained.step()
-    folder = tmp_path / checkpoint_name(1)
+    folder = tmp_path_factory.mktemp("now") / checkpoint_name(1)
     write_checkpoint(folder, cfg, trained, 1, [{"rank": 0}], rank=0, world_size=1)
+    return cfg, folder, trained
+
+
+def test_checkpoint_written_now_has_the_format_of_before(written_now):
+    _, folder, _ = written_now
+    files = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+    before = {path.relative_to(LEGACY).as_posix() for path in LEGACY.rglob("*") if path.is_file()}
+    assert files == before | {"optimizer.safetensors"}  # the fixture leaves its 3.5 MB of Adam moments out
+    written, legacy = (json.loads((f / TRAIN_STATE).read_text()) for f in (folder, LEGACY))
+    assert list(written) == list(legacy) and list(written["optimizer"]) == list(legacy["optimizer"])
+    assert read_weights(folder).keys() == read_weights(LEGACY).keys()
+
+
+def test_checkpoint_written_now_restores_the_whole_training_state(written_now):
+    """Weights into the model, then the optimizer and schedule into the engine: the state written is the
+    state restored (the world-size-independent path, as after a change of world size or engine)."""
+    from kitdist.dist.ddp_strategy import DDPStrategy
+    from kitdist.train.checkpoint import restore_strategy
+
+    cfg, folder, trained = written_now
     model = build_model(cfg.model)
     model.load_state_dict(read_weights(folder))
     restored = DDPStrategy(cfg, model, torch.device("cpu"))
