@@ -18,8 +18,8 @@ import warnings
 from typing import Any
 
 from kitdist import storage
+from kitdist.checkpoints import METRICS_DIR, run_url, weights_file
 from kitdist.config import RunConfig
-from kitdist.preflight import weights_url
 
 # Lines of Ray's and DeepSpeed's bookkeeping that need no action from anyone; matched anywhere in a line.
 CHATTER = re.compile(
@@ -139,7 +139,7 @@ def duration(seconds: float) -> str:
 def shown(url: str) -> str:
     """A local path relative to the working directory when it lies below it; other URLs as they are."""
     if storage.is_local(url):
-        path = os.path.abspath(url.removeprefix("file://"))
+        path = storage.absolute(url)
         relative = os.path.relpath(path)
         return path if relative.startswith("..") else relative
     return url
@@ -150,12 +150,12 @@ def shown(url: str) -> str:
 
 def summary_lines(cfg: RunConfig, metrics: dict[str, Any], checkpoint: str, seconds: float) -> list[str]:
     """The summary of a finished run (cfg with absolute paths; metrics: the last report)."""
-    run = storage.join(cfg.storage.root, cfg.storage.run_name)
+    run = run_url(cfg)
     lines = [f"done: {metrics.get('step', cfg.train.max_steps)} steps in {duration(seconds)}"]
-    lines.append(f"weights:     {shown(weights_url(checkpoint))}")
+    lines.append(f"weights:     {shown(weights_file(checkpoint))}")
     if cfg.data.val_shards and "val_psnr_rgb" in metrics:
         lines += _validation_lines(cfg, metrics, checkpoint, run)
-    lines.append(f"metrics:     {shown(storage.join(run, 'metrics'))} (metrics.jsonl, TensorBoard events)")
+    lines.append(f"metrics:     {shown(storage.join(run, METRICS_DIR))} (metrics.jsonl, TensorBoard events)")
     lines += ["next:", *(f"  {command}" for command in next_commands(cfg, run))]
     return lines
 
@@ -222,7 +222,7 @@ def next_commands(cfg: RunConfig, run: str) -> list[str]:
             f"python -m kitdist.evaluate --weights {shown(run)} --shards {shown(cfg.data.val_shards)} "
             f"--out {shown(out)}"
         )
-    commands.append(f"tensorboard --logdir {shown(storage.join(run, 'metrics'))}")
+    commands.append(f"tensorboard --logdir {shown(storage.join(run, METRICS_DIR))}")
     return commands
 
 
@@ -231,6 +231,6 @@ def print_summary(cfg: RunConfig, result: Any, started: float) -> None:
     if not checkpoint:
         return
     if not storage.is_local(cfg.storage.root):  # Ray's checkpoint path has no scheme
-        checkpoint = storage.join(cfg.storage.root, cfg.storage.run_name, os.path.basename(checkpoint))
+        checkpoint = storage.join(run_url(cfg), os.path.basename(checkpoint))
     lines = summary_lines(cfg, result.metrics or {}, checkpoint, time.monotonic() - started)
     print("\n".join(["", *lines]), flush=True, file=sys.stdout)

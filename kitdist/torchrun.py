@@ -27,9 +27,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.dist.use_gpu else "cpu")
     import torch
 
+    from kitdist.checkpoints import run_url
     from kitdist.dist.env import device_for
     from kitdist.launch import with_absolute_paths, with_worker_cpus
-    from kitdist.train.loop import run_url, train_worker
+    from kitdist.train.loop import train_worker
     from kitdist.train.session import StorageSession
     from kitdist.train.stop import clear_request
 

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kitdist.checkpoints import checkpoint_name
 from kitdist.config import load_config
 from kitdist.dist.ddp_strategy import DDPStrategy
 from kitdist.model import build_model
-from kitdist.train.checkpoint import checkpoint_name, write_checkpoint
+from kitdist.train.checkpoint import write_checkpoint
 from kitdist.train.metrics import charbonnier_loss
 
 EXPORT_OVERRIDES = [

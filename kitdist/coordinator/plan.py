@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from kitdist import storage
+from kitdist import checkpoints, storage
 from kitdist.config import ConfigError, ModelConfig, RunConfig, load_config
 from kitdist.coordinator.jobs import JobSpec
 from kitdist.coordinator.spec import PipelineSpec, Resources, TaskSpec
 from kitdist.launch import with_absolute_paths
 from kitdist.preflight import first_difference, model_shapes, weights_shapes
-from kitdist.preflight import weights_url as checkpoint_weights
-from kitdist.shards.manifest import ManifestError, read_manifest
+from kitdist.shards.manifest import ManifestError, read_manifest_of_kind
+from kitdist.storage import absolute
 
 PRETRAIN = "pretrain"
 
@@ -39,7 +39,7 @@ class TrainPlan:
 
     @property
     def run_url(self) -> str:
-        return storage.join(self.cfg.storage.root, self.cfg.storage.run_name)
+        return checkpoints.run_url(self.cfg)
 
     def job(self, init_weights: str = "") -> JobSpec:
         extra = [f"train.init_weights={absolute(init_weights)}"] if init_weights else []
@@ -74,13 +74,6 @@ class Plan:
         kinds = {PRETRAIN: "pretrain"} if self.pretrain else {}
         kinds |= {f"finetune/{name}": "finetune" for name in self.finetunes}
         return kinds | {f"evaluate/{name}": "evaluate" for name in self.evaluations}
-
-
-def absolute(url: str) -> str:
-    """Local paths made absolute (jobs run in another working directory); other URLs unchanged."""
-    if not url or not storage.is_local(url):
-        return url
-    return os.path.abspath(url.removeprefix("file://"))
 
 
 def make_plan(spec: PipelineSpec) -> Plan:
@@ -124,11 +117,7 @@ def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool)
         raise PlanError(f"{label}: data.train_shards: missing dataset URL (in {part.config} or train_shards)")
     for key in ("train_shards", "val_shards"):
         if getattr(cfg.data, key):
-            manifest = _check(f"{label}: data.{key}", read_manifest, getattr(cfg.data, key))
-            if key == "train_shards" and manifest.kind != cfg.data.kind:
-                raise PlanError(
-                    f"{label}: data.kind is {cfg.data.kind!r}, {cfg.data.train_shards} holds {manifest.kind!r}"
-                )
+            _check(label, read_manifest_of_kind, getattr(cfg.data, key), cfg.data.kind, f"data.{key}")
     # Absolute local paths on the command line: the job does not run in this working directory.
     pinned = [f"data.train_shards={cfg.data.train_shards}", f"storage.root={cfg.storage.root}"]
     pinned += [f"data.val_shards={cfg.data.val_shards}"] if cfg.data.val_shards else []
@@ -138,18 +127,9 @@ def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool)
 
 def _eval_plan(spec: PipelineSpec, task: TaskSpec) -> EvalPlan:
     test_shards = absolute(task.test_shards)
-    manifest = _check(f"stage {task.stage}: test_shards", read_manifest, test_shards)
-    if manifest.kind != "paired":
-        raise PlanError(
-            f"stage {task.stage}: test_shards: {test_shards} holds {manifest.kind!r} samples, not pairs"
-        )
+    _check(f"stage {task.stage}", read_manifest_of_kind, test_shards, "paired", "test_shards")
     out = storage.join(absolute(spec.state), "eval", task.stage)
     return EvalPlan(f"evaluate/{task.stage}", task, test_shards, out, task.eval_resources)
-
-
-def weights_url(url: str) -> str:
-    """The weights.safetensors of a checkpoint folder, or the file itself."""
-    return checkpoint_weights(absolute(url))
 
 
 def _check(label: str, fn, *args):
@@ -160,12 +140,11 @@ def _check(label: str, fn, *args):
 
 
 def _weights_shapes(url: str) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a weights.safetensors header (its first bytes; the tensors are not read)."""
-    url = weights_url(url)
+    """Tensor shapes of the weights at `url` (a file, a checkpoint or a run folder) from their header."""
     try:
-        return weights_shapes(url)
-    except (OSError, ConfigError) as err:
-        raise PlanError(f"pretrain.weights: {url}: not a readable weights.safetensors ({err})") from None
+        return weights_shapes(checkpoints.weights_url(absolute(url)))
+    except (OSError, ConfigError) as err:  # each names the URL
+        raise PlanError(f"pretrain.weights: {err}") from None
 
 
 def _check_same_model(stage, shapes, reference, source: str, cfg: ModelConfig) -> None:

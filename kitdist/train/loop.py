@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kitdist import storage
+from kitdist.checkpoints import load_weights_url, run_url
 from kitdist.config import SPATIAL_MULTIPLE, RunConfig
 from kitdist.dist.env import all_gather_objects, all_reduce_sum, device_for, print0
 from kitdist.dist.strategy import Strategy, as_float, build_strategy
@@ -30,10 +31,6 @@ from kitdist.train.session import Session
 from kitdist.train.stop import StopWatch
 
 VAL_CONVENTIONS = {"rgb": MetricConvention("rgb", 0, 1.0), "y": MetricConvention("y", 0, 1.0)}
-
-
-def run_url(cfg: RunConfig) -> str:
-    return storage.join(cfg.storage.root, cfg.storage.run_name)
 
 
 def seed_everything(seed: int) -> None:
@@ -83,15 +80,6 @@ def _build(cfg: RunConfig, session: Session, device: torch.device) -> tuple[Stra
             seed_everything(cfg.train.seed + 1000 * (session.rank + 1) + info.step)
         print0(f"resumed from step {info.step} ({how} state, saved by {info.world_size} worker(s))")
         return strategy, info.step, info.data_states
-
-
-def load_weights_url(url: str) -> dict[str, torch.Tensor]:
-    """A weights.safetensors (or a checkpoint folder holding one) at any storage URL."""
-    from safetensors.torch import load
-
-    if not url.endswith(".safetensors"):
-        url = storage.join(url, ckpt.WEIGHTS)
-    return load(storage.read_bytes(url))
 
 
 class _Window:
