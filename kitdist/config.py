@@ -283,6 +283,11 @@ class RunConfig:
             )
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Builds a RunConfig from an optional YAML file plus `section.key=value` overrides (YAML values)."""
-    return load(RunConfig, path, overrides)
+def load_config(
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    values: typing.Mapping[str, typing.Any] = {},
+) -> RunConfig:
+    """Builds a RunConfig from an optional YAML file, typed `values` by dotted key (`{"data.kind": "paired"}`)
+    and `section.key=value` overrides (YAML values), each over the one before (`config_loader.load`)."""
+    return load(RunConfig, path, overrides, values)

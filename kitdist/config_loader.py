@@ -46,9 +46,13 @@ def note(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def load(cls: type, path: str | Path | None = None, overrides: Sequence[str] = ()) -> Any:
-    """Builds dataclass `cls` from an optional YAML file plus `section.key=value` overrides (YAML values)."""
+def load(
+    cls: type, path: str | Path | None = None, overrides: Sequence[str] = (), values: Mapping[str, Any] = {}
+) -> Any:
+    """Builds dataclass `cls` from an optional YAML file, then typed `values` by dotted key (what a program
+    adds to a file), then `section.key=value` overrides (YAML values: the user's, so they win)."""
     tree = read_yaml(Path(path)) if path is not None else {}
+    _set_values(tree, values)
     overridden = {_apply_override(tree, item) for item in overrides}
     return _build(cls, tree, overridden, str(path) if path is not None else COMMAND_LINE)
 
@@ -63,8 +67,7 @@ def override(cfg: Any, overrides: Sequence[str]) -> Any:
 def replace_values(cfg: Any, values: Mapping[str, Any]) -> Any:
     """`cfg` with typed values set by dotted key (`{"data.kind": "paired"}`), checked like a file's."""
     tree = to_dict(cfg)
-    for dotted, value in values.items():
-        _set(tree, dotted.split("."), _plain(value), dotted)
+    _set_values(tree, values)
     return from_dict(type(cfg), tree)
 
 
@@ -142,6 +145,11 @@ def _apply_override(tree: dict[str, Any], item: str) -> str:
         value = raw
     _set(tree, keys, value, f"override {item!r}")
     return ".".join(keys)
+
+
+def _set_values(tree: dict[str, Any], values: Mapping[str, Any]) -> None:
+    for dotted, value in values.items():
+        _set(tree, dotted.split("."), _plain(value), dotted)
 
 
 def _set(tree: dict[str, Any], keys: list[str], value: Any, label: str) -> None:
