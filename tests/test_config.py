@@ -191,3 +191,35 @@ def test_the_wheel_ships_the_configs(tmp_path):
     )
     assert found["resolved"] == to_dict(load_config(ROOT / "configs/pretrain/embedded.yaml"))
     assert "configs/pretrain/embedded.yaml" in found["shipped"]
+
+
+def test_evaluation_config_is_the_training_runs_own_changed_by_value(tmp_path, photo_paths):
+    """`kitdist.evaluate` measures with the config.yaml beside the weights (its degradations), pointed
+    at the test shards, whole images; the user's overrides come last and their errors name the command
+    line. Bare weights get the default config of their model size."""
+    from safetensors.torch import save_model
+
+    from kitdist.evaluate import eval_config
+    from kitdist.inference import load_restorer
+    from kitdist.model import build_model
+    from kitdist.shards import build_shards
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / photo_paths[0].name).symlink_to(photo_paths[0])
+    shards = str(tmp_path / "shards")
+    build_shards("folder", tmp_path / "photos", shards, progress=False)
+    trained = load_config(None, ["degrade.blur_prob=0.5", "data.val_crop_size=64", "data.num_workers=2"])
+    save_model(build_model(trained.model), str(tmp_path / "weights.safetensors"))
+    (tmp_path / "config.yaml").write_text(dump_yaml(trained))
+
+    cfg = eval_config(load_restorer(str(tmp_path), None, "cpu"), shards, ["degrade.noise_sigma=[25,25]"], 3)
+    assert cfg.degrade.blur_prob == 0.5 and cfg.degrade.noise_sigma == (25.0, 25.0)
+    assert (cfg.data.val_shards, cfg.data.kind, cfg.data.val_crop_size) == (shards, "clean", 0)
+    assert (cfg.data.num_workers, cfg.data.max_val_samples) == (0, 3)
+    with pytest.raises(ConfigError, match=r"^command line: degrade.noise_sigma"):
+        eval_config(load_restorer(str(tmp_path), None, "cpu"), shards, ["degrade.noise_sigma=25"], 0)
+    (tmp_path / "config.yaml").unlink()
+    bare = eval_config(load_restorer(str(tmp_path), None, "cpu"), shards, [], 0)
+    assert bare == load_config(
+        None, [f"data.val_shards={shards}", "data.val_crop_size=0", "data.num_workers=0"]
+    )
