@@ -1,10 +1,10 @@
 """`python -m kitdist.pretrain`: pre-train KiT on clean images with synthetic degradations.
 
-With no --config it is the embedded default (`configs/pretrain/embedded.yaml`): a local Ray cluster on this
-machine, CPU, the `debug`-size KiT, trained for about 10 minutes on 2 idle cores (0.15 s a step) on shards
-built once (cached under ./runs/data) from the photographs that scikit-image ships, two of them held out for
-validation (unless data.train_shards is given). With a config and a cluster the same code path runs on many GPUs; `python -m kitdist.finetune` is this same command with
-fine-tuning's requirements (`kitdist.finetune`).
+With no --config it is the embedded default (`configs/pretrain/embedded.yaml`): a local Ray cluster on
+this machine, CPU, the `debug`-size KiT, trained for about 10 minutes on 2 idle cores (0.15 s a step) on
+shards built once (cached under ./runs/data) from the photographs that scikit-image ships, two of them held
+out for validation (unless data.train_shards is given). With a config and a cluster the same code path
+runs on many GPUs; `python -m kitdist.finetune` is this same command with fine-tuning's requirements.
 """
 
 from __future__ import annotations
