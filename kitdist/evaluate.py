@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from kitdist import storage
-from kitdist.config import ConfigError, RunConfig, load_config, to_dict
+from kitdist.config import ConfigError, ModelConfig, RunConfig, to_dict
+from kitdist.config_loader import override, replace_values
 from kitdist.inference import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
@@ -78,29 +78,16 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 def eval_config(restorer: Restorer, shards_url: str, overrides: Sequence[str], max_images: int) -> RunConfig:
     """The run config validation would use: the training run's own (degradations included) if its
     config.yaml is beside the weights, pointed at `shards_url`, whole images, then the user's overrides."""
-    kind = read_manifest(shards_url).kind
     recorded = recorded_run_config(restorer.weights_url)
-    base = _flatten(to_dict(recorded)) if recorded is not None else [f"model.size={restorer.size_name}"]
-    fixed = [
-        f"data.val_shards={shards_url}",
-        f"data.kind={kind}",
-        "data.val_crop_size=0",
-        "data.num_workers=0",
-    ]
-    fixed.append(f"data.max_val_samples={max_images}")
-    return load_config(None, [*base, *fixed, *overrides])
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    items = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            items += _flatten(value, f"{prefix}{key}.")
-        else:
-            items.append(
-                f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            )
-    return items
+    base = recorded or RunConfig(model=ModelConfig(size=restorer.size_name))
+    evaluated = {
+        "data.val_shards": shards_url,
+        "data.kind": read_manifest(shards_url).kind,
+        "data.val_crop_size": 0,
+        "data.num_workers": 0,
+        "data.max_val_samples": max_images,
+    }
+    return override(replace_values(base, evaluated), overrides)
 
 
 def evaluate(

@@ -190,12 +190,12 @@ def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(
     assert sorted(losses(records)) == list(range(1, SHORT_STEPS + 1))
     assert 10 < records[-1]["val_psnr_rgb"] < 60
 
-    from kitdist.pretrain import EMBEDDED
+    from kitdist.pretrain import EMBEDDED_CONFIG
 
     data = tmp_path / "runs" / "data" / "skimage-photos"
     cfg = load_config(
-        None,
-        [*EMBEDDED, *EMBEDDED_SHORT, f"data.train_shards={data / 'train'}", f"data.val_shards={data / 'val'}"]
+        EMBEDDED_CONFIG,
+        [*EMBEDDED_SHORT, f"data.train_shards={data / 'train'}", f"data.val_shards={data / 'val'}"]
         + [f"storage.root={tmp_path / 'runs'}", "storage.run_name=straight"],
     )
     from kitdist.launch import launch
@@ -252,10 +252,10 @@ def test_workers_get_an_even_share_of_the_cores_as_torch_threads_at_nice_0(ray_a
 
     from kitdist.dist.env import WORKER_PRIORITY_ENV
     from kitdist.launch import use_assigned_cpus, with_worker_cpus
-    from kitdist.pretrain import EMBEDDED
+    from kitdist.pretrain import EMBEDDED_CONFIG
 
     cores = os.cpu_count()
-    dist = with_worker_cpus(load_config(None, EMBEDDED), cores).dist
+    dist = with_worker_cpus(load_config(EMBEDDED_CONFIG), cores).dist
     assert dist.num_workers * dist.cpus_per_worker == cores - cores % dist.num_workers
 
     def settings() -> tuple[int, int, int]:

@@ -1,8 +1,9 @@
 """From a PipelineSpec to the exact jobs it will run, checked before anything is submitted.
 
-Every stage's run config is loaded with `kitdist.config.load_config` (file + overrides), its datasets'
-manifests are read, the fine-tunes' model must have the pre-trained model's parameter shapes, and the
-storage must take writes. Any problem is one `PlanError` naming the stage and the key, file or URL.
+Every stage's run config is loaded with `kitdist.config.load_config` (file + overrides) and given the
+pipeline's run name, storage root and datasets as typed values; its datasets' manifests are read, the
+fine-tunes' model must have the pre-trained model's parameter shapes, and the storage must take writes.
+Any problem is one `PlanError` naming the stage and the key, file or URL.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from kitdist import checkpoints, storage
 from kitdist.config import ConfigError, ModelConfig, RunConfig, load_config
+from kitdist.config_loader import as_overrides, replace_values
 from kitdist.coordinator.jobs import JobSpec
 from kitdist.coordinator.spec import PipelineSpec, Resources, TaskSpec
 from kitdist.launch import with_absolute_paths
@@ -20,6 +22,7 @@ from kitdist.shards.manifest import ManifestError, read_manifest_of_kind
 from kitdist.storage import absolute
 
 PRETRAIN = "pretrain"
+SHARD_KEYS = ("train_shards", "val_shards")  # a stage's data named in the pipeline file
 
 
 class PlanError(ValueError):
@@ -42,7 +45,7 @@ class TrainPlan:
         return checkpoints.run_url(self.cfg)
 
     def job(self, init_weights: str = "") -> JobSpec:
-        extra = [f"train.init_weights={absolute(init_weights)}"] if init_weights else []
+        extra = as_overrides({"train.init_weights": absolute(init_weights)}) if init_weights else []
         argv = ["python", "-m", self.module, "--config", self.config_path, *self.overrides, *extra]
         return JobSpec(argv, self.resources)
 
@@ -99,14 +102,11 @@ def make_plan(spec: PipelineSpec) -> Plan:
 def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool) -> TrainPlan:
     label = f"stage {stage}"
     config_path = os.path.abspath(part.config)
-    generated = [f"storage.run_name={spec.name}-{stage.replace('_', '-')}"]
-    if spec.storage_root:
-        generated.append(f"storage.root={spec.storage_root}")
-    generated += [
-        f"data.{key}={getattr(part, key)}" for key in ("train_shards", "val_shards") if getattr(part, key)
-    ]
+    run_name = {"storage.run_name": f"{spec.name}-{stage.replace('_', '-')}"}
+    given = {"storage.root": spec.storage_root} | {f"data.{k}": getattr(part, k) for k in SHARD_KEYS}
     try:
-        cfg = with_absolute_paths(load_config(config_path, [*part.overrides, *generated]))
+        cfg = load_config(config_path, part.overrides)
+        cfg = with_absolute_paths(replace_values(cfg, run_name | {k: v for k, v in given.items() if v}))
     except ConfigError as err:
         raise PlanError(f"{label}: {err}") from None
     if paired and cfg.data.kind != "paired":
@@ -119,9 +119,9 @@ def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool)
         if getattr(cfg.data, key):
             _check(label, read_manifest_of_kind, getattr(cfg.data, key), cfg.data.kind, f"data.{key}")
     # Absolute local paths on the command line: the job does not run in this working directory.
-    pinned = [f"data.train_shards={cfg.data.train_shards}", f"storage.root={cfg.storage.root}"]
-    pinned += [f"data.val_shards={cfg.data.val_shards}"] if cfg.data.val_shards else []
-    overrides = [*part.overrides, generated[0], *pinned]
+    pinned = {"data.train_shards": cfg.data.train_shards, "storage.root": cfg.storage.root}
+    pinned |= {"data.val_shards": cfg.data.val_shards} if cfg.data.val_shards else {}
+    overrides = [*part.overrides, *as_overrides(run_name | pinned)]
     return TrainPlan(stage, module, config_path, overrides, cfg, part.resources)
 
 
