@@ -1,5 +1,5 @@
 """What one DataLoader worker does: walk its segments position by position, read and transform the
-samples, and yield whole batches, each carrying the worker's state right after it.
+samples, and yield whole batches, each as (batch, the worker's state right after it).
 
 The state travels with the batch so that the trainer's process knows the position of what was YIELDED,
 whatever the DataLoader prefetched. A position that gives no usable sample (corrupt, missing from a
@@ -10,7 +10,7 @@ still yields exactly its number of batches.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from kitdist.config import RunConfig
-from kitdist.data import plan
+from kitdist.data import order
 from kitdist.data.batch import TrainItem, collate
-from kitdist.data.samples import CorruptSample, train_item
+from kitdist.data.decode import CorruptSample, train_item
 from kitdist.data.shardio import ReadOptions, ShardCursor, ShardSet
+from kitdist.data.stream_state import DataProblems, Segment, WorkerState
 
 # A segment that still cannot fill its batches after this many passes over its positions is hopeless.
 MAX_ROUNDS = 4
@@ -46,80 +47,80 @@ class StreamSpec:
     def total(self) -> int:
         return sum(self.shards.samples)
 
-    def cursor(self, problems: dict, damaged: dict) -> ShardCursor:
+    def cursor(self, problems: DataProblems) -> ShardCursor:
+        """A shard cursor whose counts start from `problems`."""
         data = self.cfg.data
         cursor = ShardCursor(self.shards, self.cfg.train.seed, data.shuffle_buffer, ReadOptions.of(data))
-        cursor.problems = copy.deepcopy(problems)
-        cursor.damaged = dict(damaged)
+        counts = DataProblems.copy_of(problems.counts, problems.damaged)
+        cursor.problems, cursor.damaged = counts.counts, counts.damaged
         return cursor
 
+    def fresh_segment(self, slot: int, epoch: int) -> Segment:
+        """Epoch `epoch`'s plan for worker `slot` of this rank."""
+        return order.fresh_segment(
+            self.total, epoch, self.rank, slot, self.world_size, self.num_workers, self.batch_size
+        )
 
-def fresh_worker_state(spec: StreamSpec, slot: int, epoch: int = 0) -> dict[str, Any]:
-    segment = plan.fresh_segment(
-        spec.total, epoch, spec.rank, slot, spec.world_size, spec.num_workers, spec.batch_size
-    )
-    return {
-        "slot": slot,
-        "segments": [segment],
-        "pointer": 0,
-        "segment_batches": 0,
-        "problems": {},
-        "damaged": {},
-    }
+
+def fresh_worker_state(spec: StreamSpec, slot: int) -> WorkerState:
+    return WorkerState(slot, (spec.fresh_segment(slot, 0),))
+
+
+def counted(cursor: ShardCursor) -> DataProblems:
+    return DataProblems.copy_of(cursor.problems, cursor.damaged)
 
 
 class EpochWorker:
-    """Yields batches from a worker state (which it advances in place)."""
+    """Yields (batch, state after it) from a worker state onwards."""
 
-    def __init__(self, spec: StreamSpec, state: dict[str, Any]) -> None:
+    def __init__(self, spec: StreamSpec, state: WorkerState) -> None:
         self.spec = spec
         self.state = state
-        self.cursor = spec.cursor(state["problems"], state["damaged"])
-        self.layouts: dict[int, plan.EpochLayout] = {}
+        self.cursor = spec.cursor(state.problems)
+        self.layouts: dict[int, order.EpochLayout] = {}
         self._reading: tuple[int, int] | None = None  # (epoch, shard) of the last position served
 
-    def batches(self) -> Iterator[dict[str, Any]]:
+    def batches(self) -> Iterator[tuple[dict[str, Any], WorkerState]]:
         while True:
-            segment = self.state["segments"][0]
-            if self.state["segment_batches"] >= plan.length(segment["intervals"]) // self.spec.batch_size:
-                self._next_segment()
+            segment = self.state.segment
+            if self.state.segment_batches >= order.length(segment.intervals) // self.spec.batch_size:
+                self.state = self._next_segment()
                 continue
-            batch = self._fill(segment)
-            self.state["segment_batches"] += 1
-            self.state["problems"] = self.cursor.problems
-            self.state["damaged"] = self.cursor.damaged
-            batch["_state"] = copy.deepcopy(self.state)
-            yield batch
-
-    def _next_segment(self) -> None:
-        done = self.state["segments"].pop(0)
-        if not self.state["segments"]:
-            self.state["segments"].append(
-                fresh_worker_state(self.spec, self.state["slot"], done["epoch"] + 1)["segments"][0]
+            batch, pointer = self._fill(segment, self.state.pointer)
+            self.state = dataclasses.replace(
+                self.state,
+                pointer=pointer,
+                segment_batches=self.state.segment_batches + 1,
+                problems=counted(self.cursor),
             )
-        self.state["pointer"] = 0
-        self.state["segment_batches"] = 0
+            yield batch, self.state
 
-    def _fill(self, segment: dict[str, Any]) -> dict[str, Any]:
-        epoch, intervals = segment["epoch"], segment["intervals"]
-        size = plan.length(intervals)
+    def _next_segment(self) -> WorkerState:
+        done, *queued = self.state.segments
+        if not queued:
+            queued = [self.spec.fresh_segment(self.state.slot, done.epoch + 1)]
+        return dataclasses.replace(self.state, segments=tuple(queued), pointer=0, segment_batches=0)
+
+    def _fill(self, segment: Segment, pointer: int) -> tuple[dict[str, Any], int]:
+        """The next batch of the segment from position index `pointer` on, and the index after it."""
+        epoch, intervals = segment.epoch, segment.intervals
+        size = order.length(intervals)
         items: list[TrainItem] = []
         while len(items) < self.spec.batch_size:
-            pointer = self.state["pointer"]
             if pointer >= MAX_ROUNDS * size:
                 raise DataUnavailable(self._hopeless_message(epoch))
-            self.state["pointer"] += 1
-            round_ = pointer // size
-            shard, offset = self._layout(epoch).locate(plan.position_at(intervals, pointer % size))
+            round_, index = divmod(pointer, size)
+            pointer += 1
+            shard, offset = self._layout(epoch).locate(order.position_at(intervals, index))
             item = self._read(epoch, shard, offset, round_)
             if item is not None:
                 items.append(item)
             if (epoch, shard) != self._reading:  # just opened (which took its prefetch): ask for the next
                 self._reading = (epoch, shard)
-                upcoming = plan.next_shard(self._layout(epoch), intervals, pointer % size)
+                upcoming = order.next_shard(self._layout(epoch), intervals, index)
                 if upcoming is not None:
                     self.cursor.prefetch(epoch, upcoming)
-        return {**collate(items), "epoch": epoch}
+        return {**collate(items), "epoch": epoch}, pointer
 
     def _read(self, epoch: int, shard: int, offset: int, round_: int) -> TrainItem | None:
         sample = self.cursor.get(epoch, shard, offset)
@@ -134,32 +135,35 @@ class EpochWorker:
                 self.cursor.count(shard, "corrupt", str(err))
             return None
 
-    def _layout(self, epoch: int) -> plan.EpochLayout:
+    def _layout(self, epoch: int) -> order.EpochLayout:
         if epoch not in self.layouts:
             self.layouts = {
-                epoch: plan.EpochLayout.build(self.spec.cfg.train.seed, epoch, list(self.spec.shards.samples))
+                epoch: order.EpochLayout.build(
+                    self.spec.cfg.train.seed, epoch, list(self.spec.shards.samples)
+                )
             }
         return self.layouts[epoch]
 
     def _hopeless_message(self, epoch: int) -> str:
         bad = sorted(set(self.cursor.problems) | set(self.cursor.damaged))
         return (
-            f"rank {self.spec.rank} worker {self.state['slot']}, epoch {epoch}: too few readable samples to fill"
+            f"rank {self.spec.rank} worker {self.state.slot}, epoch {epoch}: too few readable samples to fill"
             f" {self.spec.batch_size}-sample batches after {MAX_ROUNDS} passes; problem shards: {bad}"
         )
 
 
 class ResampledWorker:
     """`data.mode: resampled`: shards drawn with replacement, forever; no position to keep, only a batch
-    count so a resumed run draws new shards instead of replaying the first ones."""
+    count so a resumed run draws new shards instead of replaying the first ones. Its state carries only
+    the problem counts."""
 
-    def __init__(self, spec: StreamSpec, slot: int, start_batches: int) -> None:
-        self.spec, self.slot, self.start = spec, slot, start_batches
-        self.cursor = spec.cursor({}, {})
+    def __init__(self, spec: StreamSpec, state: WorkerState, start_batches: int) -> None:
+        self.spec, self.state, self.start = spec, state, start_batches
+        self.cursor = spec.cursor(state.problems)
 
-    def batches(self) -> Iterator[dict[str, Any]]:
+    def batches(self) -> Iterator[tuple[dict[str, Any], WorkerState]]:
         seed = self.spec.cfg.train.seed & 0xFFFFFFFF
-        rng = np.random.default_rng([seed, self.spec.rank, self.slot, self.start, 0x2E5A])
+        rng = np.random.default_rng([seed, self.spec.rank, self.state.slot, self.start, 0x2E5A])
         per_epoch = max(1, self.spec.total // (self.spec.world_size * self.spec.batch_size))
         items: list[TrainItem] = []
         done = 0
@@ -177,11 +181,7 @@ class ResampledWorker:
                     continue
                 if len(items) == self.spec.batch_size:
                     epoch = (self.start + done * self.spec.num_workers) // per_epoch
-                    state = {
-                        "slot": self.slot,
-                        "problems": self.cursor.problems,
-                        "damaged": self.cursor.damaged,
-                    }
-                    yield {**collate(items), "epoch": epoch, "_state": copy.deepcopy(state)}
+                    self.state = dataclasses.replace(self.state, problems=counted(self.cursor))
+                    yield {**collate(items), "epoch": epoch}, self.state
                     items = []
                     done += 1

@@ -8,8 +8,8 @@ Split. A plan cuts a list of positions into equal runs of whole batches: every r
 floor(R / (world * b)) batches, each worker of a rank a contiguous part of its rank's run. The fewer than
 world * b positions left over are `unassigned`: not read in this epoch (the next epoch reshuffles them).
 
-Segments. A worker owns segments `{"epoch", "intervals", "unassigned"}`; it reads a segment in order, then
-the next, then (when it has none left) the fresh plan of the next epoch for its (rank, worker) slot.
+Segments. A worker owns `Segment`s (kitdist.data.stream_state); it reads a segment in order, then the
+next, then (when it has none left) the fresh plan of the next epoch for its (rank, worker) slot.
 
 Resume. With the same world size, worker count and batch size a worker simply continues its segments.
 Otherwise `replan` collects, per epoch, every position no worker has yielded yet (plus the unassigned
@@ -19,12 +19,12 @@ ones) and splits that again over the new ranks and workers.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-Intervals = list[list[int]]
+from kitdist.data.stream_state import Intervals, Segment, StreamState, WorkerState
 
 
 def length(intervals: Intervals) -> int:
@@ -124,60 +124,50 @@ def split(
 
 def fresh_segment(
     total: int, epoch: int, rank: int, worker: int, world: int, workers: int, batch: int
-) -> dict:
+) -> Segment:
     runs, leftover = split([[0, total]], world, workers, batch)
-    return {"epoch": epoch, "intervals": runs[rank][worker], "unassigned": leftover}
+    return Segment(epoch, runs[rank][worker], leftover)
 
 
-def unread(worker_state: dict[str, Any], batch: int) -> dict[int, Intervals]:
+def unread(worker: WorkerState, batch: int) -> dict[int, Intervals]:
     """Per epoch, the positions a worker owns and has not yielded yet (its current segment past the
     batches it yielded, and its queued segments)."""
     owned: dict[int, Intervals] = {}
-    for index, segment in enumerate(worker_state["segments"]):
-        intervals = segment["intervals"]
+    for index, segment in enumerate(worker.segments):
+        intervals = segment.intervals
         if index == 0:
             # Positions that went into yielded batches; refills past the end (corrupt samples) count
             # as read, so a resumed run never re-reads them.
-            used = max(worker_state["pointer"], worker_state["segment_batches"] * batch)
+            used = max(worker.pointer, worker.segment_batches * batch)
             intervals = take(intervals, used)[1]
-        owned.setdefault(segment["epoch"], []).extend(intervals)
+        owned.setdefault(segment.epoch, []).extend(intervals)
     return owned
 
 
-def replan(
-    old_ranks: list[dict[str, Any]], total: int, world: int, workers: int, batch: int
-) -> list[list[list[dict]]]:
+def with_fresh_plans(state: StreamState, worker: WorkerState, last_epoch: int) -> WorkerState:
+    """The worker with the plans of the epochs up to `last_epoch` it has not started yet queued."""
+    fresh = [
+        fresh_segment(state.total_samples, epoch, state.rank, worker.slot, *state.layout)
+        for epoch in range(worker.segments[-1].epoch + 1, last_epoch + 1)
+    ]
+    return dataclasses.replace(worker, segments=worker.segments + tuple(fresh))
+
+
+def replan(old_ranks: list[StreamState], world: int, workers: int, batch: int) -> list[list[list[Segment]]]:
     """New segments [rank][worker] -> list of segments, covering every epoch some old worker was in."""
-    old_workers = [(rank_state, w) for rank_state in old_ranks for w in rank_state["workers"]]
-    last_epoch = max(w["segments"][-1]["epoch"] for _, w in old_workers)
+    last_epoch = max(w.segments[-1].epoch for state in old_ranks for w in state.workers)
     remaining: dict[int, Intervals] = {}
     unassigned: dict[int, Intervals] = {}
-    for rank_state, worker in old_workers:
-        segments = list(worker["segments"])
-        for epoch in range(
-            segments[-1]["epoch"] + 1, last_epoch + 1
-        ):  # fresh plans this worker has not started yet
-            segments.append(
-                fresh_segment(
-                    total,
-                    epoch,
-                    rank_state["rank"],
-                    worker["slot"],
-                    rank_state["world_size"],
-                    rank_state["num_workers"],
-                    rank_state["batch_size"],
-                )
-            )
-        for segment in segments:
-            unassigned[segment["epoch"]] = segment["unassigned"]
-        for epoch, intervals in unread({**worker, "segments": segments}, rank_state["batch_size"]).items():
-            remaining.setdefault(epoch, []).extend(intervals)
-    new = [[[] for _ in range(workers)] for _ in range(world)]
+    for state in old_ranks:
+        for worker in state.workers:
+            worker = with_fresh_plans(state, worker, last_epoch)
+            unassigned.update((segment.epoch, segment.unassigned) for segment in worker.segments)
+            for epoch, intervals in unread(worker, state.batch_size).items():
+                remaining.setdefault(epoch, []).extend(intervals)
+    new: list[list[list[Segment]]] = [[[] for _ in range(workers)] for _ in range(world)]
     for epoch in sorted(unassigned):
         runs, leftover = split(merge(remaining.get(epoch, []) + unassigned[epoch]), world, workers, batch)
         for rank in range(world):
             for worker in range(workers):
-                new[rank][worker].append(
-                    {"epoch": epoch, "intervals": runs[rank][worker], "unassigned": leftover}
-                )
+                new[rank][worker].append(Segment(epoch, runs[rank][worker], leftover))
     return new

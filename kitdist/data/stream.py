@@ -12,12 +12,12 @@ on `device` (`kitdist.data.batch`), so an accelerator takes that work off the da
 A checkpoint stores `[state_dict() of every rank]`; `TrainStream(cfg, rank, world, resume=that_list)`
 continues. With the same world size, `data.num_workers` and batch size it continues with exactly the batches
 the uninterrupted run would have yielded; otherwise the unread positions of the current epoch(s) are split
-again over the new ranks and workers (see `kitdist.data.plan`).
+again over the new ranks and workers (see `kitdist.data.order`). The state's types and JSON format are in
+`kitdist.data.stream_state`.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Iterator
 from typing import Any
@@ -27,17 +27,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kitdist import storage
 from kitdist.config import ConfigError, RunConfig
-from kitdist.data import plan
+from kitdist.data import order
 from kitdist.data.batch import finish
 from kitdist.data.shardio import ShardSet
+from kitdist.data.stream_state import DataProblems, ResumeError, StreamState, WorkerState
 from kitdist.data.worker import EpochWorker, ResampledWorker, StreamSpec, fresh_worker_state
 from kitdist.shards.manifest import read_manifest, shard_urls
 
-STATE_FORMAT = "kitdist-stream/1"
-
-
-class ResumeError(ValueError):
-    """A saved stream state that does not fit this run; the message names the mismatch."""
+__all__ = ["ResumeError", "TrainStream", "micro_batch_size", "open_shard_set"]
 
 
 def open_shard_set(url: str, kind: str, key: str) -> ShardSet:
@@ -72,15 +69,15 @@ class _Workers(IterableDataset):
     """The DataLoader's dataset: torch worker i plays logical slot (i + rotation) % num_workers, so a
     resumed DataLoader, which always starts its round-robin at worker 0, continues with the right slot."""
 
-    def __init__(self, spec: StreamSpec, states: list[dict], rotation: int, batches: int) -> None:
+    def __init__(self, spec: StreamSpec, states: list[WorkerState], rotation: int, batches: int) -> None:
         self.spec, self.states, self.rotation, self.batches = spec, states, rotation, batches
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], WorkerState]]:
         info = get_worker_info()
         slot = ((info.id if info is not None else 0) + self.rotation) % self.spec.num_workers
         if self.spec.cfg.data.mode == "resampled":
-            return ResampledWorker(self.spec, slot, self.batches).batches()
-        return EpochWorker(self.spec, copy.deepcopy(self.states[slot])).batches()
+            return ResampledWorker(self.spec, self.states[slot], self.batches).batches()
+        return EpochWorker(self.spec, self.states[slot]).batches()
 
 
 class TrainStream:
@@ -113,7 +110,7 @@ class TrainStream:
             )
         self._batches = 0
         self._next_slot = 0
-        self._carried: dict[str, Any] = {"problems": {}, "damaged": {}}
+        self._carried = DataProblems()
         self._workers = [fresh_worker_state(self.spec, slot) for slot in range(slots)]
         if resume is not None:
             self._resume(resume)
@@ -142,131 +139,93 @@ class TrainStream:
             generator=torch.Generator().manual_seed(self.spec.cfg.train.seed),
             **(storage.forked_loader_options() if workers else {}),
         )
-        for batch in loader:
-            state = batch.pop("_state")
-            slot = state["slot"]
-            if self.spec.cfg.data.mode == "resampled":
-                self._workers[slot].update(problems=state["problems"], damaged=state["damaged"])
-            else:
-                self._workers[slot] = state
+        for batch, state in loader:
+            self._workers[state.slot] = state
             self._batches += 1
-            self._next_slot = (slot + 1) % self.spec.num_workers
+            self._next_slot = (state.slot + 1) % self.spec.num_workers
             yield batch
 
     # --- state ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's position after the last batch yielded: JSON-serialisable and small."""
-        return {
-            "format": STATE_FORMAT,
-            "mode": self.spec.cfg.data.mode,
-            "seed": self.spec.cfg.train.seed,
-            "shards": self.digest,
-            "total_samples": self.spec.total,
-            "rank": self.spec.rank,
-            "world_size": self.spec.world_size,
-            "num_workers": self.spec.num_workers,
-            "batch_size": self.spec.batch_size,
-            "batches": self._batches,
-            "next_slot": self._next_slot,
-            "workers": plan_copy(self._workers),
-            "carried": plan_copy(self._carried),
-        }
+        return self.state().to_json()
+
+    def state(self) -> StreamState:
+        """This rank's position after the last batch yielded."""
+        return StreamState(
+            mode=self.spec.cfg.data.mode,
+            seed=self.spec.cfg.train.seed,
+            shards=self.digest,
+            total_samples=self.spec.total,
+            rank=self.spec.rank,
+            world_size=self.spec.world_size,
+            num_workers=self.spec.num_workers,
+            batch_size=self.spec.batch_size,
+            batches=self._batches,
+            next_slot=self._next_slot,
+            workers=tuple(self._workers),
+            carried=self._carried,
+        )
 
     @property
     def epoch(self) -> int:
         """The epoch of the next batch (the earliest epoch any worker of this rank is in)."""
-        return min(w["segments"][0]["epoch"] for w in self._workers) if "segments" in self._workers[0] else 0
+        return min(worker.segment.epoch for worker in self._workers)
 
     def problems(self) -> dict[str, dict[str, int]]:
         """Per shard name, the samples passed over on this rank ({"corrupt": n, "missing": n}), including
         those carried from before an elastic resume (which rank 0 carries)."""
-        total: dict[str, dict[str, int]] = {}
-        for source in [self._carried] + self._workers:
-            for shard, counts in source["problems"].items():
-                for kind, count in counts.items():
-                    total.setdefault(shard, {}).setdefault(kind, 0)
-                    total[shard][kind] += count
-        return total
+        return self.state().problems.counts
 
     def damaged(self) -> dict[str, str]:
         """Shard name -> why it was cut short (truncated, unreadable after retries: the URL is named)."""
-        out = dict(self._carried["damaged"])
-        for worker in self._workers:
-            out.update(worker["damaged"])
-        return out
+        return self.state().problems.damaged
 
-    def _resume(self, states: list[dict]) -> None:
+    def _resume(self, saved: list[dict]) -> None:
+        if not isinstance(saved, list) or not saved:
+            raise ResumeError("resume: expected the list of every rank's state_dict()")
+        states = [StreamState.from_json(tree, index) for index, tree in enumerate(saved)]
         check_states(states, self)
         mine = states[self.spec.rank] if self.spec.rank < len(states) else None
         old = states[0]
-        same_layout = (old["world_size"], old["num_workers"], old["batch_size"]) == (
-            self.spec.world_size,
-            self.spec.num_workers,
-            self.spec.batch_size,
-        )
+        same_layout = old.layout == (self.spec.world_size, self.spec.num_workers, self.spec.batch_size)
         if self.spec.cfg.data.mode == "resampled":
-            self._batches = mine["batches"] if mine is not None else old["batches"]
-            self._carry_all(states) if not same_layout else self._carry_own(mine)
+            self._batches = mine.batches if mine is not None else old.batches
+            self._carried = mine.problems if same_layout and mine is not None else self._carried_over(states)
         elif same_layout and mine is not None:
-            self._batches, self._next_slot = mine["batches"], mine["next_slot"]
-            self._workers = plan_copy(mine["workers"])
-            self._carried = plan_copy(mine["carried"])
+            self._batches, self._next_slot = mine.batches, mine.next_slot
+            self._workers, self._carried = list(mine.workers), mine.carried
         else:
-            segments = plan.replan(
-                states, self.spec.total, self.spec.world_size, self.spec.num_workers, self.spec.batch_size
-            )
+            segments = order.replan(states, self.spec.world_size, self.spec.num_workers, self.spec.batch_size)
             self._workers = [
-                {**fresh_worker_state(self.spec, slot), "segments": segments[self.spec.rank][slot]}
+                WorkerState(slot, tuple(segments[self.spec.rank][slot]))
                 for slot in range(self.spec.num_workers)
             ]
-            self._batches = old["batches"]
-            self._carry_all(states)
+            self._batches = old.batches
+            self._carried = self._carried_over(states)
 
-    def _carry_own(self, mine: dict) -> None:
-        self._carried = plan_copy(mine["carried"])
-        for worker in mine["workers"]:
-            merge_problems(self._carried, worker)
-
-    def _carry_all(self, states: list[dict]) -> None:
+    def _carried_over(self, states: list[StreamState]) -> DataProblems:
         """After an elastic resume rank 0 carries every old count, so that summing ranks counts each once."""
-        if self.spec.rank != 0:
-            return
-        for state in states:
-            merge_problems(self._carried, state["carried"])
-            for worker in state["workers"]:
-                merge_problems(self._carried, worker)
+        return (
+            DataProblems.total(state.problems for state in states) if self.spec.rank == 0 else DataProblems()
+        )
 
 
-def merge_problems(into: dict[str, Any], source: dict[str, Any]) -> None:
-    for shard, counts in source.get("problems", {}).items():
-        for kind, count in counts.items():
-            into["problems"].setdefault(shard, {}).setdefault(kind, 0)
-            into["problems"][shard][kind] += count
-    into["damaged"].update(source.get("damaged", {}))
-
-
-def plan_copy(value: Any) -> Any:
-    return copy.deepcopy(value)
-
-
-def check_states(states: list[dict], stream: TrainStream) -> None:
+def check_states(states: list[StreamState], stream: TrainStream) -> None:
     """Fails with the field named when a saved state belongs to another shard set, seed or mode."""
-    if not isinstance(states, list) or not states:
-        raise ResumeError("resume: expected the list of every rank's state_dict()")
     expected = {
-        "format": STATE_FORMAT,
         "mode": stream.spec.cfg.data.mode,
         "seed": stream.spec.cfg.train.seed,
         "shards": stream.digest,
         "total_samples": stream.spec.total,
     }
     for index, state in enumerate(states):
-        for field, value in expected.items():
-            if state.get(field) != value:
+        for name, value in expected.items():
+            if getattr(state, name) != value:
                 raise ResumeError(
-                    f"resume: rank {index}'s state has {field}={state.get(field)!r}, this run has {value!r}"
+                    f"resume: rank {index}'s state has {name}={getattr(state, name)!r}, this run has {value!r}"
                     " (a data position only resumes on the same shard set, seed and data.mode)"
                 )
-        if state.get("rank") != index or len(state.get("workers", ())) != state.get("num_workers"):
+        if state.rank != index or len(state.workers) != state.num_workers:
             raise ResumeError(f"resume: entry {index} is not rank {index}'s complete state")
