@@ -67,14 +67,19 @@ def test_old_resampled_state_resumes_with_its_count(clean_set):
     assert stream.state().batches == case["states"][0]["batches"] + 2
 
 
-def test_state_json_round_trips_and_keeps_the_old_layout(clean_set):
+def test_state_json_round_trips_and_reads_the_old_format_as_one_stream_per_rank(clean_set):
     folder, _ = clean_set
-    stream = TrainStream(make_cfg(folder, num_workers=2), 0, 1)
+    stream = TrainStream(make_cfg(folder, num_workers=2, global_batch_size=8), 0, 1, micro_batch=4)
     list(islice(iter(stream), 13))  # into the second epoch
     tree = json.loads(json.dumps(stream.state_dict()))
+    assert tree["format"] == "kitdist-stream/2" and (tree["micro_batch"], tree["streams"]) == (4, 2)
     assert StreamState.from_json(tree, 0) == stream.state()
-    old = V1_STATES["one_rank_mid_epoch"]["states"][0]
-    assert StreamState.from_json(old, 0).to_json() == old  # an old state is read and written back unchanged
+    old = V1_STATES["two_ranks_mid_epoch"]["states"][1]
+    new = StreamState.from_json(old, 1).to_json()
+    assert (new["grad_accum"], new["micro_batch"], new["streams"]) == (1, old["batch_size"], 2)
+    assert {k: v for k, v in new.items() if k in old and k != "format"} == {
+        k: v for k, v in old.items() if k not in ("format", "batch_size")
+    }
 
 
 def test_problems_add_up_per_shard_and_kind():
@@ -93,5 +98,5 @@ def test_a_broken_state_is_refused_naming_the_entry(clean_set):
     del state["workers"][1]["pointer"]
     with pytest.raises(ResumeError, match="entry 0 is not a complete stream state.*pointer"):
         TrainStream(cfg, 0, 1, resume=[state])
-    with pytest.raises(ResumeError, match="entry 0 is not a kitdist-stream/1 stream state"):
+    with pytest.raises(ResumeError, match="entry 0 is not a kitdist-stream/2 stream state.*kitdist-stream/0"):
         TrainStream(cfg, 0, 1, resume=[{**state, "format": "kitdist-stream/0"}])

@@ -1,19 +1,21 @@
-"""Who reads which samples: the epoch order, its split over (rank, worker), and re-splitting on resume.
+"""Who reads which samples: the epoch order, its split over micro-batch streams, and re-splitting on resume.
 
 Positions. Epoch `e` has one global sample order, a pure function of (seed, e): the shards in an order
 drawn from (seed, e), each shard's samples window-shuffled with a generator drawn from (seed, e, shard).
 Position g of that order is a sample; a set of positions is a sorted list of half-open intervals.
 
-Split. A plan cuts a list of positions into equal runs of whole batches: every rank gets
-floor(R / (world * b)) batches, each worker of a rank a contiguous part of its rank's run. The fewer than
-world * b positions left over are `unassigned`: not read in this epoch (the next epoch reshuffles them).
+Split. A plan cuts a list of positions into equal runs of whole micro-batches, one run per micro-batch
+stream (global batch / micro-batch of them, whatever the world size: see kitdist.data.stream_state):
+every stream gets floor(R / (streams * b)) micro-batches, each part of a stream (one per DataLoader
+worker) a contiguous piece of its stream's run. The fewer than streams * b positions left over are
+`unassigned`: not read in this epoch (the next epoch reshuffles them).
 
-Segments. A worker owns `Segment`s (kitdist.data.stream_state); it reads a segment in order, then the
-next, then (when it has none left) the fresh plan of the next epoch for its (rank, worker) slot.
+Segments. A slot (one part of one stream) owns `Segment`s; it reads a segment in order, then the next,
+then (when it has none left) the fresh plan of the next epoch for its (stream, part).
 
-Resume. With the same world size, worker count and batch size a worker simply continues its segments.
-Otherwise `replan` collects, per epoch, every position no worker has yielded yet (plus the unassigned
-ones) and splits that again over the new ranks and workers.
+Resume. With the same streams, parts and micro-batch every slot simply continues its segments, whichever
+rank now owns its stream. Otherwise `replan` collects, per epoch, every position no slot has yielded yet
+(plus the unassigned ones) and splits that again over the new streams and parts.
 """
 
 from __future__ import annotations
@@ -103,34 +105,35 @@ def next_shard(layout: EpochLayout, intervals: Intervals, index: int) -> int | N
 
 
 def split(
-    positions: Intervals, world: int, workers: int, batch: int
+    positions: Intervals, streams: int, parts: int, batch: int
 ) -> tuple[list[list[Intervals]], Intervals]:
-    """Cuts positions into [rank][worker] runs of whole batches, equal per rank; returns (runs, leftover).
+    """Cuts positions into [stream][part] runs of whole batches, equal per stream; returns (runs,
+    leftover).
 
-    Worker w of a rank gets as many batches as the round-robin of a DataLoader hands it: batches
-    w, w + workers, ... of the rank's floor(R / (world * batch)) batches."""
-    per_rank = length(positions) // (world * batch)
+    Part p of a stream gets as many batches as it serves when the parts take turns: batches
+    p, p + parts, ... of the stream's floor(R / (streams * batch)) batches."""
+    per_stream = length(positions) // (streams * batch)
     runs: list[list[Intervals]] = []
     rest = positions
-    for _ in range(world):
-        rank_runs = []
-        for worker in range(workers):
-            count = len(range(worker, per_rank, workers))
+    for _ in range(streams):
+        stream_runs = []
+        for part in range(parts):
+            count = len(range(part, per_stream, parts))
             head, rest = take(rest, count * batch)
-            rank_runs.append(head)
-        runs.append(rank_runs)
+            stream_runs.append(head)
+        runs.append(stream_runs)
     return runs, rest
 
 
 def fresh_segment(
-    total: int, epoch: int, rank: int, worker: int, world: int, workers: int, batch: int
+    total: int, epoch: int, stream: int, part: int, streams: int, parts: int, batch: int
 ) -> Segment:
-    runs, leftover = split([[0, total]], world, workers, batch)
-    return Segment(epoch, runs[rank][worker], leftover)
+    runs, leftover = split([[0, total]], streams, parts, batch)
+    return Segment(epoch, runs[stream][part], leftover)
 
 
 def unread(worker: WorkerState, batch: int) -> dict[int, Intervals]:
-    """Per epoch, the positions a worker owns and has not yielded yet (its current segment past the
+    """Per epoch, the positions a slot owns and has not yielded yet (its current segment past the
     batches it yielded, and its queued segments)."""
     owned: dict[int, Intervals] = {}
     for index, segment in enumerate(worker.segments):
@@ -145,16 +148,17 @@ def unread(worker: WorkerState, batch: int) -> dict[int, Intervals]:
 
 
 def with_fresh_plans(state: StreamState, worker: WorkerState, last_epoch: int) -> WorkerState:
-    """The worker with the plans of the epochs up to `last_epoch` it has not started yet queued."""
+    """The slot with the plans of the epochs up to `last_epoch` it has not started yet queued."""
+    stream, part = state.stream_of(worker.slot)
     fresh = [
-        fresh_segment(state.total_samples, epoch, state.rank, worker.slot, *state.layout)
+        fresh_segment(state.total_samples, epoch, stream, part, *state.layout)
         for epoch in range(worker.segments[-1].epoch + 1, last_epoch + 1)
     ]
     return dataclasses.replace(worker, segments=worker.segments + tuple(fresh))
 
 
-def replan(old_ranks: list[StreamState], world: int, workers: int, batch: int) -> list[list[list[Segment]]]:
-    """New segments [rank][worker] -> list of segments, covering every epoch some old worker was in."""
+def replan(old_ranks: list[StreamState], streams: int, parts: int, batch: int) -> list[list[list[Segment]]]:
+    """New segments [stream][part] -> list of segments, covering every epoch some old slot was in."""
     last_epoch = max(w.segments[-1].epoch for state in old_ranks for w in state.workers)
     remaining: dict[int, Intervals] = {}
     unassigned: dict[int, Intervals] = {}
@@ -162,12 +166,12 @@ def replan(old_ranks: list[StreamState], world: int, workers: int, batch: int) -
         for worker in state.workers:
             worker = with_fresh_plans(state, worker, last_epoch)
             unassigned.update((segment.epoch, segment.unassigned) for segment in worker.segments)
-            for epoch, intervals in unread(worker, state.batch_size).items():
+            for epoch, intervals in unread(worker, state.micro_batch).items():
                 remaining.setdefault(epoch, []).extend(intervals)
-    new: list[list[list[Segment]]] = [[[] for _ in range(workers)] for _ in range(world)]
+    new: list[list[list[Segment]]] = [[[] for _ in range(parts)] for _ in range(streams)]
     for epoch in sorted(unassigned):
-        runs, leftover = split(merge(remaining.get(epoch, []) + unassigned[epoch]), world, workers, batch)
-        for rank in range(world):
-            for worker in range(workers):
-                new[rank][worker].append(Segment(epoch, runs[rank][worker], leftover))
+        runs, leftover = split(merge(remaining.get(epoch, []) + unassigned[epoch]), streams, parts, batch)
+        for stream in range(streams):
+            for part in range(parts):
+                new[stream][part].append(Segment(epoch, runs[stream][part], leftover))
     return new

@@ -1,20 +1,27 @@
 """The training stream's position, typed: what a checkpoint stores per rank so the stream resumes exactly.
 
     StreamState     one rank: which run it belongs to (seed, shard set, mode), its layout, its counts
-      .workers      one WorkerState per logical DataLoader worker (slot): its Segments and where it stands
+      .workers      one WorkerState per slot: its Segments and where it stands
       .carried      DataProblems taken over from before an elastic resume
-    Segment         the positions of one epoch a worker reads, and the epoch's positions nobody reads
+    Segment         the positions of one epoch a slot reads, and the epoch's positions nobody reads
     DataProblems    samples passed over per shard and shards cut short; adds itself to another
+
+Streams and slots. An optimiser step reads `streams` = global batch / micro-batch micro-batches, one from
+each micro-batch stream; rank r with accumulation a owns streams r*a .. r*a+a-1. Each stream is read by
+`num_workers` parts (one per DataLoader worker) that take its micro-batches in turn. A rank's slot n is
+part n // a of its stream n % a (`stream_of`), so reading slots 0, 1, 2, ... in turn gives one step's
+micro-batches in stream order, then the next step's.
 
 Every type is frozen: a worker makes a new state for each batch it yields, and the trainer's process keeps
 the one that came with the last batch it handed on. `to_json` gives plain dicts and lists (the checkpoint
 stores them as JSON); `from_json` reads them back and raises `ResumeError` naming what does not fit.
 
-JSON format "kitdist-stream/1" (unchanged from the untyped dicts that came before, so old checkpoints
-resume): {"format", "mode", "seed", "shards" (digest of names and sizes), "total_samples", "rank",
-"world_size", "num_workers", "batch_size", "batches", "next_slot", "workers": [{"slot", "segments":
-[{"epoch", "intervals", "unassigned"}], "pointer", "segment_batches", "problems", "damaged"}], "carried":
-{"problems", "damaged"}}.
+JSON format "kitdist-stream/2": {"format", "mode", "seed", "shards" (digest of names and sizes),
+"total_samples", "rank", "world_size", "grad_accum", "micro_batch", "streams", "num_workers", "batches"
+(micro-batches this rank yielded), "next_slot", "workers": [{"slot", "segments": [{"epoch", "intervals",
+"unassigned"}], "pointer", "segment_batches", "problems", "damaged"}], "carried": {"problems",
+"damaged"}}. Format "kitdist-stream/1" (before streams: one stream per rank, read by its workers; it has
+"batch_size" and no accumulation fields) is read as grad_accum 1, micro_batch = batch_size.
 """
 
 from __future__ import annotations
@@ -23,13 +30,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-STATE_FORMAT = "kitdist-stream/1"
+STATE_FORMAT = "kitdist-stream/2"
+RANK_STREAMS_FORMAT = "kitdist-stream/1"  # written before streams; still read
 
 Intervals = list[list[int]]  # sorted, half-open [start, end) position ranges; never changed in place
 
 
 class ResumeError(ValueError):
     """A saved stream state that does not fit this run; the message names the mismatch."""
+
+
+def stream_of(rank: int, grad_accum: int, slot: int) -> tuple[int, int]:
+    """(stream, part of that stream) read by `slot` of `rank`; see the module docstring."""
+    return rank * grad_accum + slot % grad_accum, slot // grad_accum
 
 
 @dataclass(frozen=True)
@@ -132,45 +145,61 @@ class StreamState:
     total_samples: int
     rank: int
     world_size: int
-    num_workers: int  # logical workers: max(1, data.num_workers)
-    batch_size: int
-    batches: int  # batches this rank yielded since the run began
-    next_slot: int  # the worker whose batch comes next
-    workers: tuple[WorkerState, ...]
+    grad_accum: int
+    micro_batch: int
+    num_workers: int  # parts per stream: max(1, data.num_workers)
+    batches: int  # micro-batches this rank yielded since the run began
+    next_slot: int  # the slot whose batch comes next
+    workers: tuple[WorkerState, ...]  # one per slot: grad_accum * num_workers
     carried: DataProblems = field(default_factory=DataProblems)
-    format: str = STATE_FORMAT
+
+    @property
+    def streams(self) -> int:
+        return self.world_size * self.grad_accum
 
     @property
     def layout(self) -> tuple[int, int, int]:
-        """What must stay equal for an exact resume: (world size, workers, batch size)."""
-        return self.world_size, self.num_workers, self.batch_size
+        """What decides who reads which positions: (streams, parts per stream, micro-batch)."""
+        return self.streams, self.num_workers, self.micro_batch
 
     @property
     def problems(self) -> DataProblems:
         return DataProblems.total([self.carried, *(worker.problems for worker in self.workers)])
 
+    def stream_of(self, slot: int) -> tuple[int, int]:
+        return stream_of(self.rank, self.grad_accum, slot)
+
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": self.format,
+            "format": STATE_FORMAT,
             **{name: getattr(self, name) for name in _SCALARS},
+            "streams": self.streams,
             "workers": [worker.to_json() for worker in self.workers],
             "carried": self.carried.to_json(),
         }
 
     @classmethod
     def from_json(cls, tree: Any, index: int) -> StreamState:
-        """Entry `index` of a checkpoint's list of rank states."""
-        if not isinstance(tree, dict) or tree.get("format") != STATE_FORMAT:
-            found = tree.get("format") if isinstance(tree, dict) else type(tree).__name__
+        """Entry `index` of a checkpoint's list of rank states (either format)."""
+        found = tree.get("format") if isinstance(tree, dict) else type(tree).__name__
+        if found not in (STATE_FORMAT, RANK_STREAMS_FORMAT):
             raise ResumeError(
                 f"resume: entry {index} is not a {STATE_FORMAT} stream state (format {found!r})"
             )
+        if found == RANK_STREAMS_FORMAT:
+            tree = {**tree, "grad_accum": 1, "micro_batch": tree.get("batch_size")}
         try:
             scalars = {name: kind(tree[name]) for name, kind in _SCALARS.items()}
             workers = tuple(WorkerState.from_json(worker) for worker in tree["workers"])
-            return cls(**scalars, workers=workers, carried=DataProblems.from_json(tree["carried"]))
+            state = cls(**scalars, workers=workers, carried=DataProblems.from_json(tree["carried"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ResumeError(f"resume: entry {index} is not a complete stream state ({err!r})") from None
+        if (
+            len(workers) != state.grad_accum * state.num_workers
+            or tree.get("streams", state.streams) != state.streams
+        ):
+            raise ResumeError(f"resume: entry {index} has {len(workers)} slots, not grad_accum x num_workers")
+        return state
 
 
 _SCALARS = {
@@ -180,8 +209,9 @@ _SCALARS = {
     "total_samples": int,
     "rank": int,
     "world_size": int,
+    "grad_accum": int,
+    "micro_batch": int,
     "num_workers": int,
-    "batch_size": int,
     "batches": int,
     "next_slot": int,
 }

@@ -22,7 +22,7 @@ from kitdist.data import order
 from kitdist.data.batch import TrainItem, collate
 from kitdist.data.decode import CorruptSample, train_item
 from kitdist.data.shardio import ReadOptions, ShardCursor, ShardSet
-from kitdist.data.stream_state import DataProblems, Segment, WorkerState
+from kitdist.data.stream_state import DataProblems, Segment, WorkerState, stream_of
 
 # A segment that still cannot fill its batches after this many passes over its positions is hopeless.
 MAX_ROUNDS = 4
@@ -40,12 +40,27 @@ class StreamSpec:
     shards: ShardSet
     rank: int
     world_size: int
-    num_workers: int  # logical workers: max(1, data.num_workers)
-    batch_size: int
+    grad_accum: int
+    micro_batch: int
+    num_workers: int  # parts per stream: max(1, data.num_workers)
 
     @property
     def total(self) -> int:
         return sum(self.shards.samples)
+
+    @property
+    def streams(self) -> int:
+        return self.world_size * self.grad_accum
+
+    @property
+    def slots(self) -> int:
+        """This rank's slots: a part of one of its streams each."""
+        return self.grad_accum * self.num_workers
+
+    @property
+    def per_stream(self) -> int:
+        """Micro-batches each stream reads per epoch."""
+        return self.total // (self.streams * self.micro_batch)
 
     def cursor(self, problems: DataProblems) -> ShardCursor:
         """A shard cursor whose counts start from `problems`."""
@@ -56,9 +71,10 @@ class StreamSpec:
         return cursor
 
     def fresh_segment(self, slot: int, epoch: int) -> Segment:
-        """Epoch `epoch`'s plan for worker `slot` of this rank."""
+        """Epoch `epoch`'s plan for `slot` of this rank."""
+        stream, part = stream_of(self.rank, self.grad_accum, slot)
         return order.fresh_segment(
-            self.total, epoch, self.rank, slot, self.world_size, self.num_workers, self.batch_size
+            self.total, epoch, stream, part, self.streams, self.num_workers, self.micro_batch
         )
 
 
@@ -83,7 +99,7 @@ class EpochWorker:
     def batches(self) -> Iterator[tuple[dict[str, Any], WorkerState]]:
         while True:
             segment = self.state.segment
-            if self.state.segment_batches >= order.length(segment.intervals) // self.spec.batch_size:
+            if self.state.segment_batches >= order.length(segment.intervals) // self.spec.micro_batch:
                 self.state = self._next_segment()
                 continue
             batch, pointer = self._fill(segment, self.state.pointer)
@@ -106,7 +122,7 @@ class EpochWorker:
         epoch, intervals = segment.epoch, segment.intervals
         size = order.length(intervals)
         items: list[TrainItem] = []
-        while len(items) < self.spec.batch_size:
+        while len(items) < self.spec.micro_batch:
             if pointer >= MAX_ROUNDS * size:
                 raise DataUnavailable(self._hopeless_message(epoch))
             round_, index = divmod(pointer, size)
@@ -148,23 +164,25 @@ class EpochWorker:
         bad = sorted(set(self.cursor.problems) | set(self.cursor.damaged))
         return (
             f"rank {self.spec.rank} worker {self.state.slot}, epoch {epoch}: too few readable samples to fill"
-            f" {self.spec.batch_size}-sample batches after {MAX_ROUNDS} passes; problem shards: {bad}"
+            f" {self.spec.micro_batch}-sample batches after {MAX_ROUNDS} passes; problem shards: {bad}"
         )
 
 
 class ResampledWorker:
-    """`data.mode: resampled`: shards drawn with replacement, forever; no position to keep, only a batch
-    count so a resumed run draws new shards instead of replaying the first ones. Its state carries only
-    the problem counts."""
+    """`data.mode: resampled`: shards drawn with replacement, forever, from a generator per (stream,
+    part); no position to keep, only the count of micro-batches per stream read before (`start`), so a
+    resumed run draws new shards instead of replaying the first ones. Its state carries only the problem
+    counts."""
 
-    def __init__(self, spec: StreamSpec, state: WorkerState, start_batches: int) -> None:
-        self.spec, self.state, self.start = spec, state, start_batches
+    def __init__(self, spec: StreamSpec, state: WorkerState, start: int) -> None:
+        self.spec, self.state, self.start = spec, state, start
         self.cursor = spec.cursor(state.problems)
 
     def batches(self) -> Iterator[tuple[dict[str, Any], WorkerState]]:
         seed = self.spec.cfg.train.seed & 0xFFFFFFFF
-        rng = np.random.default_rng([seed, self.spec.rank, self.state.slot, self.start, 0x2E5A])
-        per_epoch = max(1, self.spec.total // (self.spec.world_size * self.spec.batch_size))
+        stream, part = stream_of(self.spec.rank, self.spec.grad_accum, self.state.slot)
+        rng = np.random.default_rng([seed, stream, part, self.start, 0x2E5A])
+        per_epoch = max(1, self.spec.per_stream)
         items: list[TrainItem] = []
         done = 0
         while True:
@@ -179,7 +197,7 @@ class ResampledWorker:
                 except CorruptSample as err:
                     self.cursor.count(shard, "corrupt", str(err))
                     continue
-                if len(items) == self.spec.batch_size:
+                if len(items) == self.spec.micro_batch:
                     epoch = (self.start + done * self.spec.num_workers) // per_epoch
                     self.state = dataclasses.replace(self.state, problems=counted(self.cursor))
                     yield {**collate(items), "epoch": epoch}, self.state
