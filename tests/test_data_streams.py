@@ -85,3 +85,17 @@ def test_a_micro_batch_that_does_not_make_the_global_batch_is_refused(clean_set)
         with pytest.raises(ConfigError, match="data.global_batch_size: 4 is not 2 ranks x"):
             TrainStream(cfg, 0, 2, **layout)
     assert TrainStream(cfg, 0, 2, grad_accum=2).micro_batch == 1
+
+
+def test_a_change_point_after_an_elastic_resume_reads_what_the_uninterrupted_run_reads(clean_set):
+    """A progressive schedule's change point (another global batch, micro-batch and crop) replans from
+    the streams' positions alone, so it gives the same steps whichever world size reached it."""
+    folder, _ = clean_set
+    first = make_cfg(folder, global_batch_size=8, num_workers=2, crop_size=32)
+    second = make_cfg(folder, global_batch_size=4, num_workers=2, crop_size=64)
+    before, states = run_steps(first, 1, 3, micro_batch=4)  # accumulation 2
+    after, _ = run_steps(second, 1, 5, micro_batch=2, resume=states)
+    start, states = run_steps(first, 1, 2, micro_batch=4)
+    elastic, states = run_steps(first, 2, 1, micro_batch=4, resume=states)  # accumulation 1 on 2 ranks
+    changed, _ = run_steps(second, 2, 5, micro_batch=2, resume=states)
+    assert start + elastic + changed == before + after

@@ -223,36 +223,26 @@ class TrainStream:
         return self.state().problems.damaged
 
     def _resume(self, saved: list[dict]) -> None:
-        """Exact with the same ranks and layout; per stream with the same streams on other ranks; else
-        the unread positions split again (`order.replan`)."""
+        """Exactly where this rank stood with the same ranks and streams; each stream where it stood with
+        the same streams on other ranks; otherwise the unread positions split again (`order.replan`)."""
         if not isinstance(saved, list) or not saved:
             raise ResumeError("resume: expected the list of every rank's state_dict()")
         states = [StreamState.from_json(tree, index) for index, tree in enumerate(saved)]
         check_states(states, self)
         spec = self.spec
-        same_layout = states[0].layout == (spec.streams, spec.num_workers, spec.micro_batch)
-        if same_layout and states[0].world_size == spec.world_size:
+        same_streams = states[0].layout == (spec.streams, spec.num_workers, spec.micro_batch)
+        if same_streams and states[0].world_size == spec.world_size:
             self._continue_rank(states[spec.rank])
             return
         steps = common_step(states)
-        self._batches = (
-            steps if steps is not None else states[0].batches // states[0].grad_accum
-        ) * spec.grad_accum
+        old_steps = steps if steps is not None else states[0].batches // states[0].grad_accum
+        self._batches = old_steps * spec.grad_accum
         if spec.cfg.data.mode == "resampled":
             self._carried = self._carried_over(states)
-        elif same_layout and steps is not None:
-            self._workers = [_moved(states, spec, slot) for slot in range(spec.slots)]
-            self._next_slot = steps % spec.num_workers * spec.grad_accum
-            self._carried = (
-                DataProblems.total(state.carried for state in states) if spec.rank == 0 else DataProblems()
-            )
+        elif same_streams and steps is not None:
+            self._continue_streams(states, steps)
         else:
-            segments = order.replan(states, spec.streams, spec.num_workers, spec.micro_batch)
-            self._workers = [
-                WorkerState(slot, tuple(segments[stream][part]))
-                for slot, (stream, part) in enumerate(map(self._stream_of, range(spec.slots)))
-            ]
-            self._carried = self._carried_over(states)
+            self._replan(states)
 
     def _continue_rank(self, mine: StreamState) -> None:
         self._batches = mine.batches
@@ -260,6 +250,22 @@ class TrainStream:
             self._carried = mine.problems
         else:
             self._next_slot, self._workers, self._carried = mine.next_slot, list(mine.workers), mine.carried
+
+    def _continue_streams(self, states: list[StreamState], steps: int) -> None:
+        """This rank's streams, each as its old owner left it (its counts travel with it)."""
+        self._workers = [_moved(states, self.spec, slot) for slot in range(self.spec.slots)]
+        self._next_slot = steps % self.spec.num_workers * self.spec.grad_accum
+        if self.spec.rank == 0:
+            self._carried = DataProblems.total(state.carried for state in states)
+
+    def _replan(self, states: list[StreamState]) -> None:
+        spec = self.spec
+        segments = order.replan(states, spec.streams, spec.num_workers, spec.micro_batch)
+        self._workers = [
+            WorkerState(slot, tuple(segments[stream][part]))
+            for slot, (stream, part) in enumerate(map(self._stream_of, range(spec.slots)))
+        ]
+        self._carried = self._carried_over(states)
 
     def _stream_of(self, slot: int) -> tuple[int, int]:
         return stream_of(self.spec.rank, self.spec.grad_accum, slot)
@@ -275,9 +281,10 @@ def check_size(spec: StreamSpec) -> None:
     """Every part of every stream needs a micro-batch per epoch (the DataLoader takes from each in turn)."""
     if spec.cfg.data.mode == "epoch" and spec.per_stream < spec.num_workers:
         raise ConfigError(
-            f"data.train_shards: {spec.total} samples give {spec.per_stream} micro-batches of {spec.micro_batch}"
-            f" per stream for {spec.streams} streams ({spec.world_size} ranks x accumulation {spec.grad_accum}),"
-            f" fewer than data.num_workers={spec.num_workers}: every worker needs a batch per epoch",
+            f"data.train_shards: {spec.total} samples give {spec.per_stream} micro-batches of"
+            f" {spec.micro_batch} per stream for {spec.streams} streams ({spec.world_size} ranks x accumulation"
+            f" {spec.grad_accum}), fewer than data.num_workers={spec.num_workers}: every worker needs a batch"
+            " per epoch",
             key="data.train_shards",
         )
 

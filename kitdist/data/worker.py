@@ -1,5 +1,6 @@
-"""What one DataLoader worker does: walk its segments position by position, read and transform the
-samples, and yield whole batches, each as (batch, the worker's state right after it).
+"""What a DataLoader worker does for each slot it serves (one part of one micro-batch stream): walk the
+slot's segments position by position, read and transform the samples, and yield whole micro-batches, each
+as (batch, the slot's state right after it).
 
 The state travels with the batch so that the trainer's process knows the position of what was YIELDED,
 whatever the DataLoader prefetched. A position that gives no usable sample (corrupt, missing from a
@@ -29,7 +30,7 @@ MAX_ROUNDS = 4
 
 
 class DataUnavailable(RuntimeError):
-    """Too few readable samples to fill the batches this worker owes; names the shards at fault."""
+    """Too few readable samples to fill the batches a slot owes; names the shards at fault."""
 
 
 @dataclass(frozen=True)
@@ -162,8 +163,9 @@ class EpochWorker:
 
     def _hopeless_message(self, epoch: int) -> str:
         bad = sorted(set(self.cursor.problems) | set(self.cursor.damaged))
+        stream, part = stream_of(self.spec.rank, self.spec.grad_accum, self.state.slot)
         return (
-            f"rank {self.spec.rank} worker {self.state.slot}, epoch {epoch}: too few readable samples to fill"
+            f"rank {self.spec.rank} stream {stream} part {part}, epoch {epoch}: too few readable samples to fill"
             f" {self.spec.micro_batch}-sample batches after {MAX_ROUNDS} passes; problem shards: {bad}"
         )
 
