@@ -100,3 +100,6 @@ def test_a_broken_state_is_refused_naming_the_entry(clean_set):
         TrainStream(cfg, 0, 1, resume=[state])
     with pytest.raises(ResumeError, match="entry 0 is not a kitdist-stream/2 stream state.*kitdist-stream/0"):
         TrainStream(cfg, 0, 1, resume=[{**state, "format": "kitdist-stream/0"}])
+    current = TrainStream(cfg, 0, 1).state_dict()
+    with pytest.raises(ResumeError, match="entry 0 has 2 slots and streams=3"):
+        TrainStream(cfg, 0, 1, resume=[{**current, "streams": 3}])

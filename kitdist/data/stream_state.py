@@ -194,11 +194,12 @@ class StreamState:
             state = cls(**scalars, workers=workers, carried=DataProblems.from_json(tree["carried"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ResumeError(f"resume: entry {index} is not a complete stream state ({err!r})") from None
-        if (
-            len(workers) != state.grad_accum * state.num_workers
-            or tree.get("streams", state.streams) != state.streams
-        ):
-            raise ResumeError(f"resume: entry {index} has {len(workers)} slots, not grad_accum x num_workers")
+        slots = state.grad_accum * state.num_workers
+        if len(workers) != slots or tree.get("streams", state.streams) != state.streams:
+            raise ResumeError(
+                f"resume: entry {index} has {len(workers)} slots and streams={tree.get('streams')}, not"
+                f" grad_accum x num_workers = {slots} and world_size x grad_accum = {state.streams}"
+            )
         return state
 
 
