@@ -39,20 +39,14 @@ from kitdist.data.batch import finish
 from kitdist.data.shardio import ShardSet
 from kitdist.data.stream_state import DataProblems, ResumeError, StreamState, WorkerState, stream_of
 from kitdist.data.worker import EpochWorker, ResampledWorker, StreamSpec, fresh_worker_state
-from kitdist.shards.manifest import read_manifest, shard_urls
+from kitdist.shards.manifest import read_manifest_of_kind, shard_urls
 
 __all__ = ["ResumeError", "TrainStream", "batch_layout", "open_shard_set"]
 
 
 def open_shard_set(url: str, kind: str, key: str) -> ShardSet:
     """The shard set at `url`, checked against the run's data kind."""
-    if not url:
-        raise ConfigError(f"{key}: no shard set given (a folder or manifest.json URL)", key=key)
-    manifest = read_manifest(url)
-    if manifest.kind != kind:
-        raise ConfigError(
-            f"{key}: {url} holds {manifest.kind} samples but data.kind is {kind}", key="data.kind"
-        )
+    manifest = read_manifest_of_kind(url, kind, key)
     return ShardSet(
         tuple(shard_urls(url, manifest)),
         tuple(shard.name for shard in manifest.shards),
