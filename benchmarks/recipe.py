@@ -61,7 +61,7 @@ def held_out_psnr(model: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarr
 def probe(overrides: list[str], evals: set[int]) -> None:
     from kitdist.data import TrainStream
     from kitdist.model import build_model
-    from kitdist.train.metrics import LOSSES
+    from kitdist.train.losses import LOSSES
     from kitdist.train.optim import build_optimizer, build_scheduler
 
     train_url, val_url = ensure_photo_shards()

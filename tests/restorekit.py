@@ -12,7 +12,7 @@ from kitdist.config import load_config
 from kitdist.dist.ddp_strategy import DDPStrategy
 from kitdist.model import build_model
 from kitdist.train.checkpoint import checkpoint_name, write_checkpoint
-from kitdist.train.metrics import charbonnier_loss
+from kitdist.train.losses import charbonnier_loss
 
 EXPORT_OVERRIDES = [
     "model.size=debug",
