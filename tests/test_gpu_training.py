@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from kitdist.config import load_config
-from kitdist.dist.strategy import build_strategy
 from kitdist.model import build_model
+from kitdist.train.engine import build_strategy
 from kitdist.train.loop import _Window, train_step
 
 pytestmark = [

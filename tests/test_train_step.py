@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from kitdist.config import load_config
-from kitdist.dist.strategy import build_strategy
 from kitdist.model import build_model
+from kitdist.train.engine import build_strategy
 from kitdist.train.loop import _Window, train_step
 
 CPU = torch.device("cpu")
@@ -136,9 +136,9 @@ def test_compiled_model_trains_like_eager(group_of_one, monkeypatch):
     """`train.compile=true`: dynamo captures the debug model's forward and backward (no graph break may
     stop it: `fullgraph`) and two fp32 steps give eager's losses. The backend is aot_eager: inductor's C++
     compilation takes minutes on this CPU (the GPU tests compile with inductor)."""
-    import kitdist.dist.strategy as strategy_module
+    import kitdist.train.engine as engine_module
 
-    monkeypatch.setattr(strategy_module, "COMPILE_OPTIONS", {"backend": "aot_eager", "fullgraph": True})
+    monkeypatch.setattr(engine_module, "COMPILE_OPTIONS", {"backend": "aot_eager", "fullgraph": True})
     losses = {}
     for compiled in (False, True):
         cfg, strategy = strategy_for("ddp", "train.precision=fp32", f"train.compile={str(compiled).lower()}")

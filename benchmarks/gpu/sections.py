@@ -97,8 +97,8 @@ def train_section(scratch: Path, cpu: bool) -> dict:
 def measure_engine(cfg, device: torch.device, warmup: int, steps: int, flops: float, peak) -> dict:
     """Median-free timing of `steps` training steps after `warmup`, on synthetic batches already on the
     device (the engine alone, no data loading); peak memory of the timed steps; host syncs per step."""
-    from kitdist.dist.strategy import build_strategy
     from kitdist.model import build_model
+    from kitdist.train.engine import build_strategy
     from kitdist.train.loop import _Window, train_step
 
     strategy = None

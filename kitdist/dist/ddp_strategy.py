@@ -20,33 +20,37 @@ from kitdist.dist.strategy import (
     DTYPES,
     FullState,
     Strategy,
-    compile_if_asked,
     load_scheduler_state,
     optimizer_step_of,
     set_loss_scale,
     set_optimizer_step,
     step_tensor,
 )
-from kitdist.train.optim import build_optimizer, build_scheduler
 
 
 class DDPStrategy(Strategy):
     name = "ddp"
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> None:
+        """`model` on its device, `optimizer` over its parameters (see `kitdist.train.engine`)."""
         self.cfg = cfg
-        self.device = device
+        self.device = next(model.parameters()).device
         self.autocast_dtype = DTYPES[cfg.train.precision]
-        self._bare = compile_if_asked(model.to(device), cfg)
+        self._bare = model
         if dist.is_initialized():
-            device_ids = [device.index] if device.type == "cuda" else None
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapped: nn.Module = DistributedDataParallel(self._bare, device_ids=device_ids)
             _compress_gradients(self._wrapped, cfg.train.grad_reduce_dtype)
         else:
             self._wrapped = self._bare
-        self.optimizer = build_optimizer(self._bare.parameters(), cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.precision == "fp16" else None
 
     @property
     def module(self) -> nn.Module:

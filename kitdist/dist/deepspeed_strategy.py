@@ -27,14 +27,12 @@ from kitdist.dist.strategy import (
     ADAM_MOMENTS,
     FullState,
     Strategy,
-    compile_if_asked,
     load_scheduler_state,
     micro_batch_size,
     optimizer_step_of,
     set_loss_scale,
     set_optimizer_step,
 )
-from kitdist.train.optim import build_optimizer, build_scheduler
 
 NATIVE_TAG = "deepspeed"
 GRAD_SCALER_FILE = "grad_scaler.pt"  # fp16's loss scale, beside DeepSpeed's own files
@@ -64,14 +62,18 @@ def deepspeed_config(cfg: RunConfig, num_workers: int) -> dict[str, Any]:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> None:
+        """`model` on its device, `optimizer` over its parameters (see `kitdist.train.engine`)."""
         import deepspeed
 
         self.cfg = cfg
-        self.device = device
-        model = compile_if_asked(model.to(device), cfg)  # on its device first: fused AdamW needs that
-        optimizer = build_optimizer(model.parameters(), cfg.train)
-        scheduler = build_scheduler(optimizer, cfg.train)
+        self.device = next(model.parameters()).device
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

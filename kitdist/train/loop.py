@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from kitdist import storage
 from kitdist.config import SPATIAL_MULTIPLE, RunConfig
 from kitdist.dist.env import all_gather_objects, all_reduce_sum, device_for, print0
-from kitdist.dist.strategy import Strategy, as_float, build_strategy
+from kitdist.dist.strategy import Strategy, as_float
 from kitdist.train import checkpoint as ckpt
+from kitdist.train.engine import build_strategy
 from kitdist.train.losses import LOSSES
 from kitdist.train.metrics import MetricConvention, psnr, ssim
 from kitdist.train.perf import peak_flops, peak_memory_mb, training_flops_per_sample
