@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from denoise_quality import centre_crop, held_out_photos  # noqa: E402
 
 from kitdist.config import load_config  # noqa: E402
-from kitdist.evaluate import image_metrics, to_uint8  # noqa: E402
 from kitdist.pretrain import EMBEDDED, ensure_photo_shards  # noqa: E402
+from kitdist.train.validation import image_metrics, to_uint8  # noqa: E402
 
 SIGMA = 25
 NLM_SIGMA25_DB = 35.54  # benchmarks/RESULTS.md, "Restoration quality"

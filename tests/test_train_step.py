@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 from kitdist.config import load_config
 from kitdist.model import build_model
 from kitdist.train.engine import build_strategy
-from kitdist.train.loop import _Window, train_step
+from kitdist.train.loop import LogWindow, train_step
 
 CPU = torch.device("cpu")
 ENGINES = {
@@ -121,11 +121,12 @@ def test_a_training_step_reads_nothing_back(group_of_one, engine, precision):
     counter; on CUDA the optimiser is fused and reads nothing). DeepSpeed's ZeRO checks its overflow flag
     on the host; the GPU battery counts those (`torch.cuda.set_sync_debug_mode`)."""
     cfg, strategy = strategy_for(engine, f"train.precision={precision}")
-    stream, window = batches(3), _Window()
-    train_step(cfg, strategy, stream, window)  # the first step creates the optimizer state
+    stream, window = batches(3), LogWindow()
+    # the first step creates the optimizer state
+    train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
     with HostReads() as reads:
-        train_step(cfg, strategy, stream, window)
-        train_step(cfg, strategy, stream, window)
+        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
     assert reads.by("kitdist", "torch", "other") == []
     if engine == "ddp":
         assert reads.by("deepspeed") == []
@@ -143,10 +144,10 @@ def test_compiled_model_trains_like_eager(group_of_one, monkeypatch):
     for compiled in (False, True):
         cfg, strategy = strategy_for("ddp", "train.precision=fp32", f"train.compile={str(compiled).lower()}")
         torch.manual_seed(5)
-        window, found, stream = _Window(), [], batches(2)
+        window, found, stream = LogWindow(), [], batches(2)
         for _ in range(2):
             before = window.loss_sum
-            train_step(cfg, strategy, stream, window)
+            train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
             found.append(float(window.loss_sum - before))
         losses[compiled] = found
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
@@ -160,9 +161,9 @@ def test_fp16_trains_and_its_loss_scale_survives_checkpoints(group_of_one, engin
     from kitdist.dist.strategy import set_loss_scale
 
     cfg, strategy = strategy_for(engine, "train.precision=fp16", "dist.use_gpu=true")
-    stream, window = batches(3), _Window()
+    stream, window = batches(3), LogWindow()
     for _ in range(3):
-        train_step(cfg, strategy, stream, window)
+        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
     assert float(window.loss_sum) == float(window.loss_sum)  # not NaN
     scaler = strategy.scaler if engine == "ddp" else strategy._grad_scaler()
     set_loss_scale(scaler, 1024.0)
