@@ -24,6 +24,7 @@ from kitdist.dist.strategy import (
     optimizer_step_of,
     set_loss_scale,
     set_optimizer_step,
+    snapshot,
     step_tensor,
 )
 
@@ -92,13 +93,13 @@ class DDPStrategy(Strategy):
         self._bare.train(mode)
 
     def full_state(self) -> FullState:
-        weights = {name: t.detach().float().cpu() for name, t in self._bare.state_dict().items()}
+        weights = {name: snapshot(t) for name, t in self._bare.state_dict().items()}
         moments = {}
         for name, param in self._bare.named_parameters():
             state = self.optimizer.state.get(param, {})
             for key in ADAM_MOMENTS:
                 if key in state:
-                    moments[f"{key}/{name}"] = state[key].detach().float().cpu()
+                    moments[f"{key}/{name}"] = snapshot(state[key])
         meta = {
             "optimizer_step": optimizer_step_of(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
@@ -113,7 +114,7 @@ class DDPStrategy(Strategy):
                 continue
             self.optimizer.state[param] = {
                 "step": step_tensor(self.optimizer, param, step),
-                **{key: state.moments[f"{key}/{name}"].to(param.device) for key in ADAM_MOMENTS},
+                **{key: state.moments[f"{key}/{name}"].to(param.device, copy=True) for key in ADAM_MOMENTS},
             }
         set_optimizer_step(self.optimizer, step)
         load_scheduler_state(self.scheduler, state.meta["scheduler"])

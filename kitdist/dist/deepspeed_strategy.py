@@ -32,6 +32,7 @@ from kitdist.dist.strategy import (
     optimizer_step_of,
     set_loss_scale,
     set_optimizer_step,
+    snapshot,
 )
 
 NATIVE_TAG = "deepspeed"
@@ -160,7 +161,7 @@ class DeepSpeedStrategy(Strategy):
 
         base = self._base_optimizer()
         flat_views = self._flat_group_views()
-        weights = {name: t.detach().float().cpu() for name, t in self.module.named_buffers()}
+        weights = {name: snapshot(t) for name, t in self.module.named_buffers()}
         moments = {}
         for name, param in self.module.named_parameters():
             views = flat_views.get(id(param)) or {"master": safe_get_full_fp32_param(param)}
@@ -169,9 +170,9 @@ class DeepSpeedStrategy(Strategy):
                 if views[key] is None:  # stage 0 fp32: the torch optimizer holds the parameter itself
                     views[key] = base.state.get(param, {}).get(key)
                 if views[key] is not None:
-                    moments[f"{key}/{name}"] = views[key].detach().float().cpu()
+                    moments[f"{key}/{name}"] = snapshot(views[key])
             master = views["master"] if views["master"] is not None else param.detach()
-            weights[name] = master.float().cpu()
+            weights[name] = snapshot(master)
         ordered = {name: weights[name] for name in self.module.state_dict()}
         meta = {
             "optimizer_step": optimizer_step_of(base),

@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from kitdist.config import DistConfig
 
-
 # Passed from the launching process to every worker when set there: the code path and where the object
 # store is, never a secret. Ray records what it is given (runtime-env `env_vars` land in its logs and
 # dashboard), so credentials come from the nodes' own environment: on a local cluster the driver starts,

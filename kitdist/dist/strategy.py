@@ -124,6 +124,12 @@ def set_loss_scale(scaler: torch.amp.GradScaler, scale: float) -> None:
     scaler.load_state_dict({**scaler.state_dict(), "scale": float(scale)})
 
 
+def snapshot(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU fp32 copy that owns its memory: on a CPU `.float().cpu()` would return the live tensor
+    itself, and a state taken then would change with the next step."""
+    return tensor.detach().to("cpu", torch.float32, copy=True)
+
+
 def as_float(value: torch.Tensor | float | None) -> float:
     """A number the loop kept on the device, read at a logging step (the one synchronisation)."""
     if value is None:
