@@ -139,9 +139,8 @@ class MfuInputs:
         except Exception as err:  # MFU is a figure for the logs, never a reason to stop training
             print0(f"MFU not reported: counting MACs failed ({err})")
             return cls(None, None)
-        print0(
-            f"MFU convention: 3 x forward MACs ({flops / 6e9:.3f} GMAC per {cfg.data.crop_size}^2 crop) / {source}"
-        )
+        per_crop = f"{flops / 6e9:.3f} GMAC per {cfg.data.crop_size}^2 crop"
+        print0(f"MFU convention: 3 x forward MACs ({per_crop}) / {source}")
         return cls(flops, peak)
 
     def mfu(self, samples_per_s_per_worker: float) -> float | None:
@@ -175,9 +174,8 @@ class Trainer:
         )
         metrics_url = storage.join(run_url(cfg), "metrics")
         recorder = MetricsRecorder(metrics_url, start_step) if session.rank == 0 else None
-        print0(
-            f"training steps {start_step}..{cfg.train.max_steps} on {session.world_size} worker(s), {strategy.name}"
-        )
+        steps = f"{start_step}..{cfg.train.max_steps}"
+        print0(f"training steps {steps} on {session.world_size} worker(s), {strategy.name}")
         stop = StopWatch(run_url(cfg), session.rank, strategy.device)
         return cls(
             cfg, session, strategy, stream, recorder, stop, MfuInputs.of(cfg, strategy.device), start_step
