@@ -159,17 +159,18 @@ def _write_figures(out_url, record, degraded, scored: Scored, grid: bool, save_i
     from kitdist.report import comparison_grid
 
     key = record["key"]
+    restored, target = scored.images()
     if save_images:
         from kitdist.restore import encode_png
 
         storage.write_bytes(
-            storage.join(out_url, "restored", f"{key}.png"), encode_png(scored.restored / 255.0, False)
+            storage.join(out_url, "restored", f"{key}.png"), encode_png(restored / 255.0, False)
         )
     if grid:
         panels = [
             (f"input {record['input_psnr_rgb']:.2f} dB", np.clip(degraded, 0, 1)),
-            (f"restored {record['psnr_rgb']:.2f} dB / {record['ssim_rgb']:.4f}", scored.restored / 255.0),
-            ("target", scored.target / 255.0),
+            (f"restored {record['psnr_rgb']:.2f} dB / {record['ssim_rgb']:.4f}", restored / 255.0),
+            ("target", target / 255.0),
         ]
         storage.write_bytes(storage.join(out_url, "grids", f"{key}.png"), comparison_grid(panels))
 

@@ -46,31 +46,48 @@ def conventions(crop_border: int) -> dict[str, str]:
     return out
 
 
-def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Float pixels in [0, 1] (others clipped) as an 8-bit file holds them."""
-    return (np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+def to_8bit(image: torch.Tensor) -> torch.Tensor:
+    """A float image (any layout, any device) as an 8-bit file holds it: clamped to [0, 1], rounded."""
+    return (image.detach().clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
-def image_metrics(output: np.ndarray, target: np.ndarray, crop_border: int = 0) -> dict[str, float]:
-    """PSNR/SSIM on RGB and Y of two uint8 HWC RGB images (the numbers reported per image)."""
-    a = torch.tensor(output).permute(2, 0, 1)[None].double() / 255.0
-    b = torch.tensor(target).permute(2, 0, 1)[None].double() / 255.0
+def scores_8bit(output: torch.Tensor, target: torch.Tensor, crop_border: int = 0) -> dict[str, float]:
+    """The METRICS of two uint8 [3, H, W] RGB images, on their device."""
+    a, b = output[None].double() / 255.0, target[None].double() / 255.0
     values = {}
     for space in ("rgb", "y"):
         convention = MetricConvention(space=space, crop_border=crop_border)
-        values[f"psnr_{space}"] = float(psnr(a, b, convention)[0])
-        values[f"ssim_{space}"] = float(ssim(a, b, convention)[0])
-    return values
+        values[f"psnr_{space}"] = psnr(a, b, convention).item()
+        values[f"ssim_{space}"] = ssim(a, b, convention).item()
+    return {name: values[name] for name in METRICS}
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """`to_8bit` for float HWC numpy images (scripts, reports)."""
+    return to_8bit(torch.from_numpy(np.ascontiguousarray(pixels))).numpy()
+
+
+def image_metrics(output: np.ndarray, target: np.ndarray, crop_border: int = 0) -> dict[str, float]:
+    """`scores_8bit` of two uint8 HWC numpy images."""
+    return scores_8bit(_chw(output), _chw(target), crop_border)
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.tensor(image).permute(2, 0, 1)
 
 
 @dataclass
 class Scored:
-    """One image restored and measured: the 8-bit restored image and target (uint8 HWC RGB) and the
-    METRICS of the first against the second."""
+    """One image restored and measured: the 8-bit restored image and target (uint8 [3, H, W] on the
+    restoring device) and the METRICS of the first against the second."""
 
-    restored: np.ndarray
-    target: np.ndarray
+    restored: torch.Tensor
+    target: torch.Tensor
     metrics: dict[str, float]
+
+    def images(self) -> tuple[np.ndarray, np.ndarray]:
+        """The restored image and the target as uint8 HWC numpy arrays (for figures and files)."""
+        return tuple(image.permute(1, 2, 0).cpu().numpy() for image in (self.restored, self.target))
 
 
 def restore_and_score(
@@ -83,19 +100,15 @@ def restore_and_score(
     crop_border: int = 0,
 ) -> Scored:
     """Restores `degraded` ([3, H, W] float, on the device `forward` runs on) with `forward` and scores
-    it against `target` ([3, H, W] in [0, 1]) by the convention above."""
-    restored = to_uint8(_hwc(restore_tiled(forward, degraded, tile, overlap)))
-    target8 = to_uint8(_hwc(target))
-    return Scored(restored, target8, image_metrics(restored, target8, crop_border))
+    it against `target` ([3, H, W] in [0, 1]) by the convention above, on that device."""
+    restored = to_8bit(restore_tiled(forward, degraded, tile, overlap))
+    target8 = to_8bit(target.to(restored.device))
+    return Scored(restored, target8, scores_8bit(restored, target8, crop_border))
 
 
 def score_unrestored(degraded: torch.Tensor, target: torch.Tensor, crop_border: int = 0) -> dict[str, float]:
     """The METRICS of a degraded input itself ([3, H, W]), as a restoration of it would be scored."""
-    return image_metrics(to_uint8(_hwc(degraded)), to_uint8(_hwc(target)), crop_border)
-
-
-def _hwc(image: torch.Tensor) -> np.ndarray:
-    return image.detach().permute(1, 2, 0).float().cpu().numpy()
+    return scores_8bit(to_8bit(degraded), to_8bit(target.to(degraded.device)), crop_border)
 
 
 def validate(cfg: RunConfig, strategy: Strategy, rank: int, world_size: int) -> dict[str, Any]:
