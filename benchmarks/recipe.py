@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from denoise_quality import centre_crop, held_out_photos  # noqa: E402
 
 from kitdist.config import load_config  # noqa: E402
-from kitdist.evaluate import image_metrics, to_uint8  # noqa: E402
 from kitdist.pretrain import EMBEDDED_CONFIG, ensure_photo_shards  # noqa: E402
+from kitdist.train.validation import image_metrics, to_uint8  # noqa: E402
 
 SIGMA = 25
 NLM_SIGMA25_DB = 35.54  # benchmarks/RESULTS.md, "Restoration quality"
@@ -61,7 +61,7 @@ def held_out_psnr(model: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarr
 def probe(overrides: list[str], evals: set[int]) -> None:
     from kitdist.data import TrainStream
     from kitdist.model import build_model
-    from kitdist.train.metrics import LOSSES
+    from kitdist.train.losses import LOSSES
     from kitdist.train.optim import build_optimizer, build_scheduler
 
     train_url, val_url = ensure_photo_shards()

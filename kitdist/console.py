@@ -20,6 +20,7 @@ from typing import Any
 from kitdist import storage
 from kitdist.checkpoints import METRICS_DIR, run_url, weights_file
 from kitdist.config import RunConfig
+from kitdist.train.progress import duration
 
 # Lines of Ray's and DeepSpeed's bookkeeping that need no action from anyone; matched anywhere in a line.
 CHATTER = re.compile(
@@ -126,16 +127,6 @@ def filter_worker_output() -> bool:
     return True
 
 
-def duration(seconds: float) -> str:
-    """42s, 3m05s, 1h02m."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def shown(url: str) -> str:
     """A local path relative to the working directory when it lies below it; other URLs as they are."""
     if storage.is_local(url):
@@ -183,7 +174,7 @@ GRID_SIDE = 256  # the grid shows this much of a held-out image (its centre), at
 
 
 def comparison(cfg: RunConfig, checkpoint: str, run: str) -> tuple[float, str]:
-    """The validation inputs' mean PSNR (RGB, as validation measures it), and the URL of a grid
+    """The validation inputs' mean PSNR (RGB, as validation scores a restoration), and the URL of a grid
     (input | restored | target) of the most textured validation image's centre, degraded as validation
     degrades it, restored by the run's weights."""
     import dataclasses
@@ -193,11 +184,10 @@ def comparison(cfg: RunConfig, checkpoint: str, run: str) -> tuple[float, str]:
     from kitdist.data import val_batches
     from kitdist.inference import load_restorer
     from kitdist.report import comparison_grid
-    from kitdist.train.loop import VAL_CONVENTIONS
-    from kitdist.train.metrics import psnr
+    from kitdist.train.validation import score_unrestored
 
     values = [
-        psnr(batch["input"].clamp(0, 1), batch["target"], VAL_CONVENTIONS["rgb"]).item()
+        score_unrestored(batch["input"][0], batch["target"][0])["psnr_rgb"]
         for batch in val_batches(cfg, 0, 1)
     ]
     side = max(cfg.data.val_crop_size, GRID_SIDE) if cfg.data.val_crop_size else 0

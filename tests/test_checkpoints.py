@@ -165,12 +165,12 @@ def test_checkpoint_written_before_the_change_restores_rng_and_images():
 @pytest.fixture(scope="module")
 def written_now(tmp_path_factory):
     """A checkpoint written by today's code after one step of a `debug` KiT, and the engine that wrote it."""
-    from kitdist.dist.ddp_strategy import DDPStrategy
     from kitdist.train.checkpoint import write_checkpoint
+    from kitdist.train.engine import build_strategy
 
     cfg = load_config(None, ["model.size=debug", "dist.strategy=ddp", "dist.zero_stage=0"])
     torch.manual_seed(0)
-    trained = DDPStrategy(cfg, build_model(cfg.model), torch.device("cpu"))
+    trained = build_strategy(cfg, build_model(cfg.model), torch.device("cpu"))
     trained.train(True)
     images = torch.rand(2, 3, 32, 32)
     trained.backward((trained.forward(images) - images).abs().mean(), last_micro_batch=True)
@@ -193,13 +193,13 @@ def test_checkpoint_written_now_has_the_format_of_before(written_now):
 def test_checkpoint_written_now_restores_the_whole_training_state(written_now):
     """Weights into the model, then the optimizer and schedule into the engine: the state written is the
     state restored (the world-size-independent path, as after a change of world size or engine)."""
-    from kitdist.dist.ddp_strategy import DDPStrategy
     from kitdist.train.checkpoint import restore_strategy
+    from kitdist.train.engine import build_strategy
 
     cfg, folder, trained = written_now
     model = build_model(cfg.model)
     model.load_state_dict(read_weights(folder))
-    restored = DDPStrategy(cfg, model, torch.device("cpu"))
+    restored = build_strategy(cfg, model, torch.device("cpu"))
     assert restore_strategy(folder, cfg, restored, world_size=1) == "full"
     before, after = trained.full_state(), restored.full_state()
     for name, tensor in [*before.weights.items(), *before.moments.items()]:

@@ -143,7 +143,15 @@ def all_gather_objects(value: object) -> list[object]:
 def all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
     """Element-wise sum over ranks of a short list of numbers (in float64); numbers may be 0-d tensors
     on `device`, which are read here, once, rather than where they were computed."""
-    tensor = torch.stack([torch.as_tensor(value, device=device).double().reshape(()) for value in values])
+    # Python numbers straight to float64 (torch.as_tensor would make them float32 first, 7 digits).
+    tensor = torch.stack(
+        [
+            value.to(device).double().reshape(())
+            if torch.is_tensor(value)
+            else torch.tensor(float(value), dtype=torch.float64, device=device)
+            for value in values
+        ]
+    )
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
