@@ -152,9 +152,9 @@ class Restorer:
 
 def pick_device(name: str = "auto") -> torch.device:
     """ "auto": a GPU when there is one, else the CPU; "auto" and "cuda" take the GPU the launcher meant
-    for this process (`kitdist.dist.env.choose_device`: LOCAL_RANK, Ray's assignment), "cuda:N" that one.
+    for this process (`kitdist.distributed.env.choose_device`: LOCAL_RANK, Ray's assignment), "cuda:N" that one.
     A GPU chosen is made the current device."""
-    from kitdist.dist.env import LauncherFacts, choose_device
+    from kitdist.distributed.env import LauncherFacts, choose_device
 
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch")

@@ -24,7 +24,7 @@ from kitdist import storage
 from kitdist.checkpoints import run_url
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
 from kitdist.console import filter_worker_output, print_summary, quiet_ray_init, quiet_worker
-from kitdist.dist.env import worker_env_vars
+from kitdist.distributed.env import worker_env_vars
 from kitdist.preflight import check_launchable
 from kitdist.train import stop
 

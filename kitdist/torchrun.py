@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from kitdist.checkpoints import run_url
-    from kitdist.dist.env import device_for
+    from kitdist.distributed.env import device_for
     from kitdist.launch import with_absolute_paths, with_worker_cpus
     from kitdist.train.loop import train_worker
     from kitdist.train.session import StorageSession

@@ -14,7 +14,7 @@ from kitdist.config import ConfigError, DistConfig
 from kitdist.coordinator.jobs import job_env
 from kitdist.coordinator.spec import load_pipeline
 from kitdist.credentials import SECRET_ENV, STORAGE_ENV
-from kitdist.dist.env import worker_env_vars
+from kitdist.distributed.env import worker_env_vars
 from kitdist.storage import arrow_filesystem
 
 SECRET = "s3-secret-value-for-this-test"

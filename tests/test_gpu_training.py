@@ -56,7 +56,7 @@ ZERO2 = ("dist.strategy=deepspeed", "dist.zero_stage=2")
 
 
 def test_device_for_makes_the_gpu_current(monkeypatch):
-    from kitdist.dist.env import device_for
+    from kitdist.distributed.env import device_for
 
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count() - 1))
     device = device_for(load_config(None, ["dist.use_gpu=true"]).dist)

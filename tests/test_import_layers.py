@@ -1,5 +1,5 @@
 """kitdist's imports read top-down (lazy, in-function imports included, as `tools/code_figures.py` finds
-them): no module imports one that imports it back, the strategies (`kitdist.dist`) know nothing of the
+them): no module imports one that imports it back, the strategies (`kitdist.distributed`) know nothing of the
 training package that builds them, and training reaches no entry point (console, launch, CLIs)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_strategies_and_training_import_downwards_only():
     graph = FIGURES["import_graph"](REPO)
     for module, targets in graph.items():
-        if module.startswith("kitdist.dist"):
+        if module.startswith("kitdist.distributed"):
             assert not [t for t in targets if t.startswith("kitdist.train")], module
         if module.startswith("kitdist.train"):
             assert not [t for t in targets if t.removeprefix("kitdist.") in ENTRY_POINTS], module

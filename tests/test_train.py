@@ -249,7 +249,7 @@ def test_workers_get_an_even_share_of_the_cores_as_torch_threads_at_nice_0(ray_a
     nice 0."""
     import ray
 
-    from kitdist.dist.env import WORKER_PRIORITY_ENV
+    from kitdist.distributed.env import WORKER_PRIORITY_ENV
     from kitdist.launch import use_assigned_cpus, with_worker_cpus
     from kitdist.pretrain import EMBEDDED_CONFIG
 

@@ -160,7 +160,7 @@ def test_fp16_trains_and_its_loss_scale_survives_checkpoints(group_of_one, engin
     """fp16 (autocast + dynamic loss scaling; CPU autocast stands in for CUDA's here, so the config is
     told dist.use_gpu=true while the strategy gets the CPU): it trains, and the loss scale goes through
     the world-size-independent state and DeepSpeed's native checkpoint."""
-    from kitdist.dist.strategy import set_loss_scale
+    from kitdist.distributed.strategy import set_loss_scale
 
     cfg, strategy = strategy_for(engine, "train.precision=fp16", "dist.use_gpu=true")
     stream, window = batches(3), LogWindow()
@@ -229,7 +229,7 @@ def test_precision_decides_autocast_and_gradient_reduction_not_inputs(
     DeepSpeed reduces gradients in fp32 unless train.grad_reduce_dtype names the precision's dtype (then
     Linear and Conv weights' in it), and DDP registers no compression hook for fp32 (torch's bf16 hook
     needs CUDA and NCCL, so DDP's compressed reduction is for the GPU tests)."""
-    from kitdist.dist.deepspeed_strategy import deepspeed_config
+    from kitdist.distributed.deepspeed_strategy import deepspeed_config
 
     cfg = run_config(*ENGINES["ddp"], f"train.precision={precision}", f"train.grad_reduce_dtype={reduce}")
     section = deepspeed_config(cfg, 1).get("torch_autocast")

@@ -67,7 +67,7 @@ def train_section(scratch: Path, cpu: bool) -> dict:
     import torch.distributed as dist
 
     from kitdist.config import load_config
-    from kitdist.dist.env import device_for
+    from kitdist.distributed.env import device_for
     from kitdist.train.perf import peak_flops, training_flops_per_sample
 
     model, crop, batch, warmup, steps, precision = TRAIN_SHAPE["cpu" if cpu else "gpu"]

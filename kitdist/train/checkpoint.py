@@ -31,7 +31,7 @@ from kitdist.checkpoints import (  # checkpoint_name, read_*: the names the loop
     read_weights,
 )
 from kitdist.config import RunConfig, dump_yaml
-from kitdist.dist.strategy import FullState, Strategy
+from kitdist.distributed.strategy import FullState, Strategy
 
 __all__ = [
     "checkpoint_name",

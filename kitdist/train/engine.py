@@ -1,7 +1,7 @@
 """Builds what a run trains with: the model on its device (compiled when `train.compile` asks), its
 optimiser and lr schedule (`kitdist.train.optim`), wrapped in the `Strategy` that `dist.strategy` names.
 
-The strategies (`kitdist.dist`) wrap what they are given and import nothing from `kitdist.train`: the
+The strategies (`kitdist.distributed`) wrap what they are given and import nothing from `kitdist.train`: the
 order is fixed here, once. The model goes to its device before the optimiser is built (fused AdamW needs
 its parameters there) and is compiled in place before the engine wraps it.
 """
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from kitdist.config import RunConfig
-from kitdist.dist.ddp_strategy import DDPStrategy
-from kitdist.dist.deepspeed_strategy import DeepSpeedStrategy
-from kitdist.dist.strategy import Strategy
+from kitdist.distributed.ddp_strategy import DDPStrategy
+from kitdist.distributed.deepspeed_strategy import DeepSpeedStrategy
+from kitdist.distributed.strategy import Strategy
 from kitdist.train.optim import build_optimizer, build_scheduler
 
 STRATEGIES: dict[str, type[DDPStrategy] | type[DeepSpeedStrategy]] = {

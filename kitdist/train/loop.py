@@ -26,8 +26,8 @@ import torch
 from kitdist import storage
 from kitdist.checkpoints import load_weights_url, run_url
 from kitdist.config import RunConfig
-from kitdist.dist.env import all_gather_objects, all_reduce_sum, device_for, print0
-from kitdist.dist.strategy import Strategy, as_float
+from kitdist.distributed.env import all_gather_objects, all_reduce_sum, device_for, print0
+from kitdist.distributed.strategy import Strategy, as_float
 from kitdist.train import checkpoint as ckpt
 from kitdist.train.engine import build_strategy
 from kitdist.train.losses import LOSSES

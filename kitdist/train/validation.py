@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from kitdist.config import SPATIAL_MULTIPLE, RunConfig
-from kitdist.dist.env import all_gather_objects, all_reduce_sum
-from kitdist.dist.strategy import Strategy
+from kitdist.distributed.env import all_gather_objects, all_reduce_sum
+from kitdist.distributed.strategy import Strategy
 from kitdist.inference import DEFAULT_OVERLAP, DEFAULT_TILE, count_tiles, restore_tiled
 from kitdist.train.metrics import MetricConvention, psnr, ssim
 

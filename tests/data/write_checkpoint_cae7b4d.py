@@ -18,7 +18,7 @@ import torch
 
 from kitdist.config import load_config
 from kitdist.data import TrainStream
-from kitdist.dist.ddp_strategy import DDPStrategy
+from kitdist.distributed.ddp_strategy import DDPStrategy
 from kitdist.model import build_model
 from kitdist.pretrain import photo_paths
 from kitdist.train.checkpoint import checkpoint_name, write_checkpoint

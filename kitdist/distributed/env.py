@@ -20,7 +20,6 @@ import torch.distributed as dist
 from kitdist.config import DistConfig
 from kitdist.credentials import STORAGE_ENV, passed_on_env
 
-
 # Passed from the launching process to every worker when set there: the code path and the object store's
 # settings (kitdist.credentials.STORAGE_ENV, which says why credentials never go this way).
 FORWARDED_ENV = ("PYTHONPATH", *STORAGE_ENV)

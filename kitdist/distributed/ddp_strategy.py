@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kitdist.config import RunConfig
-from kitdist.dist.strategy import (
+from kitdist.distributed.strategy import (
     ADAM_MOMENTS,
     DTYPES,
     FullState,

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from kitdist.config import RunConfig
-from kitdist.dist.env import world_size
-from kitdist.dist.strategy import (
+from kitdist.distributed.env import world_size
+from kitdist.distributed.strategy import (
     ADAM_MOMENTS,
     FullState,
     Strategy,
