@@ -269,6 +269,12 @@ class RunConfig:
             )
         if self.train.precision == "fp16" and not self.dist.use_gpu:
             _fail("train.precision", "fp16 needs a GPU (dist.use_gpu=true); use bf16 or fp32 on CPU")
+        if self.train.grad_reduce_dtype != "fp32" and self.dist.strategy == "ddp" and not self.dist.use_gpu:
+            # torch's compressed-gradient hooks for DDP run on NCCL only: gloo would fail when DDP is built.
+            _fail(
+                "train.grad_reduce_dtype",
+                "a bf16/fp16 all-reduce with dist.strategy=ddp needs GPUs; use fp32 on CPU",
+            )
         from kitdist.model.kernels import check_placement, check_precision  # the model knows its kernels
 
         problem = check_precision(self.train.precision, self.model.attention_impl, self.model.hash_rounds)

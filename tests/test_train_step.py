@@ -228,10 +228,10 @@ def test_precision_decides_autocast_and_gradient_reduction_not_inputs(
     """Per train.precision: the body runs in the autocast dtype while the input and output stay fp32;
     DeepSpeed reduces gradients in fp32 unless train.grad_reduce_dtype names the precision's dtype (then
     Linear and Conv weights' in it), and DDP registers no compression hook for fp32 (torch's bf16 hook
-    needs CUDA and NCCL, so DDP's compressed reduction is for the GPU tests)."""
+    needs CUDA and NCCL: the config refuses it on CPU, so DDP's compressed reduction is for the GPU tests)."""
     from kitdist.distributed.deepspeed_strategy import deepspeed_config
 
-    cfg = run_config(*ENGINES["ddp"], f"train.precision={precision}", f"train.grad_reduce_dtype={reduce}")
+    cfg = run_config(*ENGINES["zero1"], f"train.precision={precision}", f"train.grad_reduce_dtype={reduce}")
     section = deepspeed_config(cfg, 1).get("torch_autocast")
     assert (section is None) == (autocast is None)
     if section is not None:
@@ -254,3 +254,14 @@ def test_fp16_needs_a_gpu():
     with pytest.raises(ConfigError, match="train.precision"):
         run_config("train.precision=fp16")
     assert run_config("train.precision=fp16", "dist.use_gpu=true").train.precision == "fp16"
+
+
+def test_a_compressed_ddp_all_reduce_needs_gpus():
+    from kitdist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.grad_reduce_dtype"):
+        run_config(
+            "train.precision=bf16", "train.grad_reduce_dtype=bf16", "dist.strategy=ddp", "dist.zero_stage=0"
+        )
+    cfg = run_config("train.precision=bf16", "train.grad_reduce_dtype=bf16", "dist.strategy=deepspeed")
+    assert cfg.train.grad_reduce_dtype == "bf16"  # DeepSpeed reduces in bf16 over gloo too
