@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image
 
 from kitdist import storage
-from kitdist.evaluate import image_metrics, to_uint8
 from kitdist.inference import load_restorer
 from kitdist.pretrain import EMBEDDED_DATA, NUM_VAL_PHOTOS, photo_paths
 from kitdist.report import comparison_grid
+from kitdist.train.validation import image_metrics, to_uint8
 
 SIGMAS = (15, 25, 50)
 NLM_H_FACTOR = 0.8  # scikit-image's example: h = 0.8 * sigma in fast mode

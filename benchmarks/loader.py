@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from kitdist import storage  # noqa: E402
 from kitdist.config import DataConfig, DistConfig, RunConfig  # noqa: E402
 from kitdist.data import TrainStream  # noqa: E402
-from kitdist.data.samples import decode_rgb, image_bytes  # noqa: E402
+from kitdist.data.decode import decode_rgb, image_bytes  # noqa: E402
 from kitdist.data.shardio import ReadOptions, ShardReader, tar_samples  # noqa: E402
 from kitdist.shards.manifest import read_manifest, shard_urls  # noqa: E402
 

@@ -5,7 +5,7 @@ seen in minutes; each run's PSNR at sigma 25 on the held-out photographs is meas
 
     python benchmarks/recipe.py --threads 1 --eval 600,1200 train.max_steps=1200 train.lr=4e-3
 
-Overrides (`section.key=value`) apply on top of `kitdist.pretrain.EMBEDDED`. One process with the global
+Overrides (`section.key=value`) apply on top of `kitdist.pretrain.EMBEDDED_CONFIG`. One process with the global
 batch is the same optimisation as the embedded default's 2 data-parallel workers (each rank draws its own
 LSH rotations there); its step time is not theirs: compare recipes' seconds per step with each other.
 """
@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from denoise_quality import centre_crop, held_out_photos  # noqa: E402
 
 from kitdist.config import load_config  # noqa: E402
-from kitdist.evaluate import image_metrics, to_uint8  # noqa: E402
-from kitdist.pretrain import EMBEDDED, ensure_photo_shards  # noqa: E402
+from kitdist.pretrain import EMBEDDED_CONFIG, ensure_photo_shards  # noqa: E402
+from kitdist.train.validation import image_metrics, to_uint8  # noqa: E402
 
 SIGMA = 25
 NLM_SIGMA25_DB = 35.54  # benchmarks/RESULTS.md, "Restoration quality"
@@ -61,12 +61,12 @@ def held_out_psnr(model: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarr
 def probe(overrides: list[str], evals: set[int]) -> None:
     from kitdist.data import TrainStream
     from kitdist.model import build_model
-    from kitdist.train.metrics import LOSSES
+    from kitdist.train.losses import LOSSES
     from kitdist.train.optim import build_optimizer, build_scheduler
 
     train_url, val_url = ensure_photo_shards()
     cfg = load_config(
-        None, [*EMBEDDED, f"data.train_shards={train_url}", f"data.val_shards={val_url}", *overrides]
+        EMBEDDED_CONFIG, [f"data.train_shards={train_url}", f"data.val_shards={val_url}", *overrides]
     )
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).train()

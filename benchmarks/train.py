@@ -8,7 +8,7 @@ checkpointing on/off, and Ray Train against the same loop under torchrun.
   step); peak memory is rank 0's peak resident set (CPU) or peak allocated memory (CUDA);
 - activation checkpointing: one process, forward + backward of one micro-batch; activation memory is
   the bytes autograd saves for backward (counted with saved-tensor hooks), time the median of repeats;
-- Ray: the embedded default's config (`kitdist.pretrain.EMBEDDED`: ZeRO-2 fp32, batch 8 over 2 workers)
+- Ray: the embedded default's config (`configs/pretrain/embedded.yaml`: ZeRO-2 fp32, batch 8 over 2 workers)
   for `--steps` steps, launched by `python -m kitdist.pretrain` (a local Ray cluster of its own) and by
   torchrun, alternating for `--rounds` rounds: median step time and the whole command's wall-clock, with
   its phases (seconds from the command's start to: the cluster joined, the loop started, the first and
@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from kitdist.config import load_config  # noqa: E402
 from kitdist.memory import SavedBytes  # noqa: E402
-from kitdist.pretrain import EMBEDDED, ensure_photo_shards  # noqa: E402
+from kitdist.pretrain import EMBEDDED_CONFIG, ensure_photo_shards  # noqa: E402
 
 ENGINES = {
     "DDP": ["dist.strategy=ddp", "dist.zero_stage=0"],
@@ -223,7 +223,8 @@ def print_checkpointing(results: dict[str, tuple[int, float]]) -> None:
 def embedded_overrides(args: argparse.Namespace, shards: tuple[str, str], root: str, name: str) -> list[str]:
     """The embedded default's config, shortened to --ray-steps and logging every step."""
     return [
-        *EMBEDDED,
+        "--config",
+        str(EMBEDDED_CONFIG),
         f"data.train_shards={shards[0]}",
         f"data.val_shards={shards[1]}",
         f"train.max_steps={args.ray_steps}",
@@ -242,7 +243,7 @@ def median_step(root: str, name: str, batch: int, skip: int) -> float:
 
 def print_ray(args: argparse.Namespace, shards: tuple[str, str], root: str) -> None:
     """Ray Train against torchrun on the embedded config, ABBA order so that drifting load hits both."""
-    batch = load_config(None, EMBEDDED).data.global_batch_size
+    batch = load_config(EMBEDDED_CONFIG).data.global_batch_size
     launchers = {
         "torchrun": timed_torchrun,
         "Ray Train": lambda cli: timed_command([sys.executable, "-m", "kitdist.pretrain", *cli]),

@@ -1,15 +1,31 @@
-"""The command line shared by `python -m kitdist.pretrain` and `python -m kitdist.finetune`."""
+"""The command line shared by `python -m kitdist.pretrain`, `python -m kitdist.finetune` and
+`kitdist.torchrun`: the parser, the config files that ship, a config or a one-line error."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kitdist.config import ConfigError, RunConfig, load_config
 
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+# The shipped configs: `configs/` of the repository, which the package holds as `kitdist/configs` (a link
+# in the repository, real files in a wheel), so an installed kitdist finds them too.
+CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """One of the training commands: they share one code path and differ only in what is stated here."""
+
+    prog: str
+    description: str
+    configs: str  # the folder under configs/ whose files --help lists
+    default_config: Path | None  # run without --config: the embedded default; None: --config is required
+    fine_tune: bool  # the run must start from train.init_weights and train on pairs (data.kind: paired)
 
 
 def shipped_configs(kind: str) -> list[str]:
@@ -38,9 +54,11 @@ def parser(prog: str, description: str, kind: str) -> argparse.ArgumentParser:
     return result
 
 
-def config_or_exit(config: str | None, overrides: Sequence[str], base: Sequence[str] = ()) -> RunConfig:
+def config_or_exit(
+    config: str | Path | None, overrides: Sequence[str], values: Mapping[str, Any] = {}
+) -> RunConfig:
     """The run config, or a one-line error (naming the key and its source) and exit status 2."""
     try:
-        return load_config(config, [*base, *overrides])
+        return load_config(config, overrides, values)
     except ConfigError as err:
         sys.exit(f"error: {err}")

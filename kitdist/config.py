@@ -1,8 +1,9 @@
-"""The one typed schema of a kitdist run: dataclasses, YAML loading, `key=value` overrides, validation.
+"""The one typed schema of a kitdist run: its sections as dataclasses, their defaults and validation.
 
 A run is a `RunConfig` made of sections (`model`, `data`, `degrade`, `train`, `dist`, `storage`). YAML files
 under `configs/` hold values; the dataclasses below are the only place that says what may be set, with
-which type and default. Every error names the key and the file (or the command line) it came from:
+which type and default. `kitdist.config_loader` reads files and overrides into them (and changes built
+configs by key); every error names the key and the file (or the command line) it came from:
 
     >>> cfg = load_config("configs/pretrain/debug.yaml", ["train.lr=1e-4", "data.crop_size=64"])
 
@@ -12,42 +13,25 @@ must split over workers, a crop that must suit the model) lives in `RunConfig.__
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal
 
-import yaml
+from kitdist.config_loader import ConfigError, dump_yaml, from_dict, load, to_dict
+from kitdist.config_loader import fail as _fail
+from kitdist.config_loader import note as _note
+
+__all__ = [
+    "SPATIAL_MULTIPLE", "MIN_PREFETCH_BYTES", "ConfigError", "ModelConfig", "DegradeConfig", "DataConfig",
+    "TrainConfig", "DistConfig", "StorageConfig", "RunConfig", "load_config", "from_dict", "to_dict",
+    "dump_yaml",
+]  # fmt: skip
 
 # Inputs are padded to, and training crops must be, a multiple of this: patch size r=4 times 2^3 from the
 # three 2x downsamplings of the U-net.
 SPATIAL_MULTIPLE = 32
 MIN_PREFETCH_BYTES = 64 << 10  # smaller ranged requests cost more in requests than they save in memory
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and where it came from."""
-
-    def __init__(self, message: str, key: str = "") -> None:
-        super().__init__(message)
-        self.key = key
-
-
-def _fail(key: str, message: str) -> typing.NoReturn:
-    raise ConfigError(f"{key}: {message}", key=key)
-
-
-_NOTED: set[str] = set()
-
-
-def _note(message: str) -> None:
-    """Tells the user (on stderr, once per process) about a value the config adjusted for them."""
-    if message not in _NOTED:
-        _NOTED.add(message)
-        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,6 +285,12 @@ class RunConfig:
         check_recipe(self)
         if self.train.precision == "fp16" and not self.dist.use_gpu:
             _fail("train.precision", "fp16 needs a GPU (dist.use_gpu=true); use bf16 or fp32 on CPU")
+        if self.train.grad_reduce_dtype != "fp32" and self.dist.strategy == "ddp" and not self.dist.use_gpu:
+            # torch's compressed-gradient hooks for DDP run on NCCL only: gloo would fail when DDP is built.
+            _fail(
+                "train.grad_reduce_dtype",
+                "a bf16/fp16 all-reduce with dist.strategy=ddp needs GPUs; use fp32 on CPU",
+            )
         from kitdist.model.kernels import check_placement, check_precision  # the model knows its kernels
 
         problem = check_precision(self.train.precision, self.model.attention_impl, self.model.hash_rounds)
@@ -315,140 +305,11 @@ class RunConfig:
             )
 
 
-# --- loading -----------------------------------------------------------------------------------------
-
-
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Builds a RunConfig from an optional YAML file plus `section.key=value` overrides (YAML values)."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        tree = _read_yaml(Path(path))
-    overridden = {_apply_override(tree, item) for item in overrides}
-    try:
-        return from_dict(RunConfig, tree)
-    except ConfigError as err:
-        if err.key in overridden or path is None:
-            source = "command line"
-        else:
-            source = str(path)
-        raise ConfigError(f"{source}: {err}", key=err.key) from None
-
-
-def from_dict(cls: type, tree: dict[str, Any], prefix: str = "") -> Any:
-    """Turns a nested dict into dataclass `cls`, failing on unknown keys and wrong types."""
-    if not isinstance(tree, dict):
-        _fail(prefix.rstrip(".") or "<top>", f"expected a mapping, got {type(tree).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(tree) - names)
-    if unknown:
-        _fail(f"{prefix}{unknown[0]}", f"unknown key (known keys: {', '.join(sorted(names))})")
-    values = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in tree.items()}
-    return cls(**values)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The plain-data form of a config (tuples as lists), as written beside every checkpoint."""
-    return _plain(dataclasses.asdict(cfg))
-
-
-def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return tree
-
-
-def _apply_override(tree: dict[str, Any], item: str) -> str:
-    """Sets one `a.b=value` in the nested tree; returns the dotted key."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected section.key=value")
-    dotted, raw = item.split("=", 1)
-    keys = dotted.strip().split(".")
-    if not all(keys):
-        raise ConfigError(f"override {item!r}: empty key")
-    node = tree
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {key} is not a section")
-    try:
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        node[keys[-1]] = raw
-    return ".".join(keys)
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, f"{key}.")
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arg, value, key)
-            except ConfigError:
-                continue
-        _fail(key, f"expected {_type_name(hint)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            _fail(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            _fail(key, f"expected a list of {len(args)} values, got {value!r}")
-        return tuple(
-            _coerce(arg, item, f"{key}[{i}]") for i, (arg, item) in enumerate(zip(args, value, strict=True))
-        )
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            _fail(key, f"expected a list, got {value!r}")
-        return [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
-    return _coerce_scalar(hint, value, key)
-
-
-def _coerce_scalar(hint: Any, value: Any, key: str) -> Any:
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif hint is Any:
-        return value
-    _fail(key, f"expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+def load_config(
+    path: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    values: typing.Mapping[str, typing.Any] = {},
+) -> RunConfig:
+    """Builds a RunConfig from an optional YAML file, typed `values` by dotted key (`{"data.kind": "paired"}`)
+    and `section.key=value` overrides (YAML values), each over the one before (`config_loader.load`)."""
+    return load(RunConfig, path, overrides, values)

@@ -18,8 +18,9 @@ import warnings
 from typing import Any
 
 from kitdist import storage
+from kitdist.checkpoints import METRICS_DIR, run_url, weights_file
 from kitdist.config import RunConfig
-from kitdist.preflight import weights_url
+from kitdist.train.progress import duration
 
 # Lines of Ray's and DeepSpeed's bookkeeping that need no action from anyone; matched anywhere in a line.
 CHATTER = re.compile(
@@ -126,20 +127,10 @@ def filter_worker_output() -> bool:
     return True
 
 
-def duration(seconds: float) -> str:
-    """42s, 3m05s, 1h02m."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
 def shown(url: str) -> str:
     """A local path relative to the working directory when it lies below it; other URLs as they are."""
     if storage.is_local(url):
-        path = os.path.abspath(url.removeprefix("file://"))
+        path = storage.absolute(url)
         relative = os.path.relpath(path)
         return path if relative.startswith("..") else relative
     return url
@@ -150,12 +141,12 @@ def shown(url: str) -> str:
 
 def summary_lines(cfg: RunConfig, metrics: dict[str, Any], checkpoint: str, seconds: float) -> list[str]:
     """The summary of a finished run (cfg with absolute paths; metrics: the last report)."""
-    run = storage.join(cfg.storage.root, cfg.storage.run_name)
+    run = run_url(cfg)
     lines = [f"done: {metrics.get('step', cfg.train.max_steps)} steps in {duration(seconds)}"]
-    lines.append(f"weights:     {shown(weights_url(checkpoint))}")
+    lines.append(f"weights:     {shown(weights_file(checkpoint))}")
     if cfg.data.val_shards and "val_psnr_rgb" in metrics:
         lines += _validation_lines(cfg, metrics, checkpoint, run)
-    lines.append(f"metrics:     {shown(storage.join(run, 'metrics'))} (metrics.jsonl, TensorBoard events)")
+    lines.append(f"metrics:     {shown(storage.join(run, METRICS_DIR))} (metrics.jsonl, TensorBoard events)")
     lines += ["next:", *(f"  {command}" for command in next_commands(cfg, run))]
     return lines
 
@@ -183,7 +174,7 @@ GRID_SIDE = 256  # the grid shows this much of a held-out image (its centre), at
 
 
 def comparison(cfg: RunConfig, checkpoint: str, run: str) -> tuple[float, str]:
-    """The validation inputs' mean PSNR (RGB, as validation measures it), and the URL of a grid
+    """The validation inputs' mean PSNR (RGB, as validation scores a restoration), and the URL of a grid
     (input | restored | target) of the most textured validation image's centre, degraded as validation
     degrades it, restored by the run's weights."""
     import dataclasses
@@ -193,11 +184,10 @@ def comparison(cfg: RunConfig, checkpoint: str, run: str) -> tuple[float, str]:
     from kitdist.data import val_batches
     from kitdist.inference import load_restorer
     from kitdist.report import comparison_grid
-    from kitdist.train.loop import VAL_CONVENTIONS
-    from kitdist.train.metrics import psnr
+    from kitdist.train.validation import score_unrestored
 
     values = [
-        psnr(batch["input"].clamp(0, 1), batch["target"], VAL_CONVENTIONS["rgb"]).item()
+        score_unrestored(batch["input"][0], batch["target"][0])["psnr_rgb"]
         for batch in val_batches(cfg, 0, 1)
     ]
     side = max(cfg.data.val_crop_size, GRID_SIDE) if cfg.data.val_crop_size else 0
@@ -222,7 +212,7 @@ def next_commands(cfg: RunConfig, run: str) -> list[str]:
             f"python -m kitdist.evaluate --weights {shown(run)} --shards {shown(cfg.data.val_shards)} "
             f"--out {shown(out)}"
         )
-    commands.append(f"tensorboard --logdir {shown(storage.join(run, 'metrics'))}")
+    commands.append(f"tensorboard --logdir {shown(storage.join(run, METRICS_DIR))}")
     return commands
 
 
@@ -231,6 +221,6 @@ def print_summary(cfg: RunConfig, result: Any, started: float) -> None:
     if not checkpoint:
         return
     if not storage.is_local(cfg.storage.root):  # Ray's checkpoint path has no scheme
-        checkpoint = storage.join(cfg.storage.root, cfg.storage.run_name, os.path.basename(checkpoint))
+        checkpoint = storage.join(run_url(cfg), os.path.basename(checkpoint))
     lines = summary_lines(cfg, result.metrics or {}, checkpoint, time.monotonic() - started)
     print("\n".join(["", *lines]), flush=True, file=sys.stdout)

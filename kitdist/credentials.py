@@ -14,10 +14,23 @@ credentials from its own environment, the AWS SDKs' default chain:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from kitdist.config import ConfigError
 
+# The credentials: they travel together, and only in each node's own environment (the key pair and the
+# session token of temporary credentials alike).
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# The object store's settings that do travel, to the coordinator's jobs and to the training workers: where
+# the store is and where to find the credentials (names and paths), never a secret.
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
 
 
 def secret_values() -> list[str]:
@@ -38,6 +51,12 @@ def assert_no_secrets(env: dict[str, str], key: str = "environment passed to Ray
     if copied:
         raise ConfigError(f"{key}: {copied[0]} holds a credential of this environment; remove it", key=key)
     return env
+
+
+def passed_on_env(names: Sequence[str], key: str = "environment passed to Ray") -> dict[str, str]:
+    """The variables among `names` that are set here, to hand to Ray; ConfigError naming `key` if one
+    of them is, or holds, a credential."""
+    return assert_no_secrets({name: os.environ[name] for name in names if os.environ.get(name)}, key=key)
 
 
 def check_credentials_file() -> None:

@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-import yaml
 from tqdm import tqdm
 
 from kitdist import storage
-from kitdist.config import ConfigError, RunConfig, load_config, to_dict
+from kitdist.config import ConfigError, ModelConfig, RunConfig, to_dict
+from kitdist.config_loader import override, replace_values
 from kitdist.inference import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
@@ -38,69 +37,22 @@ from kitdist.inference import (
     recorded_run_config,
 )
 from kitdist.shards.manifest import ManifestError, read_manifest
-from kitdist.train.metrics import MetricConvention, psnr, ssim
-
-METRICS = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y")
-SSIM_NOTE = (
-    "SSIM: Wang et al. 2004, Gaussian window 11 px sigma 1.5, K1 0.01, K2 0.03, valid region, mean over "
-    "channels = skimage structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)"
-)
-
-
-def conventions(crop_border: int) -> dict[str, str]:
-    """The convention each reported number was measured with, in words."""
-    common = "8-bit rounded output and target, data range 1 (255 on 8 bits)"
-    space = {"rgb": "RGB, 3 channels", "y": "Y = BT.601 luma (MATLAB rgb2ycbcr, 16-235)"}
-    out = {}
-    for name in METRICS:
-        kind, colour = name.split("_")
-        method = "PSNR = 10 log10(1 / MSE)" if kind == "psnr" else SSIM_NOTE
-        out[name] = f"{space[colour]}; border {crop_border} px cropped; {common}; {method}"
-    return out
-
-
-def image_metrics(output: np.ndarray, target: np.ndarray, crop_border: int = 0) -> dict[str, float]:
-    """PSNR/SSIM on RGB and Y of two uint8 HWC RGB images (the numbers `evaluate` reports per image)."""
-    a = torch.tensor(output).permute(2, 0, 1)[None].double() / 255.0
-    b = torch.tensor(target).permute(2, 0, 1)[None].double() / 255.0
-    values = {}
-    for space in ("rgb", "y"):
-        convention = MetricConvention(space=space, crop_border=crop_border)
-        values[f"psnr_{space}"] = float(psnr(a, b, convention)[0])
-        values[f"ssim_{space}"] = float(ssim(a, b, convention)[0])
-    return values
-
-
-def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    return (np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+from kitdist.train.validation import METRICS, Scored, conventions, restore_and_score, score_unrestored
 
 
 def eval_config(restorer: Restorer, shards_url: str, overrides: Sequence[str], max_images: int) -> RunConfig:
     """The run config validation would use: the training run's own (degradations included) if its
     config.yaml is beside the weights, pointed at `shards_url`, whole images, then the user's overrides."""
-    kind = read_manifest(shards_url).kind
     recorded = recorded_run_config(restorer.weights_url)
-    base = _flatten(to_dict(recorded)) if recorded is not None else [f"model.size={restorer.size_name}"]
-    fixed = [
-        f"data.val_shards={shards_url}",
-        f"data.kind={kind}",
-        "data.val_crop_size=0",
-        "data.num_workers=0",
-    ]
-    fixed.append(f"data.max_val_samples={max_images}")
-    return load_config(None, [*base, *fixed, *overrides])
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    items = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            items += _flatten(value, f"{prefix}{key}.")
-        else:
-            items.append(
-                f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            )
-    return items
+    base = recorded or RunConfig(model=ModelConfig(size=restorer.size_name))
+    evaluated = {
+        "data.val_shards": shards_url,
+        "data.kind": read_manifest(shards_url).kind,
+        "data.val_crop_size": 0,
+        "data.num_workers": 0,
+        "data.max_val_samples": max_images,
+    }
+    return override(replace_values(base, evaluated), overrides)
 
 
 def evaluate(
@@ -131,15 +83,11 @@ def evaluate(
     for index, batch in enumerate(
         tqdm(val_batches(cfg, 0, 1), total=total, unit="image", disable=not progress)
     ):
-        degraded = batch["input"][0].permute(1, 2, 0).numpy()
-        target = to_uint8(batch["target"][0].permute(1, 2, 0).numpy())
-        restored = to_uint8(restorer.restore(degraded, tile, overlap))
-        record = {"key": batch["keys"][0], "height": target.shape[0], "width": target.shape[1]}
-        record.update(image_metrics(restored, target, crop_border))
-        record["input_psnr_rgb"] = image_metrics(to_uint8(degraded), target, crop_border)["psnr_rgb"]
+        record, scored = _score(restorer, batch, tile, overlap, crop_border)
         records.append(record)
         if out_url is not None:
-            _write_figures(out_url, record, degraded, restored, target, index < num_grids, save_images)
+            degraded = batch["input"][0].permute(1, 2, 0).numpy()
+            _write_figures(out_url, record, degraded, scored, index < num_grids, save_images)
     if not records:
         raise ValueError(f"{shards_url}: no readable test images")
     results = _summary(restorer, cfg, shards_url, records, crop_border)
@@ -148,6 +96,27 @@ def evaluate(
     if out_url is not None:
         write_reports(out_url, results)
     return results
+
+
+def _score(restorer: Restorer, batch: dict, tile: int, overlap: int, crop_border: int) -> tuple[dict, Scored]:
+    """One validation batch (one image) restored and scored: its report record, and the 8-bit images."""
+    degraded, target = batch["input"][0], batch["target"][0]
+    scored = restore_and_score(
+        restorer.forward,
+        degraded.to(restorer.device),
+        target,
+        tile=tile,
+        overlap=overlap,
+        crop_border=crop_border,
+    )
+    record = {
+        "key": batch["keys"][0],
+        "height": target.shape[-2],
+        "width": target.shape[-1],
+        **scored.metrics,
+    }
+    record["input_psnr_rgb"] = score_unrestored(degraded, target, crop_border)["psnr_rgb"]
+    return record, scored
 
 
 def _summary(restorer: Restorer, cfg: RunConfig, shards_url: str, records: list, crop_border: int) -> dict:
@@ -173,10 +142,11 @@ def _summary(restorer: Restorer, cfg: RunConfig, shards_url: str, records: list,
     }
 
 
-def _write_figures(out_url, record, degraded, restored, target, grid: bool, save_images: bool) -> None:
+def _write_figures(out_url, record, degraded, scored: Scored, grid: bool, save_images: bool) -> None:
     from kitdist.report import comparison_grid
 
     key = record["key"]
+    restored, target = scored.images()
     if save_images:
         from kitdist.restore import encode_png
 

@@ -41,7 +41,7 @@ STATE_DICT_REFUSED = "Error(s) in loading state_dict"  # how torch's load_state_
 def no_retry_errors() -> tuple[type[BaseException], ...]:
     """Bad settings, missing or unreadable data sets and weights, a saved state that does not fit
     (weights of another shape are a RuntimeError of torch's, told apart by `weights_mismatch`)."""
-    from kitdist.data.pipeline import ResumeError
+    from kitdist.data.stream_state import ResumeError
     from kitdist.shards.manifest import ManifestError
 
     return (ConfigError, ManifestError, FileNotFoundError, ResumeError)

@@ -1,27 +1,30 @@
 """`python -m kitdist.finetune --config FILE`: fine-tune pre-trained KiT weights on a paired dataset
-(input/target shards, e.g. SIDD, GoPro, Rain13K), with the same Ray Train + DeepSpeed machinery as
-pre-training. `train.init_weights` names the pre-trained weights.safetensors (any storage URL)."""
+(input/target shards, e.g. SIDD, GoPro, Rain13K). It is `python -m kitdist.pretrain`'s code path (same
+keys, cluster, checkpoints and resume) with fine-tuning's requirements, checked before any worker starts:
+a --config, `data.kind: paired` and `train.init_weights` naming the pre-trained weights.safetensors (any
+storage URL)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from kitdist.cli import config_or_exit, parser
+from kitdist.cli import TrainCommand
+from kitdist.pretrain import run_command
+
+FINETUNE = TrainCommand(
+    prog="python -m kitdist.finetune",
+    description="Fine-tune KiT from pre-trained weights on paired input/target shards: the training of\n"
+    "`python -m kitdist.pretrain` (same keys, cluster, checkpoints and resume) that requires --config,\n"
+    "data.kind: paired and train.init_weights (the pre-trained weights.safetensors, any storage URL).",
+    configs="finetune",
+    default_config=None,
+    fine_tune=True,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser(
-        "python -m kitdist.finetune",
-        "Fine-tune KiT from pre-trained weights (train.init_weights) on paired input/target shards.",
-        "finetune",
-    ).parse_args(argv)
-    if args.config is None:
-        sys.exit("error: --config: fine-tuning needs a config naming the paired dataset (see --help)")
-    cfg = config_or_exit(args.config, args.overrides)
-    from kitdist.launch import run_or_exit
-
-    run_or_exit(cfg, paired=True)
+    run_command(argv, FINETUNE)
 
 
 if __name__ == "__main__":

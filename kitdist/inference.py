@@ -24,18 +24,13 @@ import numpy as np
 import torch
 import yaml
 
-from kitdist import storage
+from kitdist import checkpoints, storage
+from kitdist.checkpoints import WeightsError
 from kitdist.config import ConfigError, ModelConfig, RunConfig, from_dict
 from kitdist.model import SIZES, build_model
 
-WEIGHTS_NAME = "weights.safetensors"  # as written by kitdist.train.checkpoint
-CONFIG_NAME = "config.yaml"
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 64
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be used: missing, unreadable, or for another model; the message names the URL."""
 
 
 @dataclass(frozen=True)
@@ -157,9 +152,9 @@ class Restorer:
 
 def pick_device(name: str = "auto") -> torch.device:
     """ "auto": a GPU when there is one, else the CPU; "auto" and "cuda" take the GPU the launcher meant
-    for this process (`kitdist.dist.env.choose_device`: LOCAL_RANK, Ray's assignment), "cuda:N" that one.
+    for this process (`kitdist.distributed.env.choose_device`: LOCAL_RANK, Ray's assignment), "cuda:N" that one.
     A GPU chosen is made the current device."""
-    from kitdist.dist.env import LauncherFacts, choose_device
+    from kitdist.distributed.env import LauncherFacts, choose_device
 
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch")
@@ -172,41 +167,18 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def weights_url_of(url: str) -> str:
-    """A weights file, a checkpoint folder holding one, or a run folder (its newest `step-*` checkpoint)."""
-    if url.endswith(".safetensors"):
-        return url
-    direct = storage.join(url, WEIGHTS_NAME)
-    if storage.exists(direct):
-        return direct
-    steps = [name for name in storage.list_names(url) if name.startswith("step-")]
-    for name in reversed(steps):
-        candidate = storage.join(url, name, WEIGHTS_NAME)
-        if storage.exists(candidate):
-            return candidate
-    raise WeightsError(f"{url}: no {WEIGHTS_NAME} here, nor in a step-* checkpoint folder below it")
-
-
 def load_restorer(
     url: str, size: str | None = None, device: str = "auto", precision: str = "fp32"
 ) -> Restorer:
-    """The model whose weights are at `url` (see `weights_url_of`), in eval mode on `device`."""
-    weights_url = weights_url_of(url)
-    try:
-        from safetensors.torch import load
-
-        weights = load(storage.read_bytes(weights_url))
-    except FileNotFoundError:
-        raise WeightsError(f"{weights_url}: weights file not found") from None
-    except Exception as err:  # safetensors raises its own error type for a damaged header
-        if isinstance(err, storage.StorageError):
-            raise
-        raise WeightsError(f"{weights_url}: not a readable safetensors file ({err})") from None
-    model_cfg = _model_config(weights_url, weights, size)
+    """The model whose weights are at `url` (a file, a checkpoint or a run folder: see
+    `kitdist.checkpoints.weights_url`), in eval mode on `device`."""
+    resolved = checkpoints.weights_url(url)
+    weights = checkpoints.load_weights_url(resolved)
+    model_cfg = _model_config(resolved, weights, size)
     model = build_model(dataclasses.replace(model_cfg, checkpoint_activations=False))
     model.load_state_dict(weights, strict=True)
     target = pick_device(device)
-    return Restorer(model.eval().to(target), model_cfg, weights_url, target, precision)
+    return Restorer(model.eval().to(target), model_cfg, resolved, target, precision)
 
 
 def _model_config(weights_url: str, weights: dict[str, torch.Tensor], asked: str | None) -> ModelConfig:
@@ -217,7 +189,7 @@ def _model_config(weights_url: str, weights: dict[str, torch.Tensor], asked: str
     held = size_of_weights(weights)
     if recorded is not None and asked is not None and recorded.size != asked:
         raise WeightsError(
-            f"{weights_url}: these weights are for model size {recorded.size!r} (its {CONFIG_NAME}), "
+            f"{weights_url}: these weights are for model size {recorded.size!r} (its {checkpoints.CONFIG}), "
             f"but model size {asked!r} was asked for"
         )
     cfg = recorded or ModelConfig(size=asked or held or "debug")
@@ -231,9 +203,7 @@ def _model_config(weights_url: str, weights: dict[str, torch.Tensor], asked: str
 
 def recorded_run_config(weights_url: str) -> RunConfig | None:
     """The run config training wrote beside the weights (`config.yaml`), if there is one."""
-    config_url = (
-        storage.join(weights_url.rsplit("/", 1)[0], CONFIG_NAME) if "/" in weights_url else CONFIG_NAME
-    )
+    config_url = checkpoints.config_beside(weights_url)
     if not storage.exists(config_url):
         return None
     try:

@@ -22,9 +22,10 @@ from typing import Any
 
 from kitdist import storage
 from kitdist.batching import driver_plan, for_workers
+from kitdist.checkpoints import run_url
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
 from kitdist.console import filter_worker_output, print_summary, quiet_ray_init, quiet_worker
-from kitdist.dist.env import device_for, worker_env_vars
+from kitdist.distributed.env import device_for, worker_env_vars
 from kitdist.preflight import check_launchable
 from kitdist.train import stop
 
@@ -120,19 +121,14 @@ def ray_storage(url: str) -> tuple[str, Any]:
     """`RunConfig.storage_path` and `storage_filesystem` for a storage root (local folder or any fsspec
     URL; remote ones go through kitdist.storage, so S3 settings come from the environment)."""
     if storage.is_local(url):
-        return os.path.abspath(url.removeprefix("file://")), None
+        return storage.absolute(url), None
     filesystem, path = storage.arrow_filesystem(url)
     return path, filesystem
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """Local relative paths made absolute: Ray workers run in another working directory."""
-
-    def absolute(url: str) -> str:
-        if not url or not storage.is_local(url):
-            return url
-        return os.path.abspath(url.removeprefix("file://"))
-
+    absolute = storage.absolute
     data = dataclasses.replace(
         cfg.data, train_shards=absolute(cfg.data.train_shards), val_shards=absolute(cfg.data.val_shards)
     )
@@ -210,7 +206,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
         f"{cfg.dist.num_workers} workers x {cfg.dist.cpus_per_worker} CPU(s), as many torch threads",
         flush=True,
     )
-    run = storage.join(cfg.storage.root, cfg.storage.run_name)
+    run = run_url(cfg)
     stop.clear_request(run)
     if stop_on_sigterm:  # after ray.init, which installs a SIGTERM handler of its own
         stop.request_stop_on_sigterm(run, announce=lambda text: print(text, flush=True))

@@ -13,16 +13,16 @@ import struct
 
 from kitdist import storage
 from kitdist.batching import batches_per_epoch, phases
+from kitdist.checkpoints import newest_weights, run_url, weights_url
 from kitdist.config import ConfigError, ModelConfig, RunConfig
 from kitdist.credentials import check_credentials_file
 
-WEIGHTS = "weights.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
 def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
     """Raises ConfigError, ManifestError or StorageError naming the key or URL of the first problem."""
-    from kitdist.shards.manifest import read_manifest
+    from kitdist.shards.manifest import read_manifest_of_kind
 
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards: missing; set it to a shard folder URL (with manifest.json)")
@@ -32,17 +32,13 @@ def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
         raise ConfigError("train.init_weights: fine-tuning starts from pre-trained weights; give their URL")
     check_credentials_file()
     shapes = check_model(cfg)
-    manifest = read_manifest(cfg.data.train_shards)
-    if manifest.kind != cfg.data.kind:
-        raise ConfigError(
-            f"data.kind: is {cfg.data.kind!r} but {cfg.data.train_shards} holds {manifest.kind!r} samples"
-        )
+    manifest = read_manifest_of_kind(cfg.data.train_shards, cfg.data.kind, "data.train_shards")
     check_batches(cfg, manifest.total_samples)
     if cfg.data.val_shards:
-        read_manifest(cfg.data.val_shards)
+        read_manifest_of_kind(cfg.data.val_shards, cfg.data.kind, "data.val_shards")
     if cfg.train.init_weights:
-        check_weights("train.init_weights", weights_url(cfg.train.init_weights), shapes, cfg.model)
-    run = storage.join(cfg.storage.root, cfg.storage.run_name)
+        check_weights("train.init_weights", cfg.train.init_weights, shapes, cfg.model)
+    run = run_url(cfg)
     resumed = newest_weights(run)
     if resumed:
         check_weights(f"storage.run_name={cfg.storage.run_name} (resuming)", resumed, shapes, cfg.model)
@@ -99,11 +95,6 @@ def check_batches(cfg: RunConfig, samples: int) -> None:
         )
 
 
-def weights_url(url: str) -> str:
-    """The weights.safetensors of a checkpoint folder, or the file itself."""
-    return url if url.endswith(".safetensors") else storage.join(url, WEIGHTS)
-
-
 def weights_shapes(url: str) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header (its first bytes; the tensors are not read).
     A missing file raises FileNotFoundError naming it; an unreadable one ConfigError."""
@@ -129,8 +120,13 @@ def first_difference(ours: dict[str, tuple[int, ...]], theirs: dict[str, tuple[i
 
 
 def check_weights(what: str, url: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
-    """The weights at `url` must fit the model parameter by parameter."""
-    found = weights_shapes(url)
+    """The weights at `url` (a file, a checkpoint or a run folder) must exist and fit the model parameter
+    by parameter; FileNotFoundError or ConfigError naming `what` and the URL otherwise."""
+    try:
+        url = weights_url(url)
+        found = weights_shapes(url)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{what}: {err}") from None
     name = first_difference(shapes, found)
     if name is None:
         return
@@ -139,13 +135,3 @@ def check_weights(what: str, url: str, shapes: dict[str, tuple[int, ...]], cfg: 
         f"is {found.get(name, 'absent')} there, {shapes.get(name, 'absent')} in the model",
         key="model.size",
     )
-
-
-def newest_weights(run: str) -> str:
-    """The weights of the newest checkpoint in a run folder ("" when it has none yet)."""
-    steps = sorted((name for name in storage.list_names(run) if name.startswith("step-")), reverse=True)
-    for name in steps:
-        url = storage.join(run, name, WEIGHTS)
-        if storage.exists(url):
-            return url
-    return ""

@@ -1,9 +1,10 @@
 """`python -m kitdist.pretrain`: pre-train KiT on clean images with synthetic degradations.
 
-With no --config it is the embedded default: a local Ray cluster on this machine, CPU, the `debug`-size
-KiT, trained for about 10 minutes on 2 idle cores (0.15 s a step) on shards built once (cached under
-./runs/data) from the photographs that scikit-image ships, two of them held out for validation. With a
-config and a cluster the same code path runs on many GPUs.
+With no --config it is the embedded default (`configs/pretrain/embedded.yaml`): a local Ray cluster on
+this machine, CPU, the `debug`-size KiT, trained for about 10 minutes on 2 idle cores (0.15 s a step) on
+shards built once (cached under ./runs/data) from the photographs that scikit-image ships, two of them held
+out for validation (unless data.train_shards is given). With a config and a cluster the same code path
+runs on many GPUs; `python -m kitdist.finetune` is this same command with fine-tuning's requirements.
 """
 
 from __future__ import annotations
@@ -13,33 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kitdist import storage
-from kitdist.cli import config_or_exit, parser
+from kitdist.cli import CONFIG_ROOT, TrainCommand, config_or_exit, parser
 
-# The embedded default run; every key can still be overridden on the command line (`train.max_steps=60`
-# makes it a smoke run). 3600 steps of 8 crops of 64 px at lr 3e-3 (cosine, 20 warm-up steps) train a
-# denoiser that beats non-local means at sigma 25 on the held-out photographs (benchmarks/RESULTS.md,
-# "The embedded default after issue 16": +0.36 dB, 10 min on 2 idle cores; 3000 steps: +0.10 to +0.20 dB,
-# 2400: -0.07 dB; a higher lr (5e-3) was behind at the same step in the recipe probes). fp32, not bf16: without AMX, bf16 matmuls on CPU run
-# about 5x slower than fp32 ones (measured on the 2-core dev box); GPU configs use bf16. The two workers
-# share the machine's cores (dist.cpus_per_worker=0, the default).
-EMBEDDED = [
-    "model.size=debug",
-    "data.crop_size=64",
-    "data.global_batch_size=8",
-    "data.val_crop_size=128",
-    "data.num_workers=0",
-    "train.max_steps=3600",
-    "train.warmup_steps=20",
-    "train.lr=3e-3",
-    "train.log_every=100",
-    "train.checkpoint_every=600",
-    "train.precision=fp32",
-    "dist.strategy=deepspeed",
-    "dist.zero_stage=2",
-    "dist.num_workers=2",
-    "storage.root=runs",
-    "storage.run_name=embedded",
-]
+# The embedded default run (its settings and why: the file's comments).
+EMBEDDED_CONFIG = CONFIG_ROOT / "pretrain" / "embedded.yaml"
 EMBEDDED_DATA = "runs/data/skimage-photos"
 NUM_VAL_PHOTOS = 2
 TRAIN_TILE = 128
@@ -98,27 +76,41 @@ def ensure_photo_shards(out: str = EMBEDDED_DATA) -> tuple[str, str]:
     return train_url, val_url
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parser(
-        "python -m kitdist.pretrain",
-        "Pre-train KiT on clean images (synthetic noise/blur/JPEG) with Ray Train + DeepSpeed.\n"
-        "No --config: the embedded default (local Ray, CPU, debug-size KiT, scikit-image photographs).",
-        "pretrain",
-    ).parse_args(argv)
-    if args.config is None:
-        cfg = config_or_exit(None, args.overrides, base=EMBEDDED)
-        if not cfg.data.train_shards:
-            try:
-                train_url, val_url = ensure_photo_shards()
-            except RuntimeError as err:
-                sys.exit(f"error: {err}")
-            extra = [f"data.train_shards={train_url}", f"data.val_shards={val_url}"]
-            cfg = config_or_exit(None, [*extra, *args.overrides], base=EMBEDDED)
-    else:
-        cfg = config_or_exit(args.config, args.overrides)
+PRETRAIN = TrainCommand(
+    prog="python -m kitdist.pretrain",
+    description="Pre-train KiT on clean images (synthetic noise/blur/JPEG) with Ray Train + DeepSpeed.\n"
+    "No --config: the embedded default (configs/pretrain/embedded.yaml: local Ray, CPU, debug-size KiT,\n"
+    "scikit-image photographs).",
+    configs="pretrain",
+    default_config=EMBEDDED_CONFIG,
+    fine_tune=False,
+)
+
+
+def run_command(argv: Sequence[str] | None, command: TrainCommand) -> None:
+    """The training commands' one code path: parse, load the config, check, train, summarise."""
+    args = parser(command.prog, command.description, command.configs).parse_args(argv)
+    if args.config is None and command.default_config is None:
+        sys.exit("error: --config: fine-tuning needs a config naming the paired dataset (see --help)")
+    cfg = config_or_exit(args.config or command.default_config, args.overrides)
+    if args.config is None and not cfg.data.train_shards:
+        cfg = config_or_exit(command.default_config, args.overrides, values=embedded_shards())
     from kitdist.launch import run_or_exit
 
-    run_or_exit(cfg, paired=False)
+    run_or_exit(cfg, paired=command.fine_tune)
+
+
+def embedded_shards() -> dict[str, str]:
+    """The embedded default's data: the photographs' shards (built once), as typed config values."""
+    try:
+        train_url, val_url = ensure_photo_shards()
+    except RuntimeError as err:
+        sys.exit(f"error: {err}")
+    return {"data.train_shards": train_url, "data.val_shards": val_url}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_command(argv, PRETRAIN)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,14 @@ def is_local(url: str) -> bool:
     return protocol_of(url) in ("file", "local")
 
 
+def absolute(url: str) -> str:
+    """A local path or `file://` URL as an absolute path, the same from any working directory (Ray
+    workers and jobs run in another one); other URLs, and "", as they are."""
+    if not url or not is_local(url):
+        return url
+    return os.path.abspath(url.removeprefix("file://"))
+
+
 def join(url: str, *parts: str) -> str:
     """Appends path parts to a URL or local path with '/'."""
     out = url.rstrip("/")

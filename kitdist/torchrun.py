@@ -28,9 +28,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from kitdist.batching import for_workers
-    from kitdist.dist.env import device_for
+    from kitdist.checkpoints import run_url
+    from kitdist.distributed.env import device_for
     from kitdist.launch import with_absolute_paths, with_worker_cpus
-    from kitdist.train.loop import run_url, train_worker
+    from kitdist.train.loop import train_worker
     from kitdist.train.session import StorageSession
     from kitdist.train.stop import clear_request
 

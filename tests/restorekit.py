@@ -8,11 +8,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kitdist.checkpoints import checkpoint_name
 from kitdist.config import load_config
-from kitdist.dist.ddp_strategy import DDPStrategy
 from kitdist.model import build_model
-from kitdist.train.checkpoint import checkpoint_name, write_checkpoint
-from kitdist.train.metrics import charbonnier_loss
+from kitdist.train.checkpoint import write_checkpoint
+from kitdist.train.engine import build_strategy
+from kitdist.train.losses import charbonnier_loss
 
 EXPORT_OVERRIDES = [
     "model.size=debug",
@@ -29,7 +30,7 @@ def export_debug_checkpoint(root: Path, photo: Path, steps: int = 2) -> Path:
     own `write_checkpoint` (weights.safetensors + config.yaml + the rest); returns the checkpoint folder."""
     torch.manual_seed(0)
     cfg = load_config(None, EXPORT_OVERRIDES)
-    strategy = DDPStrategy(cfg, build_model(cfg.model), torch.device("cpu"))
+    strategy = build_strategy(cfg, build_model(cfg.model), torch.device("cpu"))
     clean = torch.from_numpy(np.asarray(Image.open(photo).convert("RGB"))[:64, :128] / 255.0).float()
     clean = clean.permute(2, 0, 1).reshape(3, 64, 2, 64).permute(2, 0, 1, 3)  # [2, 3, 64, 64]
     strategy.train(True)

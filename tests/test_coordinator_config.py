@@ -126,3 +126,20 @@ def test_job_that_failed_with_an_error_no_retry_can_fix_is_recognised_from_its_l
     assert no_retry_error(tail) == line
     assert no_retry_error("error: s3://b/runs: StorageError: Connect timeout\n") == ""
     assert no_retry_error("(RayTrainWorker pid=2) Killed\nTraceback (most recent call last):\n") == ""
+
+
+def test_every_training_job_reproduces_its_planned_config(tmp_path, demo_data):
+    """A job's command line (config file + overrides, written from the plan's typed values) loads to the
+    config the plan checked, wherever the job runs: paths absolute, the run named after the stage."""
+    from kitdist.config import load_config
+    from kitdist.config_loader import replace_values
+    from kitdist.coordinator.plan import make_plan
+
+    plan = make_plan(load_pipeline(write_pipeline(tmp_path / "p.yaml", demo_data)))
+    weights = str(tmp_path / "w" / "weights.safetensors")
+    for train in [plan.pretrain, *plan.finetunes.values()]:
+        argv = train.job(weights).entrypoint
+        assert argv[argv.index("--config") + 1] == train.config_path
+        cfg = load_config(train.config_path, argv[argv.index("--config") + 2 :])
+        assert cfg == replace_values(train.cfg, {"train.init_weights": weights})
+        assert cfg.storage.run_name == f"t-{train.stage}" and cfg.storage.root == str(tmp_path / "runs")

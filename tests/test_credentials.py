@@ -13,7 +13,8 @@ from coordkit import write_pipeline
 from kitdist.config import ConfigError, DistConfig
 from kitdist.coordinator.jobs import job_env
 from kitdist.coordinator.spec import load_pipeline
-from kitdist.dist.env import worker_env_vars
+from kitdist.credentials import SECRET_ENV, STORAGE_ENV
+from kitdist.distributed.env import worker_env_vars
 from kitdist.storage import arrow_filesystem
 
 SECRET = "s3-secret-value-for-this-test"
@@ -43,6 +44,19 @@ def test_job_environment_holds_no_secret_and_refuses_to_forward_one(credentials,
     monkeypatch.setenv("COPY_OF_SECRET", SECRET)
     with pytest.raises(ConfigError, match="forward_env: COPY_OF_SECRET holds a credential"):
         job_env(["COPY_OF_SECRET"])
+
+
+def test_jobs_and_workers_get_the_same_storage_settings_and_no_credential(credentials, monkeypatch):
+    """One list (STORAGE_ENV) for both; the session token stays behind with the key pair, for both."""
+    for name in STORAGE_ENV:
+        monkeypatch.setenv(name, f"value-of-{name}")
+    workers = {
+        name: value for name, value in worker_env_vars(DistConfig()).items() if name.startswith("AWS_")
+    }
+    assert workers == job_env([]) == {name: f"value-of-{name}" for name in STORAGE_ENV}
+    for name in SECRET_ENV:
+        with pytest.raises(ConfigError, match=f"forward_env: {name} is a credential"):
+            job_env([name])
 
 
 def test_pipeline_forwarding_a_credential_is_refused_when_loaded(tmp_path):

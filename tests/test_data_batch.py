@@ -13,8 +13,8 @@ from PIL import Image
 from kitdist.config import DataConfig, DegradeConfig, RunConfig, TrainConfig
 from kitdist.data import transforms
 from kitdist.data.batch import collate, finish
+from kitdist.data.decode import train_item
 from kitdist.data.degrade import degrade
-from kitdist.data.samples import train_item
 
 MIXES = {
     "noise only": DegradeConfig(),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kitdist.dist.env import DeviceError, LauncherFacts, choose_device
+from kitdist.distributed.env import DeviceError, LauncherFacts, choose_device
 
 
 def cuda(index: int) -> torch.device:

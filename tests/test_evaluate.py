@@ -16,6 +16,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from kitdist import evaluate, storage
 from kitdist.report import chart
 from kitdist.shards import build_shards
+from kitdist.train.validation import image_metrics
 
 CONTRACT = (
     "psnr_rgb",
@@ -74,7 +75,7 @@ def test_image_metrics_equal_skimage(photo_paths, border):
         target = np.asarray(Image.open(path).convert("RGB"))[:120, :150]
         output = np.clip(target + rng.normal(0, 12, target.shape), 0, 255).round().astype(np.uint8)
         ours, reference = (
-            evaluate.image_metrics(output, target, border),
+            image_metrics(output, target, border),
             skimage_metrics(output, target, border),
         )
         for name in ("psnr_rgb", "psnr_y"):

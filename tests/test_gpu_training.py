@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from kitdist.config import load_config
-from kitdist.dist.strategy import build_strategy
 from kitdist.model import build_model
-from kitdist.train.loop import _Window, train_step
+from kitdist.train.engine import build_strategy
+from kitdist.train.loop import LogWindow, train_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,7 +56,7 @@ ZERO2 = ("dist.strategy=deepspeed", "dist.zero_stage=2")
 
 
 def test_device_for_makes_the_gpu_current(monkeypatch):
-    from kitdist.dist.env import device_for
+    from kitdist.distributed.env import device_for
 
     monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count() - 1))
     device = device_for(load_config(None, ["dist.use_gpu=true"]).dist)
@@ -68,13 +68,13 @@ def test_device_for_makes_the_gpu_current(monkeypatch):
 def test_ddp_step_never_synchronises(nccl_group_of_one, precision):
     cfg, strategy = strategy_for(nccl_group_of_one, *DDP, f"train.precision={precision}")
     assert strategy.optimizer.defaults["fused"]
-    stream, window = batches(nccl_group_of_one), _Window()
-    train_step(cfg, strategy, stream, window)
+    stream, window = batches(nccl_group_of_one), LogWindow()
+    train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            train_step(cfg, strategy, stream, window)
+            train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(window.loss_sum)
@@ -94,11 +94,11 @@ def test_bf16_output_is_the_fp32_residual(nccl_group_of_one, engine):
 @pytest.mark.parametrize("engine", [DDP, ZERO2])
 def test_fp16_trains_with_a_dynamic_loss_scale_kept_in_checkpoints(nccl_group_of_one, engine):
     cfg, strategy = strategy_for(nccl_group_of_one, *engine, "train.precision=fp16")
-    stream, window = batches(nccl_group_of_one), _Window()
+    stream, window = batches(nccl_group_of_one), LogWindow()
     losses = []
     for _ in range(8):
         before = window.loss_sum
-        train_step(cfg, strategy, stream, window)
+        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
         losses.append(float(window.loss_sum - before))
     assert all(map(lambda loss: loss == loss and loss < 10, losses)), losses
     assert losses[-1] < losses[0]
@@ -118,11 +118,11 @@ def test_inductor_compiled_model_trains_like_eager(nccl_group_of_one):
     for compiled in (False, True):
         cfg, strategy = strategy_for(nccl_group_of_one, *DDP, f"train.compile={str(compiled).lower()}")
         torch.manual_seed(5)
-        window, found, stream = _Window(), [], batches(nccl_group_of_one)
+        window, found, stream = LogWindow(), [], batches(nccl_group_of_one)
         with inductor_config.patch(fallback_random=True):
             for _ in range(2):
                 before = window.loss_sum
-                train_step(cfg, strategy, stream, window)
+                train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
                 found.append(float(window.loss_sum - before))
         losses[compiled] = found
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)

@@ -166,9 +166,9 @@ def test_cpu_overlay_runs_on_one_pod():
     job = next(j for j in by_kind(docs, "RayJob") if j["metadata"]["name"] == "kitdist-pretrain")
     config, overrides = _split_config(_entry_module(job["spec"]["entrypoint"])[1])
     assert config is None, "the CPU overlay runs the embedded default"
-    from kitdist.pretrain import EMBEDDED
+    from kitdist.pretrain import EMBEDDED_CONFIG
 
-    cfg = load_config(None, EMBEDDED + overrides)
+    cfg = load_config(EMBEDDED_CONFIG, overrides)
     assert cfg.dist.num_workers * cfg.dist.cpus_per_worker <= cpus
     assert not any("nvidia.com/gpu" in str(t) for _, t in pod_templates(cluster))
 

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from kitdist.train.metrics import MetricConvention, charbonnier_loss, l1_loss, psnr, rgb_to_y, ssim
+from kitdist.train.losses import charbonnier_loss, l1_loss
+from kitdist.train.metrics import MetricConvention, psnr, rgb_to_y, ssim
 
 
 def pair(path, sigma: float = 0.08):

@@ -24,6 +24,13 @@ def test_file_url_is_the_same_place(tmp_path):
     assert (tmp_path / "x.bin").read_bytes() == b"abc"
 
 
+def test_local_paths_made_absolute_other_urls_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute("runs/r") == storage.absolute("file://runs/r") == f"{tmp_path}/runs/r"
+    assert storage.absolute("/data/x") == "/data/x" and storage.absolute("file:///data/x") == "/data/x"
+    assert storage.absolute("s3://bucket/runs") == "s3://bucket/runs" and storage.absolute("") == ""
+
+
 def test_unwritable_local_destination_is_named(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -190,12 +189,12 @@ def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(
     assert sorted(losses(records)) == list(range(1, SHORT_STEPS + 1))
     assert 10 < records[-1]["val_psnr_rgb"] < 60
 
-    from kitdist.pretrain import EMBEDDED
+    from kitdist.pretrain import EMBEDDED_CONFIG
 
     data = tmp_path / "runs" / "data" / "skimage-photos"
     cfg = load_config(
-        None,
-        [*EMBEDDED, *EMBEDDED_SHORT, f"data.train_shards={data / 'train'}", f"data.val_shards={data / 'val'}"]
+        EMBEDDED_CONFIG,
+        [*EMBEDDED_SHORT, f"data.train_shards={data / 'train'}", f"data.val_shards={data / 'val'}"]
         + [f"storage.root={tmp_path / 'runs'}", "storage.run_name=straight"],
     )
     from kitdist.launch import launch
@@ -250,12 +249,12 @@ def test_workers_get_an_even_share_of_the_cores_as_torch_threads_at_nice_0(ray_a
     nice 0."""
     import ray
 
-    from kitdist.dist.env import WORKER_PRIORITY_ENV
+    from kitdist.distributed.env import WORKER_PRIORITY_ENV
     from kitdist.launch import use_assigned_cpus, with_worker_cpus
-    from kitdist.pretrain import EMBEDDED
+    from kitdist.pretrain import EMBEDDED_CONFIG
 
     cores = os.cpu_count()
-    dist = with_worker_cpus(load_config(None, EMBEDDED), cores).dist
+    dist = with_worker_cpus(load_config(EMBEDDED_CONFIG), cores).dist
     assert dist.num_workers * dist.cpus_per_worker == cores - cores % dist.num_workers
 
     def settings() -> tuple[int, int, int]:
@@ -282,12 +281,11 @@ def test_cpus_per_worker_0_picks_the_largest_share_that_places_every_worker():
 
 
 def val_psnr_of_weights(cfg, weights: dict[str, torch.Tensor]) -> float:
-    """Mean RGB PSNR of a fresh `build_model` holding `weights`, on the run's validation images, computed
-    as the run's own validation does (fp32 weights and input, bf16 autocast, padded to a multiple of 32)."""
+    """Mean RGB PSNR of a fresh `build_model` holding `weights`, on the run's validation images, scored
+    as the run's own validation and `kitdist.evaluate` score (fp32 weights and input, bf16 autocast)."""
     from kitdist.data import val_batches
     from kitdist.model import build_model
-    from kitdist.train.loop import VAL_CONVENTIONS, _restore_padded
-    from kitdist.train.metrics import psnr
+    from kitdist.train.validation import restore_and_score
 
     model = build_model(cfg.model)
     model.load_state_dict(weights, strict=True)
@@ -295,14 +293,14 @@ def val_psnr_of_weights(cfg, weights: dict[str, torch.Tensor]) -> float:
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return model(x)
+            return model(x).float()
 
-    local = types.SimpleNamespace(device=torch.device("cpu"), input_dtype=torch.float32, forward=forward)
     values = []
     with torch.no_grad():
         for batch in val_batches(cfg, 0, 1):
-            output = _restore_padded(local, batch["input"])
-            values.append(psnr(output, batch["target"], VAL_CONVENTIONS["rgb"]).item())
+            values.append(
+                restore_and_score(forward, batch["input"][0], batch["target"][0]).metrics["psnr_rgb"]
+            )
     return sum(values) / len(values)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from kitdist.finetune import main as finetune_main
 from kitdist.pretrain import main as pretrain_main
@@ -74,3 +75,32 @@ def test_help_lists_the_shipped_configs(capsys):
         pretrain_main(["--help"])
     out = capsys.readouterr().out
     assert "configs/pretrain/debug.yaml" in out and "section.key=value" in out
+
+
+def test_no_arguments_run_the_embedded_default_as_before(tmp_path, monkeypatch):
+    """`python -m kitdist.pretrain` with no arguments builds the photographs' shards under the working
+    directory and hands the launcher the config that main resolved before the embedded default became
+    configs/pretrain/embedded.yaml (tests/data/embedded-config-cae7b4d.yaml, written by that code)."""
+    from test_config import DATA, same_keys
+
+    from kitdist.config import to_dict
+
+    launched = []
+    monkeypatch.setattr("kitdist.launch.run_or_exit", lambda cfg, paired: launched.append((cfg, paired)))
+    monkeypatch.chdir(tmp_path)
+    pretrain_main([])
+    (cfg, paired), before = launched[0], yaml.safe_load((DATA / "embedded-config-cae7b4d.yaml").read_text())
+    assert same_keys(to_dict(cfg), before) == before and not paired
+    assert (tmp_path / cfg.data.train_shards / "manifest.json").is_file()
+    assert (tmp_path / cfg.data.val_shards / "manifest.json").is_file()
+    pretrain_main(["data.val_shards=", "train.max_steps=60"])  # the user's overrides still win
+    assert launched[1][0].data.val_shards == "" and launched[1][0].train.max_steps == 60
+
+
+def test_finetune_is_the_training_command_with_its_requirements(capsys):
+    with pytest.raises(SystemExit):
+        finetune_main(["--help"])
+    out = capsys.readouterr().out
+    assert "python -m kitdist.pretrain" in out and "configs/finetune/sidd.yaml" in out
+    assert "data.kind: paired" in out and "train.init_weights" in out
+    assert "--config" in fails_with(finetune_main, ["train.max_steps=5"])

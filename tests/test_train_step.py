@@ -1,7 +1,8 @@
 """One training step through each strategy, in this process (a gloo group of one; real DeepSpeed on CPU,
 DS_ACCELERATOR=cpu from conftest): mixed precision keeps the network's input, global residual and output
 in fp32; gradients are reduced in fp32 unless asked otherwise; a step reads nothing back from the device;
-`train.compile` trains like eager."""
+`train.compile` trains like eager; the world-size-independent state of DDP and ZeRO-1..3 round-trips
+into a fresh strategy that then takes the same step; what each precision decides."""
 
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from kitdist.config import load_config
-from kitdist.dist.strategy import build_strategy
 from kitdist.model import build_model
-from kitdist.train.loop import _Window, train_step
+from kitdist.train.engine import build_strategy
+from kitdist.train.loop import LogWindow, train_step
 
 CPU = torch.device("cpu")
 ENGINES = {
     "ddp": ["dist.strategy=ddp", "dist.zero_stage=0"],
     "zero1": ["dist.strategy=deepspeed", "dist.zero_stage=1"],
     "zero2": ["dist.strategy=deepspeed", "dist.zero_stage=2"],
+    "zero3": ["dist.strategy=deepspeed", "dist.zero_stage=3"],
 }
 
 
@@ -121,11 +123,12 @@ def test_a_training_step_reads_nothing_back(group_of_one, engine, precision):
     counter; on CUDA the optimiser is fused and reads nothing). DeepSpeed's ZeRO checks its overflow flag
     on the host; the GPU battery counts those (`torch.cuda.set_sync_debug_mode`)."""
     cfg, strategy = strategy_for(engine, f"train.precision={precision}")
-    stream, window = batches(3), _Window()
-    train_step(cfg, strategy, stream, window)  # the first step creates the optimizer state
+    stream, window = batches(3), LogWindow()
+    # the first step creates the optimizer state
+    train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
     with HostReads() as reads:
-        train_step(cfg, strategy, stream, window)
-        train_step(cfg, strategy, stream, window)
+        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
     assert reads.by("kitdist", "torch", "other") == []
     if engine == "ddp":
         assert reads.by("deepspeed") == []
@@ -136,17 +139,17 @@ def test_compiled_model_trains_like_eager(group_of_one, monkeypatch):
     """`train.compile=true`: dynamo captures the debug model's forward and backward (no graph break may
     stop it: `fullgraph`) and two fp32 steps give eager's losses. The backend is aot_eager: inductor's C++
     compilation takes minutes on this CPU (the GPU tests compile with inductor)."""
-    import kitdist.dist.strategy as strategy_module
+    import kitdist.train.engine as engine_module
 
-    monkeypatch.setattr(strategy_module, "COMPILE_OPTIONS", {"backend": "aot_eager", "fullgraph": True})
+    monkeypatch.setattr(engine_module, "COMPILE_OPTIONS", {"backend": "aot_eager", "fullgraph": True})
     losses = {}
     for compiled in (False, True):
         cfg, strategy = strategy_for("ddp", "train.precision=fp32", f"train.compile={str(compiled).lower()}")
         torch.manual_seed(5)
-        window, found, stream = _Window(), [], batches(2)
+        window, found, stream = LogWindow(), [], batches(2)
         for _ in range(2):
             before = window.loss_sum
-            train_step(cfg, strategy, stream, window)
+            train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
             found.append(float(window.loss_sum - before))
         losses[compiled] = found
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
@@ -157,12 +160,12 @@ def test_fp16_trains_and_its_loss_scale_survives_checkpoints(group_of_one, engin
     """fp16 (autocast + dynamic loss scaling; CPU autocast stands in for CUDA's here, so the config is
     told dist.use_gpu=true while the strategy gets the CPU): it trains, and the loss scale goes through
     the world-size-independent state and DeepSpeed's native checkpoint."""
-    from kitdist.dist.strategy import set_loss_scale
+    from kitdist.distributed.strategy import set_loss_scale
 
     cfg, strategy = strategy_for(engine, "train.precision=fp16", "dist.use_gpu=true")
-    stream, window = batches(3), _Window()
+    stream, window = batches(3), LogWindow()
     for _ in range(3):
-        train_step(cfg, strategy, stream, window)
+        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
     assert float(window.loss_sum) == float(window.loss_sum)  # not NaN
     scaler = strategy.scaler if engine == "ddp" else strategy._grad_scaler()
     set_loss_scale(scaler, 1024.0)
@@ -176,3 +179,89 @@ def test_fp16_trains_and_its_loss_scale_survives_checkpoints(group_of_one, engin
         _, native = strategy_for(engine, "train.precision=fp16", "dist.use_gpu=true")
         native.load_native(str(tmp_path))
         assert native._grad_scaler().get_scale() == 1024.0
+
+
+def assert_same_state(found, expected) -> None:
+    assert found.weights.keys() == expected.weights.keys() and found.moments.keys() == expected.moments.keys()
+    for name, value in [*expected.weights.items(), *expected.moments.items()]:
+        other = found.weights.get(name, found.moments.get(name))
+        assert torch.equal(other, value), name
+    assert found.meta == expected.meta
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3"])
+def test_full_state_round_trip_gives_the_same_next_step(group_of_one, engine):
+    """The world-size-independent state of a strategy that trained two steps, loaded as a resume loads
+    it (weights into a fresh model with other initial values, then the state into a fresh strategy):
+    the same fp32 weights, Adam moments, optimizer step and schedule, and the same next step."""
+    cfg, trained = strategy_for(engine, "train.precision=fp32")
+    stream = batches(3)
+    for _ in range(2):
+        train_step(cfg, trained, stream, LogWindow(), cfg.train.grad_accum_steps)
+    state = trained.full_state()
+    assert state.moments and state.meta["optimizer_step"] == 2
+    torch.manual_seed(1)
+    model = build_model(cfg.model)
+    model.load_state_dict(state.weights)
+    resumed = build_strategy(cfg, model, CPU)
+    resumed.load_full_state(state)
+    assert_same_state(resumed.full_state(), state)
+    batch = next(stream)
+    losses, states = [], []
+    for strategy in (trained, resumed):
+        torch.manual_seed(7)  # the LSH rotations of the step
+        window = LogWindow()
+        train_step(cfg, strategy, iter([batch]), window, cfg.train.grad_accum_steps)
+        losses.append(float(window.loss_sum))
+        states.append(strategy.full_state())
+    assert losses[0] == losses[1]
+    assert_same_state(states[1], states[0])
+
+
+@pytest.mark.parametrize(
+    "precision, reduce, autocast",
+    [("fp32", "fp32", None), ("bf16", "fp32", torch.bfloat16), ("bf16", "bf16", torch.bfloat16)],
+)
+def test_precision_decides_autocast_and_gradient_reduction_not_inputs(
+    group_of_one, precision, reduce, autocast
+):
+    """Per train.precision: the body runs in the autocast dtype while the input and output stay fp32;
+    DeepSpeed reduces gradients in fp32 unless train.grad_reduce_dtype names the precision's dtype (then
+    Linear and Conv weights' in it), and DDP registers no compression hook for fp32 (torch's bf16 hook
+    needs CUDA and NCCL: the config refuses it on CPU, so DDP's compressed reduction is for the GPU tests)."""
+    from kitdist.distributed.deepspeed_strategy import deepspeed_config
+
+    cfg = run_config(*ENGINES["zero1"], f"train.precision={precision}", f"train.grad_reduce_dtype={reduce}")
+    section = deepspeed_config(cfg, 1).get("torch_autocast")
+    assert (section is None) == (autocast is None)
+    if section is not None:
+        assert section["dtype"] == str(autocast).removeprefix("torch.")
+        assert ("lower_precision_safe_modules" in section) == (reduce == "fp32")
+    if reduce != "fp32":
+        return
+    _, ddp = strategy_for("ddp", f"train.precision={precision}")
+    assert ddp.input_dtype == torch.float32 and ddp.autocast_dtype == (autocast or torch.float32)
+    seen = []
+    ddp.module.conv_in.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    assert ddp.forward(torch.rand(1, 3, 32, 32)).dtype == torch.float32
+    assert seen == [autocast or torch.float32]
+    assert getattr(ddp._wrapped, "_comm_hooks", []) == []
+
+
+def test_fp16_needs_a_gpu():
+    from kitdist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.precision"):
+        run_config("train.precision=fp16")
+    assert run_config("train.precision=fp16", "dist.use_gpu=true").train.precision == "fp16"
+
+
+def test_a_compressed_ddp_all_reduce_needs_gpus():
+    from kitdist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.grad_reduce_dtype"):
+        run_config(
+            "train.precision=bf16", "train.grad_reduce_dtype=bf16", "dist.strategy=ddp", "dist.zero_stage=0"
+        )
+    cfg = run_config("train.precision=bf16", "train.grad_reduce_dtype=bf16", "dist.strategy=deepspeed")
+    assert cfg.train.grad_reduce_dtype == "bf16"  # DeepSpeed reduces in bf16 over gloo too

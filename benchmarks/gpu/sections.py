@@ -67,7 +67,7 @@ def train_section(scratch: Path, cpu: bool) -> dict:
     import torch.distributed as dist
 
     from kitdist.config import load_config
-    from kitdist.dist.env import device_for
+    from kitdist.distributed.env import device_for
     from kitdist.train.perf import peak_flops, training_flops_per_sample
 
     model, crop, batch, warmup, steps, precision = TRAIN_SHAPE["cpu" if cpu else "gpu"]
@@ -97,17 +97,17 @@ def train_section(scratch: Path, cpu: bool) -> dict:
 def measure_engine(cfg, device: torch.device, warmup: int, steps: int, flops: float, peak) -> dict:
     """Median-free timing of `steps` training steps after `warmup`, on synthetic batches already on the
     device (the engine alone, no data loading); peak memory of the timed steps; host syncs per step."""
-    from kitdist.dist.strategy import build_strategy
     from kitdist.model import build_model
-    from kitdist.train.loop import _Window, train_step
+    from kitdist.train.engine import build_strategy
+    from kitdist.train.loop import LogWindow, train_step
 
     strategy = None
     try:
         torch.manual_seed(0)
         strategy = build_strategy(cfg, build_model(cfg.model), device)
-        batches, window = synthetic_batches(cfg, device), _Window()
+        batches, window = synthetic_batches(cfg, device), LogWindow()
         for _ in range(warmup):
-            train_step(cfg, strategy, batches, window)
+            train_step(cfg, strategy, batches, window, cfg.train.grad_accum_steps)
         synchronize(device)
         resident = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
         if device.type == "cuda":
@@ -115,7 +115,7 @@ def measure_engine(cfg, device: torch.device, warmup: int, steps: int, flops: fl
         start = time.perf_counter()
         with SyncCount(device) as syncs:
             for _ in range(steps):
-                train_step(cfg, strategy, batches, window)
+                train_step(cfg, strategy, batches, window, cfg.train.grad_accum_steps)
         synchronize(device)
         seconds = (time.perf_counter() - start) / steps
         figures = step_figures(cfg, seconds, flops, peak, device, syncs.count, steps)

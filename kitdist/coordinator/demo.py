@@ -30,10 +30,9 @@ EMBEDDED_RUN = "runs/embedded"  # where `python -m kitdist.pretrain` (the embedd
 
 def embedded_weights(run: str = EMBEDDED_RUN) -> str:
     """The finished embedded default's weights.safetensors (its newest checkpoint), or "" if none."""
-    from kitdist.preflight import newest_weights
+    from kitdist.checkpoints import newest_weights
 
-    found = newest_weights(os.path.abspath(run))
-    return found
+    return newest_weights(os.path.abspath(run))
 
 
 def with_embedded_weights(spec):  # a PipelineSpec; typed loosely to keep this module free of the planner

@@ -3,19 +3,12 @@ API that submit, watch and stop them. They show in `ray job list` and the dashbo
 
 from __future__ import annotations
 
-import os
 import shlex
 from dataclasses import dataclass
 
 from kitdist.coordinator.cluster import ClusterError, job_client
 from kitdist.coordinator.spec import Resources
-from kitdist.credentials import assert_no_secrets
-from kitdist.dist.env import FORWARDED_ENV
-
-# Passed to every job when set here: where the object store is, never its credentials, which Ray would
-# record (the job's runtime environment shows in its logs and dashboard). A job's driver takes them from
-# its node's environment, as the training workers do (kitdist.credentials).
-S3_ENV = tuple(name for name in FORWARDED_ENV if name.startswith("AWS_"))
+from kitdist.credentials import STORAGE_ENV, passed_on_env
 
 
 @dataclass(frozen=True)
@@ -45,11 +38,10 @@ class JobView:
 
 
 def job_env(forward: list[str]) -> dict[str, str]:
-    """Environment variables for the jobs: S3 settings and the names in `forward`, those that are set;
-    a credential among them is refused (ConfigError naming forward_env)."""
-    names = [*S3_ENV, *forward]
-    env = {name: os.environ[name] for name in names if os.environ.get(name)}
-    return assert_no_secrets(env, key="forward_env")
+    """Environment variables for the jobs: the object store's settings (never its credentials: a job's
+    driver takes them from its node's environment, as the training workers do) and the names in
+    `forward`, those that are set; a credential among them is refused (ConfigError naming forward_env)."""
+    return passed_on_env([*STORAGE_ENV, *forward], key="forward_env")
 
 
 class JobClient:

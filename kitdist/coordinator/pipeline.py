@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from kitdist import storage
+from kitdist.checkpoints import TRAIN_STATE, WEIGHTS, latest_checkpoint, weights_file
 from kitdist.coordinator.cluster import ClusterError, LocalCluster, reachable
 from kitdist.coordinator.jobs import JobClient, JobSpec, JobView, job_env
 from kitdist.coordinator.plan import PRETRAIN, Plan
@@ -261,8 +262,8 @@ class Coordinator:
                 plan = self.plan.pretrain if stage.kind == "pretrain" else self.plan.finetunes[stage.name[9:]]
                 assert plan is not None
                 stage.run = plan.run_url
-                stage.checkpoint = latest_checkpoint(plan.run_url)
-                stage.weights = storage.join(stage.checkpoint, "weights.safetensors")
+                stage.checkpoint = finished_checkpoint(plan.run_url)
+                stage.weights = weights_file(stage.checkpoint)
         except (OSError, ValueError, KeyError) as err:
             self._failed(state, stage, JobView("FAILED", f"finished, but its output is unusable: {err}"))
             return
@@ -296,15 +297,14 @@ def no_retry_error(log_tail: str) -> str:
     return lines[-1] if lines else ""
 
 
-def latest_checkpoint(run_url: str) -> str:
-    """The newest step-* folder of a run that holds its weights and training state."""
-    for name in sorted((n for n in storage.list_names(run_url) if n.startswith("step-")), reverse=True):
-        folder = storage.join(run_url, name)
-        if storage.exists(storage.join(folder, "weights.safetensors")) and storage.exists(
-            storage.join(folder, "train_state.json")
-        ):
-            return folder
-    raise FileNotFoundError(f"{run_url}: no complete checkpoint (step-*/weights.safetensors)")
+def finished_checkpoint(run_url: str) -> str:
+    """The newest complete checkpoint a finished training job left in its run folder."""
+    folder = latest_checkpoint(run_url)
+    if folder is None:
+        raise FileNotFoundError(
+            f"{run_url}: no complete checkpoint (step-* with {WEIGHTS} and {TRAIN_STATE})"
+        )
+    return folder
 
 
 def read_results(out: str) -> dict:

@@ -1,8 +1,9 @@
 """From a PipelineSpec to the exact jobs it will run, checked before anything is submitted.
 
-Every stage's run config is loaded with `kitdist.config.load_config` (file + overrides), its datasets'
-manifests are read, the fine-tunes' model must have the pre-trained model's parameter shapes, and the
-storage must take writes. Any problem is one `PlanError` naming the stage and the key, file or URL.
+Every stage's run config is loaded with `kitdist.config.load_config` (file + overrides) and given the
+pipeline's run name, storage root and datasets as typed values; its datasets' manifests are read, the
+fine-tunes' model must have the pre-trained model's parameter shapes, and the storage must take writes.
+Any problem is one `PlanError` naming the stage and the key, file or URL.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from kitdist import storage
+from kitdist import checkpoints, storage
 from kitdist.config import ConfigError, ModelConfig, RunConfig, load_config
+from kitdist.config_loader import as_overrides, replace_values
 from kitdist.coordinator.jobs import JobSpec
 from kitdist.coordinator.spec import PipelineSpec, Resources, TaskSpec
 from kitdist.launch import with_absolute_paths
 from kitdist.preflight import first_difference, model_shapes, weights_shapes
-from kitdist.preflight import weights_url as checkpoint_weights
-from kitdist.shards.manifest import ManifestError, read_manifest
+from kitdist.shards.manifest import ManifestError, read_manifest_of_kind
+from kitdist.storage import absolute
 
 PRETRAIN = "pretrain"
+SHARD_KEYS = ("train_shards", "val_shards")  # a stage's data named in the pipeline file
 
 
 class PlanError(ValueError):
@@ -39,10 +42,10 @@ class TrainPlan:
 
     @property
     def run_url(self) -> str:
-        return storage.join(self.cfg.storage.root, self.cfg.storage.run_name)
+        return checkpoints.run_url(self.cfg)
 
     def job(self, init_weights: str = "") -> JobSpec:
-        extra = [f"train.init_weights={absolute(init_weights)}"] if init_weights else []
+        extra = as_overrides({"train.init_weights": absolute(init_weights)}) if init_weights else []
         argv = ["python", "-m", self.module, "--config", self.config_path, *self.overrides, *extra]
         return JobSpec(argv, self.resources)
 
@@ -76,13 +79,6 @@ class Plan:
         return kinds | {f"evaluate/{name}": "evaluate" for name in self.evaluations}
 
 
-def absolute(url: str) -> str:
-    """Local paths made absolute (jobs run in another working directory); other URLs unchanged."""
-    if not url or not storage.is_local(url):
-        return url
-    return os.path.abspath(url.removeprefix("file://"))
-
-
 def make_plan(spec: PipelineSpec) -> Plan:
     """Checks the whole pipeline and returns its jobs; raises PlanError before anything runs."""
     pretrain = None
@@ -106,14 +102,11 @@ def make_plan(spec: PipelineSpec) -> Plan:
 def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool) -> TrainPlan:
     label = f"stage {stage}"
     config_path = os.path.abspath(part.config)
-    generated = [f"storage.run_name={spec.name}-{stage.replace('_', '-')}"]
-    if spec.storage_root:
-        generated.append(f"storage.root={spec.storage_root}")
-    generated += [
-        f"data.{key}={getattr(part, key)}" for key in ("train_shards", "val_shards") if getattr(part, key)
-    ]
+    run_name = {"storage.run_name": f"{spec.name}-{stage.replace('_', '-')}"}
+    given = {"storage.root": spec.storage_root} | {f"data.{k}": getattr(part, k) for k in SHARD_KEYS}
     try:
-        cfg = with_absolute_paths(load_config(config_path, [*part.overrides, *generated]))
+        cfg = load_config(config_path, part.overrides)
+        cfg = with_absolute_paths(replace_values(cfg, run_name | {k: v for k, v in given.items() if v}))
     except ConfigError as err:
         raise PlanError(f"{label}: {err}") from None
     if paired and cfg.data.kind != "paired":
@@ -124,32 +117,19 @@ def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool)
         raise PlanError(f"{label}: data.train_shards: missing dataset URL (in {part.config} or train_shards)")
     for key in ("train_shards", "val_shards"):
         if getattr(cfg.data, key):
-            manifest = _check(f"{label}: data.{key}", read_manifest, getattr(cfg.data, key))
-            if key == "train_shards" and manifest.kind != cfg.data.kind:
-                raise PlanError(
-                    f"{label}: data.kind is {cfg.data.kind!r}, {cfg.data.train_shards} holds {manifest.kind!r}"
-                )
+            _check(label, read_manifest_of_kind, getattr(cfg.data, key), cfg.data.kind, f"data.{key}")
     # Absolute local paths on the command line: the job does not run in this working directory.
-    pinned = [f"data.train_shards={cfg.data.train_shards}", f"storage.root={cfg.storage.root}"]
-    pinned += [f"data.val_shards={cfg.data.val_shards}"] if cfg.data.val_shards else []
-    overrides = [*part.overrides, generated[0], *pinned]
+    pinned = {"data.train_shards": cfg.data.train_shards, "storage.root": cfg.storage.root}
+    pinned |= {"data.val_shards": cfg.data.val_shards} if cfg.data.val_shards else {}
+    overrides = [*part.overrides, *as_overrides(run_name | pinned)]
     return TrainPlan(stage, module, config_path, overrides, cfg, part.resources)
 
 
 def _eval_plan(spec: PipelineSpec, task: TaskSpec) -> EvalPlan:
     test_shards = absolute(task.test_shards)
-    manifest = _check(f"stage {task.stage}: test_shards", read_manifest, test_shards)
-    if manifest.kind != "paired":
-        raise PlanError(
-            f"stage {task.stage}: test_shards: {test_shards} holds {manifest.kind!r} samples, not pairs"
-        )
+    _check(f"stage {task.stage}", read_manifest_of_kind, test_shards, "paired", "test_shards")
     out = storage.join(absolute(spec.state), "eval", task.stage)
     return EvalPlan(f"evaluate/{task.stage}", task, test_shards, out, task.eval_resources)
-
-
-def weights_url(url: str) -> str:
-    """The weights.safetensors of a checkpoint folder, or the file itself."""
-    return checkpoint_weights(absolute(url))
 
 
 def _check(label: str, fn, *args):
@@ -160,12 +140,11 @@ def _check(label: str, fn, *args):
 
 
 def _weights_shapes(url: str) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a weights.safetensors header (its first bytes; the tensors are not read)."""
-    url = weights_url(url)
+    """Tensor shapes of the weights at `url` (a file, a checkpoint or a run folder) from their header."""
     try:
-        return weights_shapes(url)
-    except (OSError, ConfigError) as err:
-        raise PlanError(f"pretrain.weights: {url}: not a readable weights.safetensors ({err})") from None
+        return weights_shapes(checkpoints.weights_url(absolute(url)))
+    except (OSError, ConfigError) as err:  # each names the URL
+        raise PlanError(f"pretrain.weights: {err}") from None
 
 
 def _check_same_model(stage, shapes, reference, source: str, cfg: ModelConfig) -> None:

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kitdist import storage
 from kitdist.config import RunConfig
 from kitdist.data.batch import stack
-from kitdist.data.pipeline import open_shard_set
-from kitdist.data.plan import EpochLayout
-from kitdist.data.samples import CorruptSample, val_pair
+from kitdist.data.decode import CorruptSample, val_pair
+from kitdist.data.order import EpochLayout
 from kitdist.data.shardio import ReadOptions, ShardCursor, ShardSet
+from kitdist.data.stream import open_shard_set
 
 SKIPPED = {"skipped": True}
 

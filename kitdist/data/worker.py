@@ -1,5 +1,6 @@
-"""What one DataLoader worker does: walk its segments position by position, read and transform the
-samples, and yield whole batches, each carrying the worker's state right after it.
+"""What a DataLoader worker does for each slot it serves (one part of one micro-batch stream): walk the
+slot's segments position by position, read and transform the samples, and yield whole micro-batches, each
+as (batch, the slot's state right after it).
 
 The state travels with the batch so that the trainer's process knows the position of what was YIELDED,
 whatever the DataLoader prefetched. A position that gives no usable sample (corrupt, missing from a
@@ -10,7 +11,7 @@ still yields exactly its number of batches.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,17 +19,18 @@ from typing import Any
 import numpy as np
 
 from kitdist.config import RunConfig
-from kitdist.data import plan
+from kitdist.data import order
 from kitdist.data.batch import TrainItem, collate
-from kitdist.data.samples import CorruptSample, train_item
+from kitdist.data.decode import CorruptSample, train_item
 from kitdist.data.shardio import ReadOptions, ShardCursor, ShardSet
+from kitdist.data.stream_state import DataProblems, Segment, WorkerState, stream_of
 
 # A segment that still cannot fill its batches after this many passes over its positions is hopeless.
 MAX_ROUNDS = 4
 
 
 class DataUnavailable(RuntimeError):
-    """Too few readable samples to fill the batches this worker owes; names the shards at fault."""
+    """Too few readable samples to fill the batches a slot owes; names the shards at fault."""
 
 
 @dataclass(frozen=True)
@@ -39,87 +41,103 @@ class StreamSpec:
     shards: ShardSet
     rank: int
     world_size: int
-    num_workers: int  # logical workers: max(1, data.num_workers)
-    batch_size: int
+    grad_accum: int
+    micro_batch: int
+    num_workers: int  # parts per stream: max(1, data.num_workers)
 
     @property
     def total(self) -> int:
         return sum(self.shards.samples)
 
-    def cursor(self, problems: dict, damaged: dict) -> ShardCursor:
+    @property
+    def streams(self) -> int:
+        return self.world_size * self.grad_accum
+
+    @property
+    def slots(self) -> int:
+        """This rank's slots: a part of one of its streams each."""
+        return self.grad_accum * self.num_workers
+
+    @property
+    def per_stream(self) -> int:
+        """Micro-batches each stream reads per epoch."""
+        return self.total // (self.streams * self.micro_batch)
+
+    def cursor(self, problems: DataProblems) -> ShardCursor:
+        """A shard cursor whose counts start from `problems`."""
         data = self.cfg.data
         cursor = ShardCursor(self.shards, self.cfg.train.seed, data.shuffle_buffer, ReadOptions.of(data))
-        cursor.problems = copy.deepcopy(problems)
-        cursor.damaged = dict(damaged)
+        counts = DataProblems.copy_of(problems.counts, problems.damaged)
+        cursor.problems, cursor.damaged = counts.counts, counts.damaged
         return cursor
 
+    def fresh_segment(self, slot: int, epoch: int) -> Segment:
+        """Epoch `epoch`'s plan for `slot` of this rank."""
+        stream, part = stream_of(self.rank, self.grad_accum, slot)
+        return order.fresh_segment(
+            self.total, epoch, stream, part, self.streams, self.num_workers, self.micro_batch
+        )
 
-def fresh_worker_state(spec: StreamSpec, slot: int, epoch: int = 0) -> dict[str, Any]:
-    segment = plan.fresh_segment(
-        spec.total, epoch, spec.rank, slot, spec.world_size, spec.num_workers, spec.batch_size
-    )
-    return {
-        "slot": slot,
-        "segments": [segment],
-        "pointer": 0,
-        "segment_batches": 0,
-        "problems": {},
-        "damaged": {},
-    }
+
+def fresh_worker_state(spec: StreamSpec, slot: int) -> WorkerState:
+    return WorkerState(slot, (spec.fresh_segment(slot, 0),))
+
+
+def counted(cursor: ShardCursor) -> DataProblems:
+    return DataProblems.copy_of(cursor.problems, cursor.damaged)
 
 
 class EpochWorker:
-    """Yields batches from a worker state (which it advances in place)."""
+    """Yields (batch, state after it) from a worker state onwards."""
 
-    def __init__(self, spec: StreamSpec, state: dict[str, Any]) -> None:
+    def __init__(self, spec: StreamSpec, state: WorkerState) -> None:
         self.spec = spec
         self.state = state
-        self.cursor = spec.cursor(state["problems"], state["damaged"])
-        self.layouts: dict[int, plan.EpochLayout] = {}
+        self.cursor = spec.cursor(state.problems)
+        self.layouts: dict[int, order.EpochLayout] = {}
         self._reading: tuple[int, int] | None = None  # (epoch, shard) of the last position served
 
-    def batches(self) -> Iterator[dict[str, Any]]:
+    def batches(self) -> Iterator[tuple[dict[str, Any], WorkerState]]:
         while True:
-            segment = self.state["segments"][0]
-            if self.state["segment_batches"] >= plan.length(segment["intervals"]) // self.spec.batch_size:
-                self._next_segment()
+            segment = self.state.segment
+            if self.state.segment_batches >= order.length(segment.intervals) // self.spec.micro_batch:
+                self.state = self._next_segment()
                 continue
-            batch = self._fill(segment)
-            self.state["segment_batches"] += 1
-            self.state["problems"] = self.cursor.problems
-            self.state["damaged"] = self.cursor.damaged
-            batch["_state"] = copy.deepcopy(self.state)
-            yield batch
-
-    def _next_segment(self) -> None:
-        done = self.state["segments"].pop(0)
-        if not self.state["segments"]:
-            self.state["segments"].append(
-                fresh_worker_state(self.spec, self.state["slot"], done["epoch"] + 1)["segments"][0]
+            batch, pointer = self._fill(segment, self.state.pointer)
+            self.state = dataclasses.replace(
+                self.state,
+                pointer=pointer,
+                segment_batches=self.state.segment_batches + 1,
+                problems=counted(self.cursor),
             )
-        self.state["pointer"] = 0
-        self.state["segment_batches"] = 0
+            yield batch, self.state
 
-    def _fill(self, segment: dict[str, Any]) -> dict[str, Any]:
-        epoch, intervals = segment["epoch"], segment["intervals"]
-        size = plan.length(intervals)
+    def _next_segment(self) -> WorkerState:
+        done, *queued = self.state.segments
+        if not queued:
+            queued = [self.spec.fresh_segment(self.state.slot, done.epoch + 1)]
+        return dataclasses.replace(self.state, segments=tuple(queued), pointer=0, segment_batches=0)
+
+    def _fill(self, segment: Segment, pointer: int) -> tuple[dict[str, Any], int]:
+        """The next batch of the segment from position index `pointer` on, and the index after it."""
+        epoch, intervals = segment.epoch, segment.intervals
+        size = order.length(intervals)
         items: list[TrainItem] = []
-        while len(items) < self.spec.batch_size:
-            pointer = self.state["pointer"]
+        while len(items) < self.spec.micro_batch:
             if pointer >= MAX_ROUNDS * size:
                 raise DataUnavailable(self._hopeless_message(epoch))
-            self.state["pointer"] += 1
-            round_ = pointer // size
-            shard, offset = self._layout(epoch).locate(plan.position_at(intervals, pointer % size))
+            round_, index = divmod(pointer, size)
+            pointer += 1
+            shard, offset = self._layout(epoch).locate(order.position_at(intervals, index))
             item = self._read(epoch, shard, offset, round_)
             if item is not None:
                 items.append(item)
             if (epoch, shard) != self._reading:  # just opened (which took its prefetch): ask for the next
                 self._reading = (epoch, shard)
-                upcoming = plan.next_shard(self._layout(epoch), intervals, pointer % size)
+                upcoming = order.next_shard(self._layout(epoch), intervals, index)
                 if upcoming is not None:
                     self.cursor.prefetch(epoch, upcoming)
-        return {**collate(items), "epoch": epoch}
+        return {**collate(items), "epoch": epoch}, pointer
 
     def _read(self, epoch: int, shard: int, offset: int, round_: int) -> TrainItem | None:
         sample = self.cursor.get(epoch, shard, offset)
@@ -134,33 +152,39 @@ class EpochWorker:
                 self.cursor.count(shard, "corrupt", str(err))
             return None
 
-    def _layout(self, epoch: int) -> plan.EpochLayout:
+    def _layout(self, epoch: int) -> order.EpochLayout:
         if epoch not in self.layouts:
             self.layouts = {
-                epoch: plan.EpochLayout.build(self.spec.cfg.train.seed, epoch, list(self.spec.shards.samples))
+                epoch: order.EpochLayout.build(
+                    self.spec.cfg.train.seed, epoch, list(self.spec.shards.samples)
+                )
             }
         return self.layouts[epoch]
 
     def _hopeless_message(self, epoch: int) -> str:
         bad = sorted(set(self.cursor.problems) | set(self.cursor.damaged))
+        stream, part = stream_of(self.spec.rank, self.spec.grad_accum, self.state.slot)
         return (
-            f"rank {self.spec.rank} worker {self.state['slot']}, epoch {epoch}: too few readable samples to fill"
-            f" {self.spec.batch_size}-sample batches after {MAX_ROUNDS} passes; problem shards: {bad}"
+            f"rank {self.spec.rank} stream {stream} part {part}, epoch {epoch}: too few readable samples to fill"
+            f" {self.spec.micro_batch}-sample batches after {MAX_ROUNDS} passes; problem shards: {bad}"
         )
 
 
 class ResampledWorker:
-    """`data.mode: resampled`: shards drawn with replacement, forever; no position to keep, only a batch
-    count so a resumed run draws new shards instead of replaying the first ones."""
+    """`data.mode: resampled`: shards drawn with replacement, forever, from a generator per (stream,
+    part); no position to keep, only the count of micro-batches per stream read before (`start`), so a
+    resumed run draws new shards instead of replaying the first ones. Its state carries only the problem
+    counts."""
 
-    def __init__(self, spec: StreamSpec, slot: int, start_batches: int) -> None:
-        self.spec, self.slot, self.start = spec, slot, start_batches
-        self.cursor = spec.cursor({}, {})
+    def __init__(self, spec: StreamSpec, state: WorkerState, start: int) -> None:
+        self.spec, self.state, self.start = spec, state, start
+        self.cursor = spec.cursor(state.problems)
 
-    def batches(self) -> Iterator[dict[str, Any]]:
+    def batches(self) -> Iterator[tuple[dict[str, Any], WorkerState]]:
         seed = self.spec.cfg.train.seed & 0xFFFFFFFF
-        rng = np.random.default_rng([seed, self.spec.rank, self.slot, self.start, 0x2E5A])
-        per_epoch = max(1, self.spec.total // (self.spec.world_size * self.spec.batch_size))
+        stream, part = stream_of(self.spec.rank, self.spec.grad_accum, self.state.slot)
+        rng = np.random.default_rng([seed, stream, part, self.start, 0x2E5A])
+        per_epoch = max(1, self.spec.per_stream)
         items: list[TrainItem] = []
         done = 0
         while True:
@@ -175,13 +199,9 @@ class ResampledWorker:
                 except CorruptSample as err:
                     self.cursor.count(shard, "corrupt", str(err))
                     continue
-                if len(items) == self.spec.batch_size:
+                if len(items) == self.spec.micro_batch:
                     epoch = (self.start + done * self.spec.num_workers) // per_epoch
-                    state = {
-                        "slot": self.slot,
-                        "problems": self.cursor.problems,
-                        "damaged": self.cursor.damaged,
-                    }
-                    yield {**collate(items), "epoch": epoch, "_state": copy.deepcopy(state)}
+                    self.state = dataclasses.replace(self.state, problems=counted(self.cursor))
+                    yield {**collate(items), "epoch": epoch}, self.state
                     items = []
                     done += 1

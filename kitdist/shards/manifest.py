@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kitdist import storage
+from kitdist.config import ConfigError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "kitdist-shards/1"
@@ -100,6 +101,25 @@ def read_manifest(shards_url: str) -> Manifest:
             f"{url}: no manifest here (build shards with `python -m kitdist.shards build`)"
         ) from None
     return Manifest.from_json(text, source=url)
+
+
+def read_manifest_of_kind(shards_url: str, kind: str, key: str) -> Manifest:
+    """The manifest of the shard set that config key `key` names, which must hold `kind` samples
+    ("clean" or "paired", what data.kind says). Errors name the key and the URL: ManifestError for a
+    missing or unreadable manifest, ConfigError for no URL or samples of the other kind."""
+    if not shards_url:
+        raise ConfigError(f"{key}: no shard set given (a folder or manifest.json URL)", key=key)
+    try:
+        manifest = read_manifest(shards_url)
+    except ManifestError as err:
+        raise ManifestError(f"{key}: {err}") from None
+    if manifest.kind != kind:
+        raise ConfigError(
+            f"{key}: {shards_url} holds {manifest.kind} samples, but {kind} samples are needed "
+            f"(data.kind: {kind})",
+            key=key,
+        )
+    return manifest
 
 
 def write_manifest(shards_url: str, manifest: Manifest) -> None:

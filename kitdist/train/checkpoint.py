@@ -1,24 +1,16 @@
-"""What a checkpoint folder holds, and how one is written by every rank and read back.
+"""Writing a checkpoint from every rank, and restoring the engine and RNG states from one: the parts that
+need a Strategy. What a checkpoint folder holds, its naming and reading it back without an engine are
+`kitdist.checkpoints`'s (the run folder's format).
 
-One folder per checkpoint (`step-00000040/`), assembled from what each rank writes into its own local
-folder (Ray Train merges them; under torchrun each rank uploads its files):
-
-    config.yaml            the resolved RunConfig
-    train_state.json       step, world size, engine, data position of ALL ranks, optimizer step/schedule
-    weights.safetensors    fp32 weights of the bare model: loads into build_model(cfg.model) alone
-    optimizer.safetensors  Adam moments by parameter name (world-size independent)
-    rng/rank-00000.pt      each rank's RNG states (python, numpy, torch, cuda)
-    deepspeed/...          DeepSpeed's native per-rank state (ZeRO partitions), when the engine is DeepSpeed
-
-Resuming with the same world size and engine loads the native state; otherwise the world-size-independent
-full state (weights + optimizer.safetensors) is loaded, so no offline conversion is needed.
+Each rank writes into its own local folder (Ray Train merges them; under torchrun each rank uploads its
+files). Resuming with the same world size and engine loads DeepSpeed's native state; otherwise the
+world-size-independent full state (weights + optimizer.safetensors) is loaded, so no offline conversion
+is needed.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +18,29 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from kitdist.checkpoints import (  # checkpoint_name, read_*: the names the loop reaches through this module
+    CONFIG,
+    NATIVE_DIR,
+    OPTIMIZER,
+    RNG_DIR,
+    TRAIN_STATE,
+    WEIGHTS,
+    TrainState,
+    checkpoint_name,
+    read_resume_info,
+    read_weights,
+)
 from kitdist.config import RunConfig, dump_yaml
-from kitdist.dist.strategy import FullState, Strategy
+from kitdist.distributed.strategy import FullState, Strategy
 
-WEIGHTS = "weights.safetensors"
-OPTIMIZER = "optimizer.safetensors"
-TRAIN_STATE = "train_state.json"
-CONFIG = "config.yaml"
-NATIVE_DIR = "deepspeed"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-@dataclass
-class ResumeInfo:
-    """What the loop needs to continue from a checkpoint."""
-
-    step: int
-    data_states: list[dict[str, Any]]
-    world_size: int
+__all__ = [
+    "checkpoint_name",
+    "read_resume_info",
+    "read_weights",
+    "restore_rng",
+    "restore_strategy",
+    "write_checkpoint",
+]
 
 
 def write_checkpoint(
@@ -62,48 +56,32 @@ def write_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     full = strategy.full_state()  # collective: all ranks take part, all get the full state
     strategy.save_native(str(folder / NATIVE_DIR))
-    _write_rng(folder / "rng" / f"rank-{rank:05d}.pt")
+    _write_rng(_rng_path(folder, rank))
     if rank != 0:
         return
     save_file(_contiguous(full.weights), str(folder / WEIGHTS), metadata={"step": str(step)})
     save_file(_contiguous(full.moments), str(folder / OPTIMIZER))
-    state = {
-        "step": step,
-        "world_size": world_size,
-        "strategy": cfg.dist.strategy,
-        "zero_stage": cfg.dist.zero_stage,
-        "data_states": data_states,
-        "optimizer": full.meta,
-    }
-    (folder / TRAIN_STATE).write_text(json.dumps(state, indent=1))
+    state = TrainState(step, world_size, cfg.dist.strategy, cfg.dist.zero_stage, data_states, full.meta)
+    (folder / TRAIN_STATE).write_text(state.to_json())
     (folder / CONFIG).write_text(dump_yaml(cfg))
-
-
-def read_resume_info(folder: Path) -> ResumeInfo:
-    state = json.loads((folder / TRAIN_STATE).read_text())
-    return ResumeInfo(step=state["step"], data_states=state["data_states"], world_size=state["world_size"])
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / WEIGHTS))
 
 
 def restore_strategy(folder: Path, cfg: RunConfig, strategy: Strategy, world_size: int) -> str:
     """Loads the optimizer state into `strategy` (weights were loaded into the model before wrapping).
 
     Returns how: "native" (same world size and engine) or "full" (world-size-independent state)."""
-    state = json.loads((folder / TRAIN_STATE).read_text())
+    state = read_resume_info(folder)
     same_layout = (
-        state["world_size"] == world_size
-        and state["strategy"] == cfg.dist.strategy
-        and state["zero_stage"] == cfg.dist.zero_stage
+        state.world_size == world_size
+        and state.strategy == cfg.dist.strategy
+        and state.zero_stage == cfg.dist.zero_stage
         and (folder / NATIVE_DIR).is_dir()
     )
     if same_layout and strategy.name == "deepspeed":
         strategy.load_native(str(folder / NATIVE_DIR))
         return "native"
     full = FullState(
-        weights=read_weights(folder), moments=load_file(str(folder / OPTIMIZER)), meta=state["optimizer"]
+        weights=read_weights(folder), moments=load_file(str(folder / OPTIMIZER)), meta=state.optimizer
     )
     strategy.load_full_state(full)
     return "full"
@@ -112,7 +90,7 @@ def restore_strategy(folder: Path, cfg: RunConfig, strategy: Strategy, world_siz
 def restore_rng(folder: Path, rank: int) -> bool:
     """Restores this rank's RNG states if the checkpoint has them for this rank (it may not, after a
     change of world size); returns whether it did."""
-    path = folder / "rng" / f"rank-{rank:05d}.pt"
+    path = _rng_path(folder, rank)
     if not path.is_file():
         return False
     states = torch.load(path, weights_only=True)
@@ -123,6 +101,10 @@ def restore_rng(folder: Path, rank: int) -> bool:
     if torch.cuda.is_available() and states.get("cuda") is not None:
         torch.cuda.set_rng_state_all(states["cuda"])
     return True
+
+
+def _rng_path(folder: Path, rank: int) -> Path:
+    return folder / RNG_DIR / f"rank-{rank:05d}.pt"
 
 
 def _write_rng(path: Path) -> None:

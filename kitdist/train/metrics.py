@@ -1,4 +1,4 @@
-"""Image-quality metrics (PSNR, SSIM) and the training losses (Charbonnier, L1).
+"""Image-quality metrics: PSNR and SSIM (the training losses are in `kitdist.train.losses`).
 
 Every metric here states its convention, because restoration papers mix them: the colour space (`rgb`
 or `y`, BT.601 luma as in MATLAB's rgb2ycbcr), the border cropped before measuring, and the data range.
@@ -16,8 +16,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-CHARBONNIER_EPS = 1e-3  # as in MPRNet / Restormer training recipes
-
 
 @dataclass(frozen=True)
 class MetricConvention:
@@ -29,20 +27,6 @@ class MetricConvention:
 
     def describe(self) -> str:
         return f"{self.space.upper()}, crop {self.crop_border}px, data range {self.data_range:g}"
-
-
-def charbonnier_loss(
-    output: torch.Tensor, target: torch.Tensor, eps: float = CHARBONNIER_EPS
-) -> torch.Tensor:
-    """mean(sqrt((output - target)^2 + eps^2)): L1 that is smooth at zero."""
-    return torch.sqrt((output - target).square() + eps * eps).mean()
-
-
-def l1_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (output - target).abs().mean()
-
-
-LOSSES = {"charbonnier": charbonnier_loss, "l1": l1_loss}
 
 
 def rgb_to_y(image: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,7 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from kitdist import storage
-
-LATEST = "latest"
+from kitdist.checkpoints import LATEST, checkpoint_names
 
 
 class Session(Protocol):
@@ -72,6 +71,6 @@ class StorageSession:
             self._prune()
 
     def _prune(self) -> None:
-        names = [name for name in storage.list_names(self.run_url) if name.startswith("step-")]
+        names = checkpoint_names(self.run_url)
         for name in names[: max(0, len(names) - self.keep)]:
             storage.remove(storage.join(self.run_url, name), recursive=True)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from kitdist import storage
-from kitdist.dist.env import all_reduce_sum
+from kitdist.distributed.env import all_reduce_sum
 
 STOP_MARKER = "stop-requested"
 # Exit status of a driver that stopped early on request: 128 + SIGTERM, what a shell reports for it.

@@ -18,23 +18,11 @@ import torch
 import torch.distributed as dist
 
 from kitdist.config import DistConfig
+from kitdist.credentials import STORAGE_ENV, passed_on_env
 
-
-# Passed from the launching process to every worker when set there: the code path and where the object
-# store is, never a secret. Ray records what it is given (runtime-env `env_vars` land in its logs and
-# dashboard), so credentials come from the nodes' own environment: on a local cluster the driver starts,
-# its processes inherit the driver's; on a remote one the nodes', set by the cluster (a Kubernetes
-# Secret, SLURM's exported environment, an instance role), or a credentials file only the user can read
-# whose path (AWS_SHARED_CREDENTIALS_FILE) alone travels. See kitdist.credentials.
-FORWARDED_ENV = (
-    "PYTHONPATH",
-    "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_PROFILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_CONFIG_FILE",
-)
+# Passed from the launching process to every worker when set there: the code path and the object store's
+# settings (kitdist.credentials.STORAGE_ENV, which says why credentials never go this way).
+FORWARDED_ENV = ("PYTHONPATH", *STORAGE_ENV)
 
 
 # Ray starts its worker processes at nice 15 (RayConfig `worker_niceness`, read from this variable by each
@@ -45,8 +33,6 @@ WORKER_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 
 def worker_env_vars(cfg: DistConfig) -> dict[str, str]:
     """Variables every worker needs before it imports DeepSpeed (which picks its accelerator at import)."""
-    from kitdist.credentials import assert_no_secrets
-
     env = {
         "DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu",
         # Ray Train's print patch re-prints to a wrapped stdout AND logs the line: every progress line
@@ -54,8 +40,7 @@ def worker_env_vars(cfg: DistConfig) -> dict[str, str]:
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         **WORKER_PRIORITY_ENV,
     }
-    env.update({name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)})
-    return assert_no_secrets(env)
+    return env | passed_on_env(FORWARDED_ENV)
 
 
 class DeviceError(RuntimeError):
@@ -157,7 +142,15 @@ def all_gather_objects(value: object) -> list[object]:
 def all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
     """Element-wise sum over ranks of a short list of numbers (in float64); numbers may be 0-d tensors
     on `device`, which are read here, once, rather than where they were computed."""
-    tensor = torch.stack([torch.as_tensor(value, device=device).double().reshape(()) for value in values])
+    # Python numbers straight to float64 (torch.as_tensor would make them float32 first, 7 digits).
+    tensor = torch.stack(
+        [
+            value.to(device).double().reshape(())
+            if torch.is_tensor(value)
+            else torch.tensor(float(value), dtype=torch.float64, device=device)
+            for value in values
+        ]
+    )
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()

@@ -15,38 +15,43 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kitdist.config import RunConfig
-from kitdist.dist.strategy import (
+from kitdist.distributed.strategy import (
     ADAM_MOMENTS,
     DTYPES,
     FullState,
     Strategy,
-    compile_if_asked,
     load_scheduler_state,
     optimizer_step_of,
     set_loss_scale,
     set_optimizer_step,
+    snapshot,
     step_tensor,
 )
-from kitdist.train.optim import build_optimizer, build_scheduler
 
 
 class DDPStrategy(Strategy):
     name = "ddp"
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> None:
+        """`model` on its device, `optimizer` over its parameters (see `kitdist.train.engine`)."""
         self.cfg = cfg
-        self.device = device
+        self.device = next(model.parameters()).device
         self.autocast_dtype = DTYPES[cfg.train.precision]
-        self._bare = compile_if_asked(model.to(device), cfg)
+        self._bare = model
         if dist.is_initialized():
-            device_ids = [device.index] if device.type == "cuda" else None
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapped: nn.Module = DistributedDataParallel(self._bare, device_ids=device_ids)
             _compress_gradients(self._wrapped, cfg.train.grad_reduce_dtype)
         else:
             self._wrapped = self._bare
-        self.optimizer = build_optimizer(self._bare.parameters(), cfg.train)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.precision == "fp16" else None
 
     @property
     def module(self) -> nn.Module:
@@ -88,13 +93,13 @@ class DDPStrategy(Strategy):
         self._bare.train(mode)
 
     def full_state(self) -> FullState:
-        weights = {name: t.detach().float().cpu() for name, t in self._bare.state_dict().items()}
+        weights = {name: snapshot(t) for name, t in self._bare.state_dict().items()}
         moments = {}
         for name, param in self._bare.named_parameters():
             state = self.optimizer.state.get(param, {})
             for key in ADAM_MOMENTS:
                 if key in state:
-                    moments[f"{key}/{name}"] = state[key].detach().float().cpu()
+                    moments[f"{key}/{name}"] = snapshot(state[key])
         meta = {
             "optimizer_step": optimizer_step_of(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
@@ -109,7 +114,7 @@ class DDPStrategy(Strategy):
                 continue
             self.optimizer.state[param] = {
                 "step": step_tensor(self.optimizer, param, step),
-                **{key: state.moments[f"{key}/{name}"].to(param.device) for key in ADAM_MOMENTS},
+                **{key: state.moments[f"{key}/{name}"].to(param.device, copy=True) for key in ADAM_MOMENTS},
             }
         set_optimizer_step(self.optimizer, step)
         load_scheduler_state(self.scheduler, state.meta["scheduler"])

@@ -22,19 +22,18 @@ import torch
 from torch import nn
 
 from kitdist.config import RunConfig
-from kitdist.dist.env import world_size
-from kitdist.dist.strategy import (
+from kitdist.distributed.env import world_size
+from kitdist.distributed.strategy import (
     ADAM_MOMENTS,
     FullState,
     Strategy,
-    compile_if_asked,
     load_scheduler_state,
     micro_batch_size,
     optimizer_step_of,
     set_loss_scale,
     set_optimizer_step,
+    snapshot,
 )
-from kitdist.train.optim import build_optimizer, build_scheduler
 
 NATIVE_TAG = "deepspeed"
 GRAD_SCALER_FILE = "grad_scaler.pt"  # fp16's loss scale, beside DeepSpeed's own files
@@ -64,14 +63,18 @@ def deepspeed_config(cfg: RunConfig, num_workers: int) -> dict[str, Any]:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> None:
+        """`model` on its device, `optimizer` over its parameters (see `kitdist.train.engine`)."""
         import deepspeed
 
         self.cfg = cfg
-        self.device = device
-        model = compile_if_asked(model.to(device), cfg)  # on its device first: fused AdamW needs that
-        optimizer = build_optimizer(model.parameters(), cfg.train)
-        scheduler = build_scheduler(optimizer, cfg.train)
+        self.device = next(model.parameters()).device
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -158,7 +161,7 @@ class DeepSpeedStrategy(Strategy):
 
         base = self._base_optimizer()
         flat_views = self._flat_group_views()
-        weights = {name: t.detach().float().cpu() for name, t in self.module.named_buffers()}
+        weights = {name: snapshot(t) for name, t in self.module.named_buffers()}
         moments = {}
         for name, param in self.module.named_parameters():
             views = flat_views.get(id(param)) or {"master": safe_get_full_fp32_param(param)}
@@ -167,9 +170,9 @@ class DeepSpeedStrategy(Strategy):
                 if views[key] is None:  # stage 0 fp32: the torch optimizer holds the parameter itself
                     views[key] = base.state.get(param, {}).get(key)
                 if views[key] is not None:
-                    moments[f"{key}/{name}"] = views[key].detach().float().cpu()
+                    moments[f"{key}/{name}"] = snapshot(views[key])
             master = views["master"] if views["master"] is not None else param.detach()
-            weights[name] = master.float().cpu()
+            weights[name] = snapshot(master)
         ordered = {name: weights[name] for name in self.module.state_dict()}
         meta = {
             "optimizer_step": optimizer_step_of(base),

@@ -1,7 +1,9 @@
 """The one interface the training loop uses to run a model on many workers: `Strategy`.
 
 The loop only calls `forward`, `backward`, `step`, and the state methods below, so DeepSpeed ZeRO and
-plain DDP are interchangeable (A/B runs) and the loop never imports either.
+plain DDP are interchangeable (A/B runs) and the loop never imports either. A strategy wraps what it is
+given: the model already on its device (and compiled if asked) with its optimiser and lr schedule, built
+by the trainer (`kitdist.train.engine`), so nothing here depends on the training package.
 
 Two kinds of state are saved:
 - *native*: the engine's own per-rank files (DeepSpeed's ZeRO partitions), exact but tied to the
@@ -87,30 +89,6 @@ class Strategy(ABC):
         return 0
 
 
-def build_strategy(cfg: RunConfig, model: nn.Module, device: torch.device) -> Strategy:
-    """The strategy named by `dist.strategy`, owning `model` (already on CPU, weights loaded)."""
-    if cfg.dist.strategy == "deepspeed":
-        from kitdist.dist.deepspeed_strategy import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(cfg, model, device)
-    from kitdist.dist.ddp_strategy import DDPStrategy
-
-    return DDPStrategy(cfg, model, device)
-
-
-# torch.compile's options for `train.compile` (inductor by default); tests on a CPU swap in "aot_eager",
-# which traces and differentiates the same graphs without inductor's minutes of C++ compilation.
-COMPILE_OPTIONS: dict[str, Any] = {}
-
-
-def compile_if_asked(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """`train.compile`: compiles the model's forward in place (`nn.Module.compile`), so parameter names,
-    state dicts and checkpoints stay those of the eager model."""
-    if cfg.train.compile:
-        model.compile(**COMPILE_OPTIONS)
-    return model
-
-
 def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
     from kitdist.batching import plan_run  # the one home of micro-batch arithmetic
 
@@ -146,6 +124,12 @@ def set_loss_scale(scaler: torch.amp.GradScaler, scale: float) -> None:
     """Restores fp16's loss scale, also into a scaler that has not scaled anything yet (whose `update`
     would refuse)."""
     scaler.load_state_dict({**scaler.state_dict(), "scale": float(scale)})
+
+
+def snapshot(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU fp32 copy that owns its memory: on a CPU `.float().cpu()` would return the live tensor
+    itself, and a state taken then would change with the next step."""
+    return tensor.detach().to("cpu", torch.float32, copy=True)
 
 
 def as_float(value: torch.Tensor | float | None) -> float:

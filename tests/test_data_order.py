@@ -1,13 +1,13 @@
-"""`plan.next_shard`, which tells a worker which shard to prefetch, against walking every position."""
+"""`order.next_shard`, which tells a worker which shard to prefetch, against walking every position."""
 
 from __future__ import annotations
 
 import random
 
-from kitdist.data import plan
+from kitdist.data import order
 
 
-def walk(layout: plan.EpochLayout, intervals: plan.Intervals, index: int) -> int | None:
+def walk(layout: order.EpochLayout, intervals: order.Intervals, index: int) -> int | None:
     """The brute force: locate every remaining position until the shard changes."""
     positions = [p for start, end in intervals for p in range(start, end)][index:]
     current = layout.locate(positions[0])[0]
@@ -23,11 +23,11 @@ def test_next_shard_is_the_first_other_shard_the_positions_reach():
     checked = 0
     for trial in range(60):
         sizes = [rng.randint(1, 9) for _ in range(rng.randint(1, 8))]
-        layout = plan.EpochLayout.build(seed=trial, epoch=trial % 3, shard_sizes=sizes)
+        layout = order.EpochLayout.build(seed=trial, epoch=trial % 3, shard_sizes=sizes)
         total = sum(sizes)
         cuts = sorted(rng.sample(range(total + 1), k=min(total + 1, 2 * rng.randint(1, 3))))
-        intervals = plan.merge([[cuts[i], cuts[i + 1]] for i in range(0, len(cuts) - 1, 2)])
-        for index in range(plan.length(intervals)):
-            assert plan.next_shard(layout, intervals, index) == walk(layout, intervals, index)
+        intervals = order.merge([[cuts[i], cuts[i + 1]] for i in range(0, len(cuts) - 1, 2)])
+        for index in range(order.length(intervals)):
+            assert order.next_shard(layout, intervals, index) == walk(layout, intervals, index)
             checked += 1
     assert checked > 100
