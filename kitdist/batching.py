@@ -30,6 +30,7 @@ Every refusal is a ConfigError naming the key, raised on the driver before any w
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -197,19 +198,23 @@ def plan_at(plans: list[BatchPlan], step: int) -> BatchPlan:
     return plans[-1]
 
 
-def for_workers(cfg: RunConfig, world_size: int, device: object = None) -> RunConfig:
-    """The config a training worker runs: `train.grad_accum_steps` = the accumulation decided for this
-    world size and this worker's memory budget. The loop trains one phase; a schedule whose later phases
-    are reached is refused (naming data.schedule) rather than silently trained as its first phase."""
-    plans = plan_run(cfg, world_size, budget_bytes(cfg, device))
-    if len(plans) > 1:
-        _fail(
-            "data.schedule",
-            f"{len(plans)} phases within train.max_steps={cfg.train.max_steps}; the "
-            "training loop runs one phase of crop size and global batch",
-        )
-    train = dataclasses.replace(cfg.train, grad_accum_steps=plans[0].grad_accum)
-    return dataclasses.replace(cfg, train=train)
+def phase_config(cfg: RunConfig, plan: BatchPlan) -> RunConfig:
+    """`cfg` as one phase runs it: the phase's crop and global batch, its accumulation fixed, its world
+    size, no schedule. What the data stream, the engine and the MFU figure read."""
+    data = dataclasses.replace(
+        cfg.data, crop_size=plan.phase.crop_size, global_batch_size=plan.phase.global_batch_size, schedule=[]
+    )
+    train = dataclasses.replace(cfg.train, grad_accum_steps=plan.grad_accum)
+    dist = dataclasses.replace(cfg.dist, num_workers=plan.world_size)
+    return dataclasses.replace(cfg, data=data, train=train, dist=dist)
+
+
+def micro_batch_seed(seed: int, step: int, stream: int) -> int:
+    """The seed of the model's random draws (KiT's LSH rotations) for micro-batch stream `stream` of
+    update `step`: a function of the recipe, not of the world size or the RNG's history, so 2 workers x 1
+    micro-batch and 1 worker x 2 draw the same rotations for the same samples, and any resume too."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def batches_per_epoch(cfg: RunConfig, samples: int) -> int:
@@ -238,7 +243,6 @@ def driver_plan(cfg: RunConfig) -> str:
     """What the driver prints before any worker starts, one line per phase; raises ConfigError for a
     recipe that cannot run (naming the key), the memory budget included when the config states one."""
     plans = plan_run(cfg, cfg.dist.num_workers, budget_bytes(cfg), with_memory=True)
-    for_workers(cfg, cfg.dist.num_workers)
     note = ""
     if cfg.dist.use_gpu and not cfg.train.memory_budget_gb and not cfg.train.grad_accum_steps:
         note = " (at most: each worker fits it to its GPU's memory)"

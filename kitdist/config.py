@@ -172,7 +172,7 @@ class TrainConfig:
     weight_decay: float = 0.02
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    grad_accum_steps: int = 1  # 0: derived per phase from the world size and budget (kitdist.batching)
+    grad_accum_steps: int = 0  # 0: derived per phase (kitdist.batching); > 0: fixed
     loss: Literal["charbonnier", "l1"] = "charbonnier"
     # bf16 / fp16: autocast over fp32 weights; the network's input, global residual and output stay fp32
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"

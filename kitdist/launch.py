@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from kitdist import storage
-from kitdist.batching import driver_plan, for_workers
+from kitdist.batching import driver_plan
 from kitdist.checkpoints import run_url
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
 from kitdist.console import filter_worker_output, print_summary, quiet_ray_init, quiet_worker
-from kitdist.distributed.env import device_for, worker_env_vars
+from kitdist.distributed.env import worker_env_vars
 from kitdist.preflight import check_launchable
 from kitdist.train import stop
 
@@ -68,9 +68,7 @@ def _train_fn(config: dict[str, Any]) -> None:
     quiet_worker()
     use_assigned_cpus()
     with unrecoverable_as_one_line():  # ends the run at once instead of max_failures restarts
-        session = RaySession()
-        cfg = from_dict(RunConfig, config)
-        train_worker(for_workers(cfg, session.world_size, device_for(cfg.dist)), session)
+        train_worker(from_dict(RunConfig, config), RaySession())
 
 
 # A local cluster lives for one run: no idle workers started ahead (ours need their own runtime

@@ -27,7 +27,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.dist.use_gpu else "cpu")
     import torch
 
-    from kitdist.batching import for_workers
     from kitdist.checkpoints import run_url
     from kitdist.distributed.env import device_for
     from kitdist.launch import with_absolute_paths, with_worker_cpus
@@ -45,8 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         clear_request(run_url(cfg))  # a request left by an earlier, stopped launch of this run
     dist.barrier()
     try:
-        worker_cfg = for_workers(cfg, dist.get_world_size(), device_for(cfg.dist))
-        train_worker(worker_cfg, StorageSession(run_url(cfg), cfg.train.keep_checkpoints))
+        train_worker(cfg, StorageSession(run_url(cfg), cfg.train.keep_checkpoints))
     finally:
         dist.destroy_process_group()
 

@@ -20,7 +20,7 @@ SCHEDULE = (
 
 
 def config(*overrides: str):
-    return load_config(None, ["model.size=debug", "train.grad_accum_steps=0", *overrides])
+    return load_config(None, ["model.size=debug", *overrides])
 
 
 def decisions(world: int, *overrides: str) -> tuple[int, int]:
@@ -45,7 +45,9 @@ def test_the_micro_batch_is_the_largest_divisor_within_the_cap():
 
 def test_a_positive_grad_accum_steps_still_fixes_the_accumulation():
     assert decisions(2, "data.global_batch_size=16", "train.grad_accum_steps=2") == (4, 2)
-    assert load_config(None, []).train.grad_accum_steps == 1  # an old config means what it meant
+    # the default derives: without a cap or budget, what an old config's default of 1 gave
+    assert load_config(None, []).train.grad_accum_steps == 0
+    assert decisions(2, "data.global_batch_size=16") == (8, 1)
 
 
 def test_the_memory_budget_picks_the_largest_micro_batch_that_fits():

@@ -125,10 +125,10 @@ def test_a_training_step_reads_nothing_back(group_of_one, engine, precision):
     cfg, strategy = strategy_for(engine, f"train.precision={precision}")
     stream, window = batches(3), LogWindow()
     # the first step creates the optimizer state
-    train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+    train_step(cfg, strategy, stream, window, strategy.grad_accum)
     with HostReads() as reads:
-        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
-        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+        train_step(cfg, strategy, stream, window, strategy.grad_accum)
+        train_step(cfg, strategy, stream, window, strategy.grad_accum)
     assert reads.by("kitdist", "torch", "other") == []
     if engine == "ddp":
         assert reads.by("deepspeed") == []
@@ -149,7 +149,7 @@ def test_compiled_model_trains_like_eager(group_of_one, monkeypatch):
         window, found, stream = LogWindow(), [], batches(2)
         for _ in range(2):
             before = window.loss_sum
-            train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+            train_step(cfg, strategy, stream, window, strategy.grad_accum)
             found.append(float(window.loss_sum - before))
         losses[compiled] = found
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
@@ -165,7 +165,7 @@ def test_fp16_trains_and_its_loss_scale_survives_checkpoints(group_of_one, engin
     cfg, strategy = strategy_for(engine, "train.precision=fp16", "dist.use_gpu=true")
     stream, window = batches(3), LogWindow()
     for _ in range(3):
-        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+        train_step(cfg, strategy, stream, window, strategy.grad_accum)
     assert float(window.loss_sum) == float(window.loss_sum)  # not NaN
     scaler = strategy.scaler if engine == "ddp" else strategy._grad_scaler()
     set_loss_scale(scaler, 1024.0)
@@ -197,7 +197,7 @@ def test_full_state_round_trip_gives_the_same_next_step(group_of_one, engine):
     cfg, trained = strategy_for(engine, "train.precision=fp32")
     stream = batches(3)
     for _ in range(2):
-        train_step(cfg, trained, stream, LogWindow(), cfg.train.grad_accum_steps)
+        train_step(cfg, trained, stream, LogWindow(), trained.grad_accum)
     state = trained.full_state()
     assert state.moments and state.meta["optimizer_step"] == 2
     torch.manual_seed(1)
@@ -211,7 +211,7 @@ def test_full_state_round_trip_gives_the_same_next_step(group_of_one, engine):
     for strategy in (trained, resumed):
         torch.manual_seed(7)  # the LSH rotations of the step
         window = LogWindow()
-        train_step(cfg, strategy, iter([batch]), window, cfg.train.grad_accum_steps)
+        train_step(cfg, strategy, iter([batch]), window, strategy.grad_accum)
         losses.append(float(window.loss_sum))
         states.append(strategy.full_state())
     assert losses[0] == losses[1]
