@@ -32,10 +32,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kitdist.config import SPATIAL_MULTIPLE, ConfigError, RunConfig
-from kitdist.memory import GIB, MemoryEstimate, budget_bytes, describe_memory, estimate_memory, size_text
+from kitdist.config_loader import ConfigError
+
+if TYPE_CHECKING:  # type names only: kitdist.config validates with check_recipe, so this never imports it
+    from kitdist.config import RunConfig
+
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,18 @@ class Phase:
     global_batch_size: int
     crop_key: str = "data.crop_size"
     batch_key: str = "data.global_batch_size"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one worker needs: model states plus activations, linear in the micro-batch."""
+
+    model_state: int  # weights, gradients and Adam moments, after ZeRO sharding
+    fixed_activations: int  # kept for backward whatever the micro-batch (e.g. weights cast to bf16)
+    per_sample: int  # kept for backward per sample (plus the recomputed block with checkpointing)
+
+    def total(self, micro_batch: int) -> int:
+        return self.model_state + self.fixed_activations + micro_batch * self.per_sample
 
 
 @dataclass(frozen=True)
@@ -93,30 +111,8 @@ def check_recipe(cfg: RunConfig) -> None:
     for name in ("grad_accum_steps", "max_micro_batch", "memory_budget_gb"):
         if getattr(train, name) < 0:
             _fail(f"train.{name}", f"must be >= 0 (0: derived / none), got {getattr(train, name)}")
-    _check_schedule(cfg)
     for phase in phases(cfg):
         _micro_batches(phase, cfg.dist.num_workers, train.grad_accum_steps, train.max_micro_batch)
-
-
-def _check_schedule(cfg: RunConfig) -> None:
-    previous = -1
-    for index, point in enumerate(cfg.data.schedule):
-        key = f"data.schedule[{index}]"
-        if index == 0 and point.step != 0:
-            _fail(f"{key}.step", f"the first phase starts at step 0, got {point.step}")
-        if point.step <= previous:
-            _fail(f"{key}.step", f"steps must increase, got {point.step} after {previous}")
-        previous = point.step
-        if point.crop_size < 0 or point.crop_size % SPATIAL_MULTIPLE:
-            _fail(
-                f"{key}.crop_size",
-                f"must be a multiple of {SPATIAL_MULTIPLE} (0: the previous phase's), got {point.crop_size}",
-            )
-        if point.global_batch_size < 0:
-            _fail(
-                f"{key}.global_batch_size",
-                f"must be >= 1 (0: the previous phase's), got {point.global_batch_size}",
-            )
 
 
 def _micro_batches(phase: Phase, world_size: int, grad_accum: int, cap: int) -> list[int]:
@@ -151,27 +147,30 @@ def plan_run(
     world_size: int,
     budget: int | None = None,
     resumed: tuple[int, int] | None = None,
-    with_memory: bool = False,
+    estimate: Callable[[int], MemoryEstimate] | None = None,
 ) -> list[BatchPlan]:
-    """One BatchPlan per phase. `budget`: bytes per worker (None: none; see `budget_bytes`); `resumed`:
-    (step, micro-batch) of the checkpoint the run resumes from; `with_memory`: estimate memory even
-    without a budget (for the driver's print)."""
+    """One BatchPlan per phase. `budget`: bytes per worker (None: none; `kitdist.memory.budget_bytes`);
+    `resumed`: (step, micro-batch) of the checkpoint the run resumes from; `estimate`: the memory of a
+    worker at a crop size (`kitdist.memory.estimator`), needed with a budget."""
     plans = []
     for phase in phases(cfg):
         keep = resumed[1] if resumed and phase.first <= resumed[0] < phase.last else None
-        plans.append(plan_phase(cfg, phase, world_size, budget, keep, with_memory))
+        memory = estimate(phase.crop_size) if estimate is not None else None
+        plans.append(plan_phase(cfg, phase, world_size, budget, keep, memory))
     return plans
 
 
 def plan_phase(
-    cfg: RunConfig, phase: Phase, world_size: int, budget: int | None, keep: int | None, with_memory: bool
+    cfg: RunConfig,
+    phase: Phase,
+    world_size: int,
+    budget: int | None,
+    keep: int | None,
+    memory: MemoryEstimate | None,
 ) -> BatchPlan:
     """The micro-batch and accumulation of one phase; `keep`: a micro-batch to stay with if allowed."""
     train = cfg.train
     choices = _micro_batches(phase, world_size, train.grad_accum_steps, train.max_micro_batch)
-    memory = None
-    if budget is not None or with_memory:
-        memory = estimate_memory(cfg, phase.crop_size, world_size)
     if budget is not None:
         fitting = [m for m in choices if memory.total(m) <= budget]
         if not fitting:
@@ -239,14 +238,14 @@ def plan_phase_of(all_phases: list[Phase], step: int) -> Phase:
 # --- what the driver prints -------------------------------------------------------------------------
 
 
-def driver_plan(cfg: RunConfig) -> str:
-    """What the driver prints before any worker starts, one line per phase; raises ConfigError for a
-    recipe that cannot run (naming the key), the memory budget included when the config states one."""
-    plans = plan_run(cfg, cfg.dist.num_workers, budget_bytes(cfg), with_memory=True)
-    note = ""
-    if cfg.dist.use_gpu and not cfg.train.memory_budget_gb and not cfg.train.grad_accum_steps:
-        note = " (at most: each worker fits it to its GPU's memory)"
-    return describe_plans(plans, note)
+def describe_memory(memory: MemoryEstimate, micro_batch: int) -> str:
+    activations = memory.fixed_activations + micro_batch * memory.per_sample
+    return f"model states {size_text(memory.model_state)} + activations {size_text(activations)}"
+
+
+def size_text(size: int) -> str:
+    """Bytes as MiB below a GiB, else GiB, three significant digits."""
+    return f"{size / 2**20:.3g} MiB" if size < GIB else f"{size / GIB:.3g} GiB"
 
 
 def describe_plans(plans: list[BatchPlan], budget_note: str = "") -> str:

@@ -135,6 +135,7 @@ class DataConfig:
     schedule: list[SchedulePoint] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._check_schedule()
         if self.read_retries < 0 or self.read_retry_max_wait_s < 0:
             _fail("data.read_retries", "read_retries and read_retry_max_wait_s must be >= 0")
         if self.max_val_samples < 0:
@@ -159,6 +160,26 @@ class DataConfig:
                 "data.prefetch_bytes",
                 f"must be 0 (no read-ahead) or at least {MIN_PREFETCH_BYTES} bytes, got {self.prefetch_bytes}",
             )
+
+    def _check_schedule(self) -> None:
+        previous = -1
+        for index, point in enumerate(self.schedule):
+            key = f"data.schedule[{index}]"
+            if index == 0 and point.step != 0:
+                _fail(f"{key}.step", f"the first phase starts at step 0, got {point.step}")
+            if point.step <= previous:
+                _fail(f"{key}.step", f"steps must increase, got {point.step} after {previous}")
+            previous = point.step
+            if point.crop_size < 0 or point.crop_size % SPATIAL_MULTIPLE:
+                _fail(
+                    f"{key}.crop_size",
+                    f"must be a multiple of {SPATIAL_MULTIPLE} (0: the previous phase's), got {point.crop_size}",
+                )
+            if point.global_batch_size < 0:
+                _fail(
+                    f"{key}.global_batch_size",
+                    f"must be >= 1 (0: the previous phase's), got {point.global_batch_size}",
+                )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from kitdist import storage
-from kitdist.batching import driver_plan
 from kitdist.checkpoints import run_url
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
 from kitdist.console import filter_worker_output, print_summary, quiet_ray_init, quiet_worker
 from kitdist.distributed.env import worker_env_vars
-from kitdist.preflight import check_launchable
+from kitdist.preflight import check_launchable, describe_batches
 from kitdist.train import stop
 
 LOCAL_START_ATTEMPTS = 3  # a port Ray chose free can be taken by another process before it binds it
@@ -198,7 +197,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
 
     cfg = with_absolute_paths(cfg)
     check_launchable(cfg, paired=paired)
-    print(driver_plan(cfg), flush=True)  # the batches each phase trains on, or the key that cannot run
+    print(describe_batches(cfg), flush=True)  # the batches each phase trains on, or the key that cannot run
     cfg = connect_ray(cfg)
     print(
         f"{cfg.dist.num_workers} workers x {cfg.dist.cpus_per_worker} CPU(s), as many torch threads",

@@ -16,25 +16,13 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Callable
 
+from kitdist.batching import GIB, MemoryEstimate
 from kitdist.config import ModelConfig, RunConfig
 
-GIB = 2**30
 CUDA_BUDGET_SHARE = 0.85  # of a GPU's memory: the estimate leaves out fragmentation and temporaries
 ADAM_BYTES, WEIGHT_BYTES, GRAD_BYTES = 8, 4, 4  # per parameter, fp32 master weights and moments
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes one worker needs: model states plus activations, linear in the micro-batch."""
-
-    model_state: int  # weights, gradients and Adam moments, after ZeRO sharding
-    fixed_activations: int  # kept for backward whatever the micro-batch (e.g. weights cast to bf16)
-    per_sample: int  # kept for backward per sample (plus the recomputed block with checkpointing)
-
-    def total(self, micro_batch: int) -> int:
-        return self.model_state + self.fixed_activations + micro_batch * self.per_sample
 
 
 def budget_bytes(cfg: RunConfig, device: object = None) -> int | None:
@@ -50,7 +38,13 @@ def budget_bytes(cfg: RunConfig, device: object = None) -> int | None:
     return None
 
 
+def estimator(cfg: RunConfig, world_size: int) -> Callable[[int], MemoryEstimate]:
+    """`estimate_memory` of this run at a given crop size, as `kitdist.batching.plan_run` asks for it."""
+    return lambda crop: estimate_memory(cfg, crop, world_size)
+
+
 def estimate_memory(cfg: RunConfig, crop: int, world_size: int) -> MemoryEstimate:
+    """Bytes one of `world_size` workers needs at `crop` x `crop` crops: see the module docstring."""
     fixed, per_sample, params = activation_bytes(cfg.model, crop, cfg.train.precision)
     stage = cfg.dist.zero_stage if cfg.dist.strategy == "deepspeed" else 0
     shards = [world_size if stage >= level else 1 for level in (3, 2, 1)]
@@ -131,13 +125,3 @@ class SavedBytes:
 
     def _leave(self, module, args, output) -> None:
         self.largest_block = max(self.largest_block, self.total - self._starts.pop())
-
-
-def describe_memory(memory: MemoryEstimate, micro_batch: int) -> str:
-    activations = memory.fixed_activations + micro_batch * memory.per_sample
-    return f"model states {size_text(memory.model_state)} + activations {size_text(activations)}"
-
-
-def size_text(size: int) -> str:
-    """Bytes as MiB below a GiB, else GiB, three significant digits."""
-    return f"{size / 2**20:.3g} MiB" if size < GIB else f"{size / GIB:.3g} GiB"

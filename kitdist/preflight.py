@@ -12,10 +12,11 @@ import json
 import struct
 
 from kitdist import storage
-from kitdist.batching import batches_per_epoch, phases
-from kitdist.checkpoints import newest_weights, run_url, weights_url
+from kitdist.batching import batches_per_epoch, describe_plans, phases, plan_run
+from kitdist.checkpoints import latest_checkpoint, newest_weights, read_resume_info, run_url, weights_url
 from kitdist.config import ConfigError, ModelConfig, RunConfig
 from kitdist.credentials import check_credentials_file
+from kitdist.memory import budget_bytes, estimator
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
@@ -135,3 +136,27 @@ def check_weights(what: str, url: str, shapes: dict[str, tuple[int, ...]], cfg: 
         f"is {found.get(name, 'absent')} there, {shapes.get(name, 'absent')} in the model",
         key="model.size",
     )
+
+
+def describe_batches(cfg: RunConfig) -> str:
+    """What the driver prints before any worker starts: per phase, the crop, global batch, micro-batch x
+    accumulation x workers and the memory estimate (`kitdist.batching`), from the run's latest checkpoint
+    when it resumes. Raises ConfigError naming train.memory_budget_gb when one sample does not fit it."""
+    resumed = _resumed_batching(run_url(cfg))
+    workers = cfg.dist.num_workers
+    plans = plan_run(cfg, workers, budget_bytes(cfg), resumed, estimator(cfg, workers))
+    if resumed is not None:
+        plans = [plan for plan in plans if plan.phase.last > resumed[0]]
+    note = ""
+    if cfg.dist.use_gpu and not cfg.train.memory_budget_gb and not cfg.train.grad_accum_steps:
+        note = " (at most: each worker fits it to its GPU's memory)"
+    return describe_plans(plans, note)
+
+
+def _resumed_batching(run: str) -> tuple[int, int] | None:
+    """(step, micro-batch) of the run's latest checkpoint, if it has one that stored its micro-batch."""
+    latest = latest_checkpoint(run) if storage.exists(run) else None
+    if latest is None:
+        return None
+    state = read_resume_info(latest)
+    return (state.step, state.batching["micro_batch"]) if state.batching else None

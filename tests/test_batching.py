@@ -9,9 +9,10 @@ import math
 import pytest
 import shardkit
 
-from kitdist.batching import describe_plans, driver_plan, lr_scale, phases, plan_at, plan_run
+from kitdist.batching import GIB, describe_plans, lr_scale, phases, plan_at, plan_run
 from kitdist.config import ConfigError, ModelConfig, load_config
-from kitdist.memory import GIB, activation_bytes, budget_bytes, estimate_memory
+from kitdist.memory import activation_bytes, budget_bytes, estimate_memory, estimator
+from kitdist.preflight import describe_batches
 
 SCHEDULE = (
     "data.schedule=[{step: 0, crop_size: 32, global_batch_size: 16}, {step: 4, crop_size: 64, "
@@ -54,7 +55,7 @@ def test_the_memory_budget_picks_the_largest_micro_batch_that_fits():
     cfg = config("data.global_batch_size=16", "dist.num_workers=1", "data.crop_size=64")
     memory = estimate_memory(cfg, 64, 1)
     budget = (memory.total(4) + memory.total(8)) // 2
-    plan = plan_run(cfg, 1, budget)[0]
+    plan = plan_run(cfg, 1, budget, estimate=estimator(cfg, 1))[0]
     assert (plan.micro_batch, plan.grad_accum) == (4, 4) and plan.memory == memory
 
 
@@ -132,13 +133,13 @@ def test_a_budget_too_small_for_one_sample_is_refused_with_the_estimate():
     with pytest.raises(
         ConfigError, match=r"train\.memory_budget_gb: 0\.001 GiB .* micro-batch of 1 at 64x64"
     ) as info:
-        driver_plan(cfg)
+        describe_batches(cfg)
     assert info.value.key == "train.memory_budget_gb" and f"{one_sample / GIB:.3g} GiB" in str(info.value)
 
 
 def test_the_driver_prints_every_phase():
     cfg = config(SCHEDULE, "dist.num_workers=2", "train.max_steps=6")
-    lines = describe_plans(plan_run(cfg, 2, with_memory=True)).splitlines()
+    lines = describe_plans(plan_run(cfg, 2, estimate=estimator(cfg, 2))).splitlines()
     assert lines[0].startswith("steps 1..4: crop 32, global batch 16 = micro-batch 8 x accumulation 1 x 2")
     assert lines[1].startswith("steps 5..6: crop 64, global batch 8 = micro-batch 4 x accumulation 1 x 2")
     assert all(" MiB per worker (model states " in line for line in lines) and len(lines) == 2

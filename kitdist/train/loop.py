@@ -30,7 +30,7 @@ from kitdist.config import RunConfig
 from kitdist.data.stream_state import stream_of
 from kitdist.distributed.env import all_gather_objects, all_reduce_sum, device_for, print0
 from kitdist.distributed.strategy import Strategy, as_float
-from kitdist.memory import budget_bytes
+from kitdist.memory import budget_bytes, estimator
 from kitdist.train import checkpoint as ckpt
 from kitdist.train.engine import build_strategy
 from kitdist.train.losses import LOSSES
@@ -174,7 +174,9 @@ class Trainer:
         strategy, resumed = _build(cfg, session, device_for(cfg.dist))
         start_step = resumed.step if resumed is not None else 0
         kept = (start_step, resumed.batching["micro_batch"]) if resumed and resumed.batching else None
-        plans = plan_run(cfg, session.world_size, budget_bytes(cfg, strategy.device), kept)
+        budget, workers = budget_bytes(cfg, strategy.device), session.world_size
+        estimate = estimator(cfg, workers) if budget is not None else None
+        plans = plan_run(cfg, workers, budget, kept, estimate)
         plan = plan_at(plans, start_step + 1)
         data_states = resumed.data_states if resumed is not None else None
         stream = open_stream(cfg, plan, session, data_states, strategy)
