@@ -19,12 +19,17 @@ A recipe states the global batch G, so the same recipe runs unchanged on any num
   fits: an elastic resume from 2 workers to 1 doubles the accumulation, not the micro-batch, so each
   update reads the same micro-batches (`kitdist.data` lays out its streams by micro-batch).
 - **Memory**: `train.memory_budget_gb` GiB per worker (0: none on a CPU, a share of the GPU's memory on
-  CUDA) against an estimate made on the driver without a device (`kitdist.memory`).
+  CUDA) against an estimate made without a device (`kitdist.memory`, handed in as `estimate`).
+- **The same draws on any world size.** Micro-batch i of rank r is stream r x a + i (the data's layout);
+  the model's random draws for it are seeded by (train.seed, step, stream) (`micro_batch_seed`), so 2
+  workers x 1 micro-batch and 1 worker x 2 compute the same update up to reduction order.
 - **Learning rate.** The global batch is the recipe's, so nothing is rescaled by default. A schedule
   whose phases change the global batch may ask for `train.lr_scaling`: `linear` multiplies the lr of a
   phase by G / G0, `sqrt` by sqrt(G / G0), where G0 is the first phase's global batch (`lr_scale`).
 
-Every refusal is a ConfigError naming the key, raised on the driver before any worker starts.
+Every refusal is a ConfigError naming the key, raised when the config loads or, for the memory budget,
+by the driver before any worker starts (`kitdist.preflight.describe_batches`); only a budget taken from
+a GPU's size (not stated) is checked on the worker, where the GPU is.
 """
 
 from __future__ import annotations

@@ -265,3 +265,27 @@ def test_a_compressed_ddp_all_reduce_needs_gpus():
         )
     cfg = run_config("train.precision=bf16", "train.grad_reduce_dtype=bf16", "dist.strategy=deepspeed")
     assert cfg.train.grad_reduce_dtype == "bf16"  # DeepSpeed reduces in bf16 over gloo too
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero3"])
+def test_the_accumulation_changes_between_updates_and_each_update_is_the_whole_batch(group_of_one, engine):
+    """`set_batching` between updates (a progressive schedule's phases, an elastic resume): updates of
+    4 samples as 1 x 4, 2 x 2 and 4 x 1 micro-batches give the gradient norms and weights of three plain
+    4-sample updates (hashing off: the model is then deterministic, whatever the batch is cut into)."""
+    deterministic = ["train.precision=fp32", "model.num_buckets=1", "model.bucket_order=position"]
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.rand(4, 3, 32, 32, generator=generator) for _ in range(3)]
+    weights, norms = [], []
+    for layout in ([(4, 1)] * 3, [(1, 4), (2, 2), (4, 1)]):
+        _, strategy = strategy_for(engine, "data.global_batch_size=4", *deterministic)
+        for x, (micro, accum) in zip(inputs, layout, strict=True):
+            strategy.set_batching(micro, accum)
+            for index in range(accum):
+                part = x[index * micro : (index + 1) * micro]
+                loss = (strategy.forward(part) - part).abs().mean()
+                strategy.backward(loss, last_micro_batch=index == accum - 1)
+            norms.append(float(strategy.step()))
+        weights.append(strategy.full_state().weights)
+    assert norms[3:] == pytest.approx(norms[:3], rel=1e-5)  # each update's gradient is the batch mean's
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
