@@ -106,7 +106,8 @@ def train(root: str, run: str, shards: tuple[str, str], *overrides: str) -> list
     train_url, val_url = shards
     extra = [f"data.train_shards={train_url}", f"data.val_shards={val_url}"]
     cfg = load_config(None, [*BASE, *extra, f"storage.root={root}", f"storage.run_name={run}", *overrides])
-    launch(cfg)
+    result = launch(cfg)
+    assert result.error is None, repr(result.error)
     return records_of(root, run)
 
 
