@@ -167,6 +167,7 @@ class Trainer:
     start_step: int
     plans: list[BatchPlan]
     plan: BatchPlan
+    phase_cfg: RunConfig  # phase_config(cfg, plan), made once per phase
     window: LogWindow = field(default_factory=LogWindow)
 
     @classmethod
@@ -185,12 +186,9 @@ class Trainer:
         steps = f"{start_step}..{cfg.train.max_steps}"
         print0(f"training steps {steps} on {session.world_size} worker(s), {strategy.name}")
         stop = StopWatch(run_url(cfg), session.rank, strategy.device)
-        mfu = MfuInputs.of(phase_config(cfg, plan), strategy.device)
-        return cls(cfg, session, strategy, stream, recorder, stop, mfu, start_step, plans, plan)
-
-    @property
-    def phase_cfg(self) -> RunConfig:
-        return phase_config(self.cfg, self.plan)
+        phase_cfg = phase_config(cfg, plan)
+        mfu = MfuInputs.of(phase_cfg, strategy.device)
+        return cls(cfg, session, strategy, stream, recorder, stop, mfu, start_step, plans, plan, phase_cfg)
 
     def seeds(self, step: int) -> list[int]:
         """The random-draw seed of each micro-batch this rank runs in update `step` (by stream)."""
@@ -226,6 +224,7 @@ class Trainer:
         data_states = all_gather_objects(self.stream.state_dict())
         batches.close()  # the old stream's DataLoader workers end with it
         self.plan = plan_at(self.plans, step)
+        self.phase_cfg = phase_config(self.cfg, self.plan)
         self.stream = open_stream(self.cfg, self.plan, self.session, data_states, self.strategy)
         self.mfu = MfuInputs.of(self.phase_cfg, self.strategy.device)
         print0(f"phase from step {step}: {describe_plans([self.plan])}")
