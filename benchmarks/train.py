@@ -13,6 +13,10 @@ checkpointing on/off, and Ray Train against the same loop under torchrun.
   torchrun, alternating for `--rounds` rounds: median step time and the whole command's wall-clock, with
   its phases (seconds from the command's start to: the cluster joined, the loop started, the first and
   the last step logged, the process gone). `--ray-only` runs this part alone.
+- batching (`--batching-only` runs it alone): the same recipe, global batch `--accum-batch` over 2
+  workers under torchrun (ZeRO-2, bf16), with the micro-batch and accumulation that `kitdist.batching`
+  derives (`train.grad_accum_steps=0`) against hand-picked accumulations of 2, 4, ... (smaller
+  micro-batches at the same global batch), alternating for `--rounds` rounds: median step time each.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kitdist.config import load_config  # noqa: E402
+from kitdist.memory import SavedBytes  # noqa: E402
 from kitdist.pretrain import EMBEDDED_CONFIG, ensure_photo_shards  # noqa: E402
 
 ENGINES = {
@@ -110,18 +115,11 @@ def step_figures(root: str, name: str, args: argparse.Namespace) -> tuple[float,
 
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, float]:
     """Bytes autograd keeps for backward in one forward, and the forward+backward time in s."""
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with SavedBytes() as saved:
         loss = model(x).float().square().mean()
     loss.backward()
-    return total, time.perf_counter() - start
+    return saved.total, time.perf_counter() - start
 
 
 def activation_checkpointing(args: argparse.Namespace) -> dict[str, tuple[int, float]]:
@@ -142,6 +140,37 @@ def activation_checkpointing(args: argparse.Namespace) -> dict[str, tuple[int, f
     return {label: (found[0][0], statistics.median(s for _, s in found[1:])) for label, found in runs.items()}
 
 
+def batching_settings(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The derived setting and every hand-picked accumulation that divides the per-worker batch."""
+    per_worker = args.accum_batch // 2
+    picked = [a for a in range(2, per_worker + 1) if per_worker % a == 0]
+    return {"derived": ["train.grad_accum_steps=0"]} | {
+        f"a={a}": [f"train.grad_accum_steps={a}"] for a in picked
+    }
+
+
+def batching(args: argparse.Namespace, shards: tuple[str, str], root: str) -> None:
+    """Step time of the derived micro-batch x accumulation against hand-picked ones, same global batch."""
+    from kitdist.batching import plan_run
+
+    settings = batching_settings(args)
+    base = [*ENGINES["ZeRO-2"], f"data.global_batch_size={args.accum_batch}"]
+    times: dict[str, list[float]] = {label: [] for label in settings}
+    for round_ in range(args.rounds):
+        for label in settings if round_ % 2 == 0 else reversed(settings):
+            name = f"batching-{label.replace('=', '')}-{round_}"
+            torchrun([*overrides(args, shards, root, name), *base, *settings[label]])
+            times[label].append(median_step(root, name, args.accum_batch, skip=args.warmup))
+    print(f"\nbatching: global batch {args.accum_batch} over 2 workers (torchrun, ZeRO-2, bf16)")
+    print("setting | micro x accumulation x workers | step s per round | x derived per round (paired)")
+    for label, found in times.items():
+        plan = plan_run(load_config(None, [*base, "dist.num_workers=2", *settings[label]]), 2)[0]
+        shape = f"{plan.micro_batch} x {plan.grad_accum} x {plan.world_size}"
+        rounds = ", ".join(f"{t:.3f}" for t in found)
+        ratios = ", ".join(f"{t / d:.2f}" for t, d in zip(found, times["derived"], strict=True))
+        print(f"{label:<7} | {shape:<29} | {rounds:<16} | {ratios}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,18 +184,23 @@ def main() -> None:
     parser.add_argument("--ray-steps", type=int, default=60, help="steps per Ray/torchrun run (default 60)")
     parser.add_argument("--rounds", type=int, default=2, help="Ray/torchrun rounds, alternating (default 2)")
     parser.add_argument("--ray-only", action="store_true", help="only the Ray/torchrun comparison")
+    parser.add_argument("--accum-batch", type=int, default=16, help="global batch of the batching part")
+    parser.add_argument("--batching-only", action="store_true", help="only the batching comparison")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="kitdist-bench-train-")
     shards = ensure_photo_shards(str(Path(folder) / "data"))
     root = str(Path(folder) / "runs")
-    if not args.ray_only:
+    if not args.ray_only and not args.batching_only:
         figures = {}
         for label, extra in ENGINES.items():
             torchrun([*overrides(args, shards, root, label), *extra])
             figures[label] = step_figures(root, label, args)
         print_engines(figures)
         print_checkpointing(activation_checkpointing(args))
-    print_ray(args, shards, root)
+    if not args.ray_only:
+        batching(args, shards, root)
+    if not args.batching_only:
+        print_ray(args, shards, root)
 
 
 def print_engines(figures: dict[str, tuple[float, float]]) -> None:

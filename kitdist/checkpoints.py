@@ -4,7 +4,8 @@ weights URL (a file, a checkpoint or a whole run) becomes the weights. The one p
     <storage.root>/<storage.run_name>/     run_url(cfg)
         step-00000600/                      checkpoint_name(600); step_of("step-00000600") == 600
             config.yaml                     the resolved RunConfig
-            train_state.json                TrainState: step, world size, engine, every rank's data position
+            train_state.json                TrainState: step, world size, engine, every rank's data position,
+                                            the micro-batch, accumulation and crop of the step
             weights.safetensors             fp32 weights of the bare model (loads into build_model alone)
             optimizer.safetensors           Adam moments by parameter name (world-size independent)
             rng/rank-00000.pt               each rank's RNG states
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,6 +158,9 @@ class TrainState:
     zero_stage: int
     data_states: list[dict[str, Any]]  # every rank's TrainStream.state_dict(), by rank
     optimizer: dict[str, Any]  # the optimizer's step and learning-rate schedule (FullState.meta)
+    # the step's micro_batch, grad_accum, crop_size and global_batch_size (kitdist.batching); {} when
+    # written before they were stored
+    batching: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -165,7 +169,7 @@ class TrainState:
     def from_json(cls, text: str, source: str) -> TrainState:
         try:
             body = json.loads(text)
-            return cls(**{name: body[name] for name in cls.__dataclass_fields__})
+            return cls(**{name: body[name] for name in cls.__dataclass_fields__ if name in body})
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"{source}: not a kitdist {TRAIN_STATE} ({type(err).__name__}: {err})") from None
 

@@ -98,6 +98,16 @@ class DegradeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SchedulePoint:
+    """One point of `data.schedule` (progressive training, `kitdist.batching`): from the update after
+    `step` on, crops of `crop_size` and `global_batch_size` samples a step (0: the previous phase's)."""
+
+    step: int = 0
+    crop_size: int = 0
+    global_batch_size: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where training and validation samples come from and how they are cut into batches.
 
@@ -120,8 +130,12 @@ class DataConfig:
     # while the one before is decoded (the first of the next shard too); 0: no read-ahead, 16 MiB requests
     # made when needed. Local files need none.
     prefetch_bytes: int = 16 << 20
+    # progressive training: [{step, crop_size, global_batch_size}, ...] from step 0 (kitdist.batching);
+    # empty: one phase of crop_size and global_batch_size
+    schedule: list[SchedulePoint] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._check_schedule()
         if self.read_retries < 0 or self.read_retry_max_wait_s < 0:
             _fail("data.read_retries", "read_retries and read_retry_max_wait_s must be >= 0")
         if self.max_val_samples < 0:
@@ -147,6 +161,26 @@ class DataConfig:
                 f"must be 0 (no read-ahead) or at least {MIN_PREFETCH_BYTES} bytes, got {self.prefetch_bytes}",
             )
 
+    def _check_schedule(self) -> None:
+        previous = -1
+        for index, point in enumerate(self.schedule):
+            key = f"data.schedule[{index}]"
+            if index == 0 and point.step != 0:
+                _fail(f"{key}.step", f"the first phase starts at step 0, got {point.step}")
+            if point.step <= previous:
+                _fail(f"{key}.step", f"steps must increase, got {point.step} after {previous}")
+            previous = point.step
+            if point.crop_size < 0 or point.crop_size % SPATIAL_MULTIPLE:
+                _fail(
+                    f"{key}.crop_size",
+                    f"must be a multiple of {SPATIAL_MULTIPLE} (0: the previous phase's), got {point.crop_size}",
+                )
+            if point.global_batch_size < 0:
+                _fail(
+                    f"{key}.global_batch_size",
+                    f"must be >= 1 (0: the previous phase's), got {point.global_batch_size}",
+                )
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -159,7 +193,7 @@ class TrainConfig:
     weight_decay: float = 0.02
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 0  # 0: derived per phase (kitdist.batching); > 0: fixed
     loss: Literal["charbonnier", "l1"] = "charbonnier"
     # bf16 / fp16: autocast over fp32 weights; the network's input, global residual and output stay fp32
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -176,9 +210,16 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     init_weights: str = ""  # URL of weights.safetensors to start from (fine-tuning)
+    # micro-batch and accumulation (kitdist.batching): the largest micro-batch that divides the global
+    # batch per worker, is at most max_micro_batch (0: no cap) and fits memory_budget_gb GiB per worker
+    # (0: none on CPU, a share of the GPU's memory on CUDA); lr_scaling: the lr rule when a schedule
+    # changes the global batch (none, or linear / sqrt in the ratio to the first phase's)
+    max_micro_batch: int = 0
+    memory_budget_gb: float = 0.0
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "grad_accum_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+        positive = ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 _fail(f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
@@ -260,13 +301,9 @@ class RunConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
-        per_step = self.dist.num_workers * self.train.grad_accum_steps
-        if self.data.global_batch_size % per_step:
-            _fail(
-                "data.global_batch_size",
-                f"{self.data.global_batch_size} does not split over dist.num_workers={self.dist.num_workers}"
-                f" x train.grad_accum_steps={self.train.grad_accum_steps}",
-            )
+        from kitdist.batching import check_recipe  # the one home of micro-batch arithmetic
+
+        check_recipe(self)
         if self.train.precision == "fp16" and not self.dist.use_gpu:
             _fail("train.precision", "fp16 needs a GPU (dist.use_gpu=true); use bf16 or fp32 on CPU")
         if self.train.grad_reduce_dtype != "fp32" and self.dist.strategy == "ddp" and not self.dist.use_gpu:

@@ -25,7 +25,7 @@ from kitdist.checkpoints import run_url
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
 from kitdist.console import filter_worker_output, print_summary, quiet_ray_init, quiet_worker
 from kitdist.distributed.env import worker_env_vars
-from kitdist.preflight import check_launchable
+from kitdist.preflight import check_launchable, describe_batches
 from kitdist.train import stop
 
 LOCAL_START_ATTEMPTS = 3  # a port Ray chose free can be taken by another process before it binds it
@@ -197,6 +197,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
 
     cfg = with_absolute_paths(cfg)
     check_launchable(cfg, paired=paired)
+    print(describe_batches(cfg), flush=True)  # the batches each phase trains on, or the key that cannot run
     cfg = connect_ray(cfg)
     print(
         f"{cfg.dist.num_workers} workers x {cfg.dist.cpus_per_worker} CPU(s), as many torch threads",

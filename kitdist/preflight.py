@@ -12,9 +12,11 @@ import json
 import struct
 
 from kitdist import storage
-from kitdist.checkpoints import newest_weights, run_url, weights_url
+from kitdist.batching import batches_per_epoch, describe_plans, phases, plan_run
+from kitdist.checkpoints import latest_checkpoint, newest_weights, read_resume_info, run_url, weights_url
 from kitdist.config import ConfigError, ModelConfig, RunConfig
 from kitdist.credentials import check_credentials_file
+from kitdist.memory import budget_bytes, estimator
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
@@ -51,7 +53,7 @@ def check_model(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
 
     from kitdist.model import build_model
 
-    crops = {cfg.data.crop_size, cfg.data.val_crop_size or cfg.data.crop_size}
+    crops = {*(phase.crop_size for phase in phases(cfg)), cfg.data.val_crop_size or cfg.data.crop_size}
     try:
         with torch.device("meta"), torch.no_grad():
             model = build_model(cfg.model)
@@ -83,7 +85,7 @@ def check_batches(cfg: RunConfig, samples: int) -> None:
     """Every rank needs a batch per epoch for each of its data workers (the rule TrainStream applies)."""
     if cfg.data.mode != "epoch":
         return
-    batches_per_rank = samples * cfg.train.grad_accum_steps // cfg.data.global_batch_size
+    batches_per_rank = batches_per_epoch(cfg, samples)
     slots = max(1, cfg.data.num_workers)
     if batches_per_rank < slots:
         raise ConfigError(
@@ -134,3 +136,27 @@ def check_weights(what: str, url: str, shapes: dict[str, tuple[int, ...]], cfg: 
         f"is {found.get(name, 'absent')} there, {shapes.get(name, 'absent')} in the model",
         key="model.size",
     )
+
+
+def describe_batches(cfg: RunConfig) -> str:
+    """What the driver prints before any worker starts: per phase, the crop, global batch, micro-batch x
+    accumulation x workers and the memory estimate (`kitdist.batching`), from the run's latest checkpoint
+    when it resumes. Raises ConfigError naming train.memory_budget_gb when one sample does not fit it."""
+    resumed = _resumed_batching(run_url(cfg))
+    workers = cfg.dist.num_workers
+    plans = plan_run(cfg, workers, budget_bytes(cfg), resumed, estimator(cfg, workers))
+    if resumed is not None:
+        plans = [plan for plan in plans if plan.phase.last > resumed[0]]
+    note = ""
+    if cfg.dist.use_gpu and not cfg.train.memory_budget_gb and not cfg.train.grad_accum_steps:
+        note = " (at most: each worker fits it to its GPU's memory)"
+    return describe_plans(plans, note)
+
+
+def _resumed_batching(run: str) -> tuple[int, int] | None:
+    """(step, micro-batch) of the run's latest checkpoint, if it has one that stored its micro-batch."""
+    latest = latest_checkpoint(run) if storage.exists(run) else None
+    if latest is None:
+        return None
+    state = read_resume_info(latest)
+    return (state.step, state.batching["micro_batch"]) if state.batching else None

@@ -37,7 +37,9 @@ def storage_options(url: str) -> dict[str, Any]:
     if protocol_of(url) in ("s3", "s3a"):
         # botocore rewrites the retries mapping it is given: hand it a copy.
         config = {**_S3_CLIENT_CONFIG, "retries": dict(_S3_CLIENT_CONFIG["retries"])}
-        options: dict[str, Any] = {"config_kwargs": config}
+        # No listings cache: a run's folder is written by other processes (the workers, Ray Train), so
+        # a listing cached by the driver before training goes stale (its checkpoints then look missing).
+        options: dict[str, Any] = {"config_kwargs": config, "use_listings_cache": False}
         if os.environ.get("AWS_ENDPOINT_URL"):
             options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
         return options

@@ -142,7 +142,8 @@ def test_checkpoint_written_before_the_change_still_loads():
     state = read_resume_info(LEGACY)
     assert (state.step, state.world_size, state.strategy, state.zero_stage) == (1, 1, "ddp", 0)
     assert state.data_states[0]["format"] == "kitdist-stream/1" and state.optimizer["optimizer_step"] == 1
-    assert json.loads(state.to_json()) == json.loads((LEGACY / TRAIN_STATE).read_text())  # nothing dropped
+    legacy = json.loads((LEGACY / TRAIN_STATE).read_text())
+    assert json.loads(state.to_json()) == {**legacy, "batching": {}}  # nothing dropped (batching: issue 15)
     model = build_model(ModelConfig(size="debug"))
     model.load_state_dict(read_weights(LEGACY), strict=True)
     assert latest_checkpoint(str(LEGACY_RUN)) == str(LEGACY) and weights_url(str(LEGACY_RUN)).endswith(
@@ -186,7 +187,8 @@ def test_checkpoint_written_now_has_the_format_of_before(written_now):
     before = {path.relative_to(LEGACY).as_posix() for path in LEGACY.rglob("*") if path.is_file()}
     assert files == before | {"optimizer.safetensors"}  # the fixture leaves its 3.5 MB of Adam moments out
     written, legacy = (json.loads((f / TRAIN_STATE).read_text()) for f in (folder, LEGACY))
-    assert list(written) == list(legacy) and list(written["optimizer"]) == list(legacy["optimizer"])
+    assert list(written) == [*legacy, "batching"]  # the step's micro-batch, accumulation, crop: issue 15
+    assert list(written["optimizer"]) == list(legacy["optimizer"])
     assert read_weights(folder).keys() == read_weights(LEGACY).keys()
 
 

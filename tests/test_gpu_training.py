@@ -69,12 +69,12 @@ def test_ddp_step_never_synchronises(nccl_group_of_one, precision):
     cfg, strategy = strategy_for(nccl_group_of_one, *DDP, f"train.precision={precision}")
     assert strategy.optimizer.defaults["fused"]
     stream, window = batches(nccl_group_of_one), LogWindow()
-    train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+    train_step(cfg, strategy, stream, window, strategy.grad_accum)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+            train_step(cfg, strategy, stream, window, strategy.grad_accum)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(window.loss_sum)
@@ -98,7 +98,7 @@ def test_fp16_trains_with_a_dynamic_loss_scale_kept_in_checkpoints(nccl_group_of
     losses = []
     for _ in range(8):
         before = window.loss_sum
-        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+        train_step(cfg, strategy, stream, window, strategy.grad_accum)
         losses.append(float(window.loss_sum - before))
     assert all(map(lambda loss: loss == loss and loss < 10, losses)), losses
     assert losses[-1] < losses[0]
@@ -122,7 +122,7 @@ def test_inductor_compiled_model_trains_like_eager(nccl_group_of_one):
         with inductor_config.patch(fallback_random=True):
             for _ in range(2):
                 before = window.loss_sum
-                train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+                train_step(cfg, strategy, stream, window, strategy.grad_accum)
                 found.append(float(window.loss_sum - before))
         losses[compiled] = found
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)

@@ -29,3 +29,14 @@ def test_strategies_and_training_import_downwards_only():
 
 def test_cycles_are_found():
     assert FIGURES["cycles"]({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_type_only_imports_are_no_edges(tmp_path):
+    """`if TYPE_CHECKING:` imports never run (kitdist.batching names kitdist.config's RunConfig so)."""
+    package = tmp_path / "kitdist"
+    package.mkdir()
+    (package / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from kitdist.b import B\n"
+    )
+    (package / "b.py").write_text("from kitdist.a import A\n")
+    assert FIGURES["import_graph"](tmp_path) == {"kitdist.a": set(), "kitdist.b": {"kitdist.a"}}

@@ -106,7 +106,8 @@ def train(root: str, run: str, shards: tuple[str, str], *overrides: str) -> list
     train_url, val_url = shards
     extra = [f"data.train_shards={train_url}", f"data.val_shards={val_url}"]
     cfg = load_config(None, [*BASE, *extra, f"storage.root={root}", f"storage.run_name={run}", *overrides])
-    launch(cfg)
+    result = launch(cfg)
+    assert result.error is None, repr(result.error)
     return records_of(root, run)
 
 
@@ -334,6 +335,80 @@ def test_zero3_on_s3_resumes_on_one_worker_and_exports_loadable_weights(
     reported = records[-1]["val_psnr_rgb"]
     torch.set_num_threads(1)  # as in the Ray worker (1 CPU): the same reduction order
     assert val_psnr_of_weights(cfg, weights_at(s3_env, "zero3", 3)) == pytest.approx(reported, abs=0.02)
+
+
+# A progressive recipe (issue 15): crops of 32 and a global batch of 4 for 3 steps, then 64 and 2; a
+# constant lr, so that runs of different lengths share their steps.
+PROGRESSIVE = [
+    "data.schedule=[{step: 0, crop_size: 32, global_batch_size: 4}, {step: 3, crop_size: 64, global_batch_size: 2}]",
+    "train.warmup_steps=0",
+    "train.min_lr=1e-3",
+]
+
+
+def torchrun_records(root: str, run: str, shards: tuple[str, str], *overrides: str) -> list[dict]:
+    """The same loop on ONE process under torchrun (no Ray); returns the run's metrics records."""
+    from s3server import free_port
+
+    cli = [*BASE, f"data.train_shards={shards[0]}", f"storage.root={root}", f"storage.run_name={run}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    command = [*launcher, "--master-port", str(free_port()), "-m", "kitdist.torchrun", *cli, *overrides]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return records_of(root, run)
+
+
+def test_one_recipe_on_two_workers_and_resumed_on_one_across_a_change_point(
+    tmp_path, ray_address, photo_shards, capfd
+):
+    """The progressive recipe on 2 workers x accumulation 1 (Ray, steps 1-2) gives the losses of 1 worker
+    x accumulation 2 (torchrun, capped at micro-batch 2): the same micro-batches and model draws. Resumed
+    on ONE worker (elastic), the micro-batch stays 2 and the accumulation doubles (global batch 4), and
+    across the change to crops of 64 the run equals the uninterrupted one-worker run: same losses, same
+    data position. The driver prints each phase's decisions before the workers start."""
+    root = str(tmp_path)
+    reference = torchrun_records(
+        root,
+        "one",
+        photo_shards,
+        *PROGRESSIVE,
+        "train.max_steps=5",
+        "dist.num_workers=1",
+        "train.max_micro_batch=2",
+    )
+    first = train(root, "elastic", photo_shards, *PROGRESSIVE, "train.max_steps=2")
+    second = train(root, "elastic", photo_shards, *PROGRESSIVE, "train.max_steps=5", "dist.num_workers=1")
+    decided = {
+        r["step"]: (r["micro_batch"], r["grad_accum"], r["crop_size"], r["global_batch_size"])
+        for r in first + second
+    }
+    assert decided == {
+        1: (2, 1, 32, 4),
+        2: (2, 1, 32, 4),
+        3: (2, 2, 32, 4),
+        4: (2, 1, 64, 2),
+        5: (2, 1, 64, 2),
+    }
+    assert [r["grad_accum"] for r in reference] == [2, 2, 2, 1, 1]
+    expected = losses(reference)
+    for number, loss in {**losses(first), **losses(second)}.items():
+        assert loss == pytest.approx(expected[number], rel=1e-3), number
+    states = [
+        json.loads(Path(root, run, "step-00000005", "train_state.json").read_text())
+        for run in ("one", "elastic")
+    ]
+    assert states[0]["data_states"] == states[1]["data_states"]
+    assert states[1]["batching"] == {
+        "micro_batch": 2,
+        "grad_accum": 1,
+        "crop_size": 64,
+        "global_batch_size": 2,
+    }
+    printed = capfd.readouterr().out
+    assert "steps 1..2: crop 32, global batch 4 = micro-batch 2 x accumulation 1 x 2 worker(s)" in printed
+    assert "steps 1..3: crop 32, global batch 4 = micro-batch 2 x accumulation 2 x 1 worker(s)" in printed
+    assert "steps 4..5: crop 64, global batch 2 = micro-batch 2 x accumulation 1 x 1 worker(s)" in printed
 
 
 def our_train_workers() -> list:

@@ -81,16 +81,14 @@ def test_no_arguments_run_the_embedded_default_as_before(tmp_path, monkeypatch):
     """`python -m kitdist.pretrain` with no arguments builds the photographs' shards under the working
     directory and hands the launcher the config that main resolved before the embedded default became
     configs/pretrain/embedded.yaml (tests/data/embedded-config-cae7b4d.yaml, written by that code)."""
-    from test_config import DATA, same_keys
-
-    from kitdist.config import to_dict
+    from test_config import DATA, meaning, same_keys
 
     launched = []
     monkeypatch.setattr("kitdist.launch.run_or_exit", lambda cfg, paired: launched.append((cfg, paired)))
     monkeypatch.chdir(tmp_path)
     pretrain_main([])
     (cfg, paired), before = launched[0], yaml.safe_load((DATA / "embedded-config-cae7b4d.yaml").read_text())
-    assert same_keys(to_dict(cfg), before) == before and not paired
+    assert same_keys(meaning(cfg), before) == before and not paired
     assert (tmp_path / cfg.data.train_shards / "manifest.json").is_file()
     assert (tmp_path / cfg.data.val_shards / "manifest.json").is_file()
     pretrain_main(["data.val_shards=", "train.max_steps=60"])  # the user's overrides still win

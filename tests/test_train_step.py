@@ -125,10 +125,10 @@ def test_a_training_step_reads_nothing_back(group_of_one, engine, precision):
     cfg, strategy = strategy_for(engine, f"train.precision={precision}")
     stream, window = batches(3), LogWindow()
     # the first step creates the optimizer state
-    train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+    train_step(cfg, strategy, stream, window, strategy.grad_accum)
     with HostReads() as reads:
-        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
-        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+        train_step(cfg, strategy, stream, window, strategy.grad_accum)
+        train_step(cfg, strategy, stream, window, strategy.grad_accum)
     assert reads.by("kitdist", "torch", "other") == []
     if engine == "ddp":
         assert reads.by("deepspeed") == []
@@ -149,7 +149,7 @@ def test_compiled_model_trains_like_eager(group_of_one, monkeypatch):
         window, found, stream = LogWindow(), [], batches(2)
         for _ in range(2):
             before = window.loss_sum
-            train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+            train_step(cfg, strategy, stream, window, strategy.grad_accum)
             found.append(float(window.loss_sum - before))
         losses[compiled] = found
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
@@ -165,7 +165,7 @@ def test_fp16_trains_and_its_loss_scale_survives_checkpoints(group_of_one, engin
     cfg, strategy = strategy_for(engine, "train.precision=fp16", "dist.use_gpu=true")
     stream, window = batches(3), LogWindow()
     for _ in range(3):
-        train_step(cfg, strategy, stream, window, cfg.train.grad_accum_steps)
+        train_step(cfg, strategy, stream, window, strategy.grad_accum)
     assert float(window.loss_sum) == float(window.loss_sum)  # not NaN
     scaler = strategy.scaler if engine == "ddp" else strategy._grad_scaler()
     set_loss_scale(scaler, 1024.0)
@@ -197,7 +197,7 @@ def test_full_state_round_trip_gives_the_same_next_step(group_of_one, engine):
     cfg, trained = strategy_for(engine, "train.precision=fp32")
     stream = batches(3)
     for _ in range(2):
-        train_step(cfg, trained, stream, LogWindow(), cfg.train.grad_accum_steps)
+        train_step(cfg, trained, stream, LogWindow(), trained.grad_accum)
     state = trained.full_state()
     assert state.moments and state.meta["optimizer_step"] == 2
     torch.manual_seed(1)
@@ -211,7 +211,7 @@ def test_full_state_round_trip_gives_the_same_next_step(group_of_one, engine):
     for strategy in (trained, resumed):
         torch.manual_seed(7)  # the LSH rotations of the step
         window = LogWindow()
-        train_step(cfg, strategy, iter([batch]), window, cfg.train.grad_accum_steps)
+        train_step(cfg, strategy, iter([batch]), window, strategy.grad_accum)
         losses.append(float(window.loss_sum))
         states.append(strategy.full_state())
     assert losses[0] == losses[1]
@@ -265,3 +265,27 @@ def test_a_compressed_ddp_all_reduce_needs_gpus():
         )
     cfg = run_config("train.precision=bf16", "train.grad_reduce_dtype=bf16", "dist.strategy=deepspeed")
     assert cfg.train.grad_reduce_dtype == "bf16"  # DeepSpeed reduces in bf16 over gloo too
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero3"])
+def test_the_accumulation_changes_between_updates_and_each_update_is_the_whole_batch(group_of_one, engine):
+    """`set_batching` between updates (a progressive schedule's phases, an elastic resume): updates of
+    4 samples as 1 x 4, 2 x 2 and 4 x 1 micro-batches give the gradient norms and weights of three plain
+    4-sample updates (hashing off: the model is then deterministic, whatever the batch is cut into)."""
+    deterministic = ["train.precision=fp32", "model.num_buckets=1", "model.bucket_order=position"]
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.rand(4, 3, 32, 32, generator=generator) for _ in range(3)]
+    weights, norms = [], []
+    for layout in ([(4, 1)] * 3, [(1, 4), (2, 2), (4, 1)]):
+        _, strategy = strategy_for(engine, "data.global_batch_size=4", *deterministic)
+        for x, (micro, accum) in zip(inputs, layout, strict=True):
+            strategy.set_batching(micro, accum)
+            for index in range(accum):
+                part = x[index * micro : (index + 1) * micro]
+                loss = (strategy.forward(part) - part).abs().mean()
+                strategy.backward(loss, last_micro_batch=index == accum - 1)
+            norms.append(float(strategy.step()))
+        weights.append(strategy.full_state().weights)
+    assert norms[3:] == pytest.approx(norms[:3], rel=1e-5)  # each update's gradient is the batch mean's
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6, msg=name)

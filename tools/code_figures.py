@@ -42,13 +42,26 @@ def _imported(node: ast.AST, module: str, is_package: bool) -> list[str]:
     return [f"{base}.{alias.name}" for alias in node.names]
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    """An `if TYPE_CHECKING:` block (or `typing.TYPE_CHECKING`)."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING"
+
+
 def import_graph(repo: Path) -> dict[str, set[str]]:
-    """module -> the kitdist modules it imports anywhere in its source (lazy imports included)."""
+    """module -> the kitdist modules it imports anywhere in its source (lazy imports included, type-only
+    imports under `if TYPE_CHECKING:` not: they never run)."""
     modules = module_files(repo)
     graph = {}
     for module, path in modules.items():
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        type_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block) for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in type_only:  # `if TYPE_CHECKING:` imports never run: type names only
+                continue
             for name in _imported(node, module, path.name == "__init__.py"):
                 owner = _owner(name, modules)
                 if owner is not None and owner != module:

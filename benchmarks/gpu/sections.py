@@ -107,7 +107,7 @@ def measure_engine(cfg, device: torch.device, warmup: int, steps: int, flops: fl
         strategy = build_strategy(cfg, build_model(cfg.model), device)
         batches, window = synthetic_batches(cfg, device), LogWindow()
         for _ in range(warmup):
-            train_step(cfg, strategy, batches, window, cfg.train.grad_accum_steps)
+            train_step(cfg, strategy, batches, window, strategy.grad_accum)
         synchronize(device)
         resident = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
         if device.type == "cuda":
@@ -115,7 +115,7 @@ def measure_engine(cfg, device: torch.device, warmup: int, steps: int, flops: fl
         start = time.perf_counter()
         with SyncCount(device) as syncs:
             for _ in range(steps):
-                train_step(cfg, strategy, batches, window, cfg.train.grad_accum_steps)
+                train_step(cfg, strategy, batches, window, strategy.grad_accum)
         synchronize(device)
         seconds = (time.perf_counter() - start) / steps
         figures = step_figures(cfg, seconds, flops, peak, device, syncs.count, steps)
@@ -162,7 +162,9 @@ def relative_figures(rows: list[dict]) -> dict:
 def synthetic_batches(cfg, device: torch.device):
     """Two noisy/clean batches of the micro-batch size, on the device, repeated."""
     generator = torch.Generator().manual_seed(0)
-    size = cfg.data.global_batch_size // cfg.train.grad_accum_steps
+    from kitdist.batching import plan_run
+
+    size = plan_run(cfg, 1)[0].micro_batch  # one process
     shape = (size, 3, cfg.data.crop_size, cfg.data.crop_size)
     made = []
     for _ in range(2):

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kitdist import storage
+from kitdist.batching import plan_run
 from kitdist.config import ConfigError, RunConfig
 from kitdist.data import order
 from kitdist.data.batch import finish
@@ -59,13 +60,14 @@ def batch_layout(
     cfg: RunConfig, world_size: int, micro_batch: int | None = None, grad_accum: int | None = None
 ) -> tuple[int, int]:
     """(micro-batch, accumulation) of every rank: those given, the other one derived from
-    data.global_batch_size (accumulation train.grad_accum_steps when neither is given)."""
+    data.global_batch_size; when neither is given, as `kitdist.batching` decides them for the config."""
     total = cfg.data.global_batch_size
-    if grad_accum is None:
-        grad_accum = (
-            cfg.train.grad_accum_steps if micro_batch is None else total // (world_size * micro_batch)
-        )
-    if micro_batch is None:
+    if micro_batch is None and grad_accum is None:
+        plan = plan_run(cfg, world_size)[0]
+        micro_batch, grad_accum = plan.micro_batch, plan.grad_accum
+    elif grad_accum is None:
+        grad_accum = total // (world_size * micro_batch)
+    elif micro_batch is None:
         micro_batch = total // (world_size * grad_accum)
     if min(micro_batch, grad_accum) < 1 or world_size * grad_accum * micro_batch != total:
         raise ConfigError(

@@ -20,6 +20,7 @@ from kitdist.distributed.strategy import (
     DTYPES,
     FullState,
     Strategy,
+    first_batching,
     load_scheduler_state,
     optimizer_step_of,
     set_loss_scale,
@@ -52,6 +53,7 @@ class DDPStrategy(Strategy):
             self._wrapped = self._bare
         self.optimizer, self.scheduler = optimizer, scheduler
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.precision == "fp16" else None
+        self.grad_accum = first_batching(cfg, dist.get_world_size() if dist.is_initialized() else 1)[1]
 
     @property
     def module(self) -> nn.Module:
@@ -64,7 +66,7 @@ class DDPStrategy(Strategy):
             return self._wrapped(x)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
-        loss = loss / self.cfg.train.grad_accum_steps
+        loss = loss / self.grad_accum
         if self.scaler is not None:
             loss = self.scaler.scale(loss)
         no_sync = getattr(self._wrapped, "no_sync", None)

@@ -27,8 +27,8 @@ from kitdist.distributed.strategy import (
     ADAM_MOMENTS,
     FullState,
     Strategy,
+    first_batching,
     load_scheduler_state,
-    micro_batch_size,
     optimizer_step_of,
     set_loss_scale,
     set_optimizer_step,
@@ -43,10 +43,11 @@ AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 def deepspeed_config(cfg: RunConfig, num_workers: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run (batch sizes, ZeRO stage, precision, clipping)."""
     train = cfg.train
+    micro_batch, grad_accum = first_batching(cfg, num_workers)
     config: dict[str, Any] = {
-        "train_batch_size": cfg.data.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, num_workers),
-        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": micro_batch * grad_accum * num_workers,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": cfg.dist.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch AdamW is fine with ZeRO; the check is for exotic ones
@@ -82,6 +83,7 @@ class DeepSpeedStrategy(Strategy):
             config=deepspeed_config(cfg, world_size()),
             dist_init_required=False,
         )
+        self.grad_accum = self.engine.gradient_accumulation_steps()
 
     @property
     def module(self) -> nn.Module:
@@ -90,8 +92,18 @@ class DeepSpeedStrategy(Strategy):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.engine(x)
 
+    def set_batching(self, micro_batch: int, grad_accum: int) -> None:
+        """DeepSpeed's supported way to change both between updates: the micro-batch, then the global
+        batch (which sets the accumulation); each micro-batch's loss is then scaled by 1 / grad_accum."""
+        super().set_batching(micro_batch, grad_accum)
+        self.engine.set_train_micro_batch_size(micro_batch)
+        self.engine.set_train_batch_size(micro_batch * grad_accum * self.engine.dp_world_size)
+
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
-        self.engine.backward(loss)  # scales by 1/grad_accum_steps itself
+        # The boundary is said explicitly: DeepSpeed's own count of micro-steps assumes one accumulation
+        # for the whole run, and a phase may change it.
+        self.engine.set_gradient_accumulation_boundary(last_micro_batch)
+        self.engine.backward(loss)  # scales by 1/grad_accum itself
         if not last_micro_batch:
             self.engine.step()  # only counts the micro-batch; the update happens at the boundary
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kitdist.batching import plan_run
 from kitdist.config import RunConfig
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -52,6 +53,13 @@ class Strategy(ABC):
 
     @abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    grad_accum: int = 1  # micro-batches per update, from `set_batching`
+
+    def set_batching(self, micro_batch: int, grad_accum: int) -> None:
+        """The micro-batch and accumulation of the updates that follow (a phase's, `kitdist.batching`):
+        each micro-batch's loss counts 1 / grad_accum of the update."""
+        self.grad_accum = grad_accum
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
@@ -89,8 +97,11 @@ class Strategy(ABC):
         return 0
 
 
-def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
-    return cfg.data.global_batch_size // world_size // cfg.train.grad_accum_steps
+def first_batching(cfg: RunConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) of the run's first phase, as `kitdist.batching` decides them; the
+    loop sets each phase's with `Strategy.set_batching`."""
+    plan = plan_run(cfg, world_size)[0]
+    return plan.micro_batch, plan.grad_accum
 
 
 def optimizer_step_of(optimizer: torch.optim.Optimizer) -> int:

@@ -51,8 +51,10 @@ def write_checkpoint(
     data_states: list[dict[str, Any]],
     rank: int,
     world_size: int,
+    batching: dict[str, int] | None = None,
 ) -> None:
-    """Collective: every rank writes its part of the checkpoint for `step` into its local `folder`."""
+    """Collective: every rank writes its part of the checkpoint for `step` into its local `folder`;
+    `batching`: the step's micro-batch, accumulation and crop (`kitdist.batching`)."""
     folder.mkdir(parents=True, exist_ok=True)
     full = strategy.full_state()  # collective: all ranks take part, all get the full state
     strategy.save_native(str(folder / NATIVE_DIR))
@@ -61,7 +63,9 @@ def write_checkpoint(
         return
     save_file(_contiguous(full.weights), str(folder / WEIGHTS), metadata={"step": str(step)})
     save_file(_contiguous(full.moments), str(folder / OPTIMIZER))
-    state = TrainState(step, world_size, cfg.dist.strategy, cfg.dist.zero_stage, data_states, full.meta)
+    state = TrainState(
+        step, world_size, cfg.dist.strategy, cfg.dist.zero_stage, data_states, full.meta, batching or {}
+    )
     (folder / TRAIN_STATE).write_text(state.to_json())
     (folder / CONFIG).write_text(dump_yaml(cfg))
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kitdist.batching import lr_scale
 from kitdist.config import RunConfig
 from kitdist.distributed.ddp_strategy import DDPStrategy
 from kitdist.distributed.deepspeed_strategy import DeepSpeedStrategy
@@ -32,7 +33,8 @@ def build_strategy(cfg: RunConfig, model: nn.Module, device: torch.device) -> St
     """The strategy named by `dist.strategy`, owning `model` (weights loaded) on `device`."""
     model = compile_if_asked(model.to(device), cfg)
     optimizer = build_optimizer(model.parameters(), cfg.train)
-    return STRATEGIES[cfg.dist.strategy](cfg, model, optimizer, build_scheduler(optimizer, cfg.train))
+    scheduler = build_scheduler(optimizer, cfg.train, lambda update: lr_scale(cfg, update))
+    return STRATEGIES[cfg.dist.strategy](cfg, model, optimizer, scheduler)
 
 
 def compile_if_asked(model: nn.Module, cfg: RunConfig) -> nn.Module:

@@ -24,10 +24,13 @@ import numpy as np
 import torch
 
 from kitdist import storage
-from kitdist.checkpoints import load_weights_url, run_url
+from kitdist.batching import BatchPlan, describe_plans, micro_batch_seed, phase_config, plan_at, plan_run
+from kitdist.checkpoints import TrainState, load_weights_url, run_url
 from kitdist.config import RunConfig
+from kitdist.data.stream_state import stream_of
 from kitdist.distributed.env import all_gather_objects, all_reduce_sum, device_for, print0
 from kitdist.distributed.strategy import Strategy, as_float
+from kitdist.memory import budget_bytes, estimator
 from kitdist.train import checkpoint as ckpt
 from kitdist.train.engine import build_strategy
 from kitdist.train.losses import LOSSES
@@ -57,8 +60,9 @@ def train_worker(cfg: RunConfig, session: Session) -> dict[str, Any]:
     return last
 
 
-def _build(cfg: RunConfig, session: Session, device: torch.device) -> tuple[Strategy, int, list | None]:
-    """Model + strategy, restored from the latest checkpoint or initialised (init_weights or seed)."""
+def _build(cfg: RunConfig, session: Session, device: torch.device) -> tuple[Strategy, TrainState | None]:
+    """Model + strategy, restored from the latest checkpoint (whose training state is returned) or
+    initialised (init_weights or seed)."""
     from kitdist.model import build_model
 
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
@@ -70,7 +74,7 @@ def _build(cfg: RunConfig, session: Session, device: torch.device) -> tuple[Stra
                 print0(f"initial weights: {cfg.train.init_weights}")
             strategy = build_strategy(cfg, model, device)
             seed_everything(cfg.train.seed + 1000 * (session.rank + 1))  # per-rank LSH draws
-            return strategy, 0, None
+            return strategy, None
         info = ckpt.read_resume_info(folder)
         model.load_state_dict(ckpt.read_weights(folder))
         strategy = build_strategy(cfg, model, device)
@@ -78,7 +82,7 @@ def _build(cfg: RunConfig, session: Session, device: torch.device) -> tuple[Stra
         if not ckpt.restore_rng(folder, session.rank):
             seed_everything(cfg.train.seed + 1000 * (session.rank + 1) + info.step)
         print0(f"resumed from step {info.step} ({how} state, saved by {info.world_size} worker(s))")
-        return strategy, info.step, info.data_states
+        return strategy, info
 
 
 class LogWindow:
@@ -90,19 +94,24 @@ class LogWindow:
 
     def reset(self) -> None:
         self.start = time.perf_counter()
-        self.steps, self.data_wait = 0, 0.0
+        self.steps, self.samples, self.data_wait = 0, 0, 0.0
         self.loss_sum: torch.Tensor | float = 0.0
         self.grad_norm: torch.Tensor | float | None = None
 
 
-def train_step(cfg: RunConfig, strategy: Strategy, batches, window: LogWindow, micro_batches: int) -> None:
-    """One optimiser update over `micro_batches` micro-batches, adding to `window`. It reads nothing
+def train_step(
+    cfg: RunConfig, strategy: Strategy, batches, window: LogWindow, micro_batches: int, seeds=None
+) -> None:
+    """One optimiser update over `micro_batches` micro-batches, adding to `window`; `seeds`: one per
+    micro-batch, for the model's random draws (`kitdist.batching.micro_batch_seed`). It reads nothing
     back from the device (the GPU battery counts its synchronisations)."""
     loss_fn = LOSSES[cfg.train.loss]
     for micro in range(micro_batches):
         waited = time.perf_counter()
         batch = next(batches)
         window.data_wait += time.perf_counter() - waited
+        if seeds is not None:
+            torch.manual_seed(seeds[micro])
         x = batch["input"].to(strategy.device, strategy.input_dtype, non_blocking=True)
         y = batch["target"].to(strategy.device, torch.float32, non_blocking=True)
         loss = loss_fn(strategy.forward(x).float(), y)
@@ -110,6 +119,7 @@ def train_step(cfg: RunConfig, strategy: Strategy, batches, window: LogWindow, m
         window.loss_sum = window.loss_sum + loss.detach().double() / micro_batches
     window.grad_norm = strategy.step()
     window.steps += 1
+    window.samples += cfg.data.global_batch_size
 
 
 @dataclass
@@ -140,7 +150,12 @@ class MfuInputs:
 @dataclass
 class Trainer:
     """One worker's training run: what every step shares. `start` builds it (restoring the latest
-    checkpoint), `run` trains to `train.max_steps` or a stop request."""
+    checkpoint), `run` trains to `train.max_steps` or a stop request.
+
+    Each step's crop, global batch, micro-batch and accumulation come from `plans` (`kitdist.batching`,
+    one per phase of `data.schedule`); `phase_cfg` is the run's config as the current phase runs it. At a
+    change of phase every rank's data position is gathered and the stream rebuilt from it, as a run
+    resumed at that step would: the uninterrupted and the resumed run read the same samples."""
 
     cfg: RunConfig
     session: Session
@@ -150,35 +165,48 @@ class Trainer:
     stop: StopWatch
     mfu: MfuInputs
     start_step: int
+    plans: list[BatchPlan]
+    plan: BatchPlan
+    phase_cfg: RunConfig  # phase_config(cfg, plan), made once per phase
     window: LogWindow = field(default_factory=LogWindow)
 
     @classmethod
     def start(cls, cfg: RunConfig, session: Session) -> Trainer:
-        from kitdist.data import TrainStream
-
-        strategy, start_step, data_states = _build(cfg, session, device_for(cfg.dist))
-        stream = TrainStream(
-            cfg, session.rank, session.world_size, resume=data_states, device=strategy.device
-        )
+        strategy, resumed = _build(cfg, session, device_for(cfg.dist))
+        start_step = resumed.step if resumed is not None else 0
+        kept = (start_step, resumed.batching["micro_batch"]) if resumed and resumed.batching else None
+        budget, workers = budget_bytes(cfg, strategy.device), session.world_size
+        estimate = estimator(cfg, workers) if budget is not None else None
+        plans = plan_run(cfg, workers, budget, kept, estimate)
+        plan = plan_at(plans, start_step + 1)
+        data_states = resumed.data_states if resumed is not None else None
+        stream = open_stream(cfg, plan, session, data_states, strategy)
         metrics_url = storage.join(run_url(cfg), "metrics")
         recorder = MetricsRecorder(metrics_url, start_step) if session.rank == 0 else None
         steps = f"{start_step}..{cfg.train.max_steps}"
         print0(f"training steps {steps} on {session.world_size} worker(s), {strategy.name}")
         stop = StopWatch(run_url(cfg), session.rank, strategy.device)
-        return cls(
-            cfg, session, strategy, stream, recorder, stop, MfuInputs.of(cfg, strategy.device), start_step
-        )
+        phase_cfg = phase_config(cfg, plan)
+        mfu = MfuInputs.of(phase_cfg, strategy.device)
+        return cls(cfg, session, strategy, stream, recorder, stop, mfu, start_step, plans, plan, phase_cfg)
 
-    def micro_batches(self, step: int) -> int:
-        """How many micro-batches update `step` accumulates (the one place that decides it)."""
-        return self.cfg.train.grad_accum_steps
+    def seeds(self, step: int) -> list[int]:
+        """The random-draw seed of each micro-batch this rank runs in update `step` (by stream)."""
+        streams = [
+            stream_of(self.session.rank, self.plan.grad_accum, micro)[0]
+            for micro in range(self.plan.grad_accum)
+        ]
+        return [micro_batch_seed(self.cfg.train.seed, step, stream) for stream in streams]
 
     def run(self) -> dict[str, Any]:
         """Steps until `train.max_steps` or an agreed stop request; returns the last record made."""
         batches, last, final = iter(self.stream), {}, self.cfg.train.max_steps
         self.strategy.train(True)
         for step in range(self.start_step + 1, final + 1):
-            train_step(self.cfg, self.strategy, batches, self.window, self.micro_batches(step))
+            if step > self.plan.phase.last:
+                batches = self.next_phase(step, batches)
+            accum = self.plan.grad_accum
+            train_step(self.phase_cfg, self.strategy, batches, self.window, accum, self.seeds(step))
             last = self.after_step(step) or last
             if (
                 step < final
@@ -190,6 +218,27 @@ class Trainer:
                 print0(f"stopped on request after step {step}; the same command again resumes from there")
                 break
         return last
+
+    def next_phase(self, step: int, batches) -> Any:
+        """Collective: the plan of the phase `step` opens; the stream rebuilt from every rank's position."""
+        data_states = all_gather_objects(self.stream.state_dict())
+        batches.close()  # the old stream's DataLoader workers end with it
+        self.plan = plan_at(self.plans, step)
+        self.phase_cfg = phase_config(self.cfg, self.plan)
+        self.stream = open_stream(self.cfg, self.plan, self.session, data_states, self.strategy)
+        self.mfu = MfuInputs.of(self.phase_cfg, self.strategy.device)
+        print0(f"phase from step {step}: {describe_plans([self.plan])}")
+        return iter(self.stream)
+
+    def batching(self) -> dict[str, int]:
+        """The current step's decisions, as logged and stored in checkpoints."""
+        plan = self.plan
+        return {
+            "micro_batch": plan.micro_batch,
+            "grad_accum": plan.grad_accum,
+            "crop_size": plan.phase.crop_size,
+            "global_batch_size": plan.phase.global_batch_size,
+        }
 
     def after_step(self, step: int) -> dict[str, Any] | None:
         """Logging, validation and checkpointing due after `step`; returns the record if one was made."""
@@ -205,7 +254,7 @@ class Trainer:
             }
         if record is not None and self.recorder is not None:
             self.recorder.log(step, record)
-            print0(progress_line(self.cfg, step, record))
+            print0(progress_line(self.phase_cfg, step, record))
         if step % train.checkpoint_every == 0 or final:
             self.save_checkpoint(step, record or {})
             if self.recorder is not None:
@@ -218,7 +267,7 @@ class Trainer:
         # Reading the loss waits for the device's queued work: the time taken after it is the window's own.
         loss_sum, wait_sum = all_reduce_sum([window.loss_sum, window.data_wait], self.strategy.device)
         elapsed = time.perf_counter() - window.start
-        samples_per_s = self.cfg.data.global_batch_size * window.steps / elapsed
+        samples_per_s = window.samples / elapsed
         record = {
             "loss": loss_sum / workers / window.steps,
             "lr": self.strategy.lr(),
@@ -226,6 +275,7 @@ class Trainer:
             "samples_per_s": samples_per_s,
             "data_wait_share": wait_sum / workers / elapsed,
             "peak_memory_mb": peak_memory_mb(self.strategy.device),
+            **self.batching(),
         }
         mfu = self.mfu.mfu(samples_per_s / workers)
         return record if mfu is None else {**record, "mfu": mfu}
@@ -236,8 +286,28 @@ class Trainer:
         local = Path(tempfile.mkdtemp(prefix="kitdist-ckpt-"))
         rank, world_size = self.session.rank, self.session.world_size
         try:
-            ckpt.write_checkpoint(local, self.cfg, self.strategy, step, data_states, rank, world_size)
+            ckpt.write_checkpoint(
+                local, self.cfg, self.strategy, step, data_states, rank, world_size, self.batching()
+            )
             self.session.report({"step": step, **metrics}, local, ckpt.checkpoint_name(step))
         finally:
             shutil.rmtree(local, ignore_errors=True)
         print0(f"checkpoint {ckpt.checkpoint_name(step)} saved")
+
+
+def open_stream(
+    cfg: RunConfig, plan: BatchPlan, session: Session, data_states: list | None, strategy: Strategy
+) -> TrainStream:
+    """The data stream of `plan`'s phase from the given position, and the engine set to its batching."""
+    from kitdist.data import TrainStream
+
+    strategy.set_batching(plan.micro_batch, plan.grad_accum)
+    return TrainStream(
+        phase_config(cfg, plan),
+        session.rank,
+        session.world_size,
+        resume=data_states,
+        device=strategy.device,
+        micro_batch=plan.micro_batch,
+        grad_accum=plan.grad_accum,
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -50,5 +50,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, scale: Callable[[int], float] | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine; `scale(update)`: a further multiplier of the lr of update `update` (1-based),
+    e.g. `kitdist.batching.lr_scale` for a schedule that changes the global batch."""
+    if scale is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg) * scale(step + 1))
