@@ -40,9 +40,7 @@ class DDPStrategy(Strategy):
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> None:
-        """`model` on its device, `optimizer` over its parameters (see `kitdist.train.engine`)."""
-        self.cfg = cfg
-        self.device = next(model.parameters()).device
+        super().__init__(cfg, model)
         self.autocast_dtype = DTYPES[cfg.train.precision]
         self._bare = model
         if dist.is_initialized():

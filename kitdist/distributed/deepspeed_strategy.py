@@ -71,11 +71,9 @@ class DeepSpeedStrategy(Strategy):
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
     ) -> None:
-        """`model` on its device, `optimizer` over its parameters (see `kitdist.train.engine`)."""
         import deepspeed
 
-        self.cfg = cfg
-        self.device = next(model.parameters()).device
+        super().__init__(cfg, model)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

@@ -46,6 +46,11 @@ class Strategy(ABC):
     # the network's input, its global residual and its output stay fp32
     input_dtype: torch.dtype = torch.float32
 
+    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
+        """`model` on its device (see `kitdist.train.engine`, which also builds the optimizer)."""
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+
     @property
     @abstractmethod
     def module(self) -> nn.Module:
