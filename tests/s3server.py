@@ -143,3 +143,20 @@ def serving(data_dir: Path) -> Iterator[SeaweedS3]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def cluster_node_env(request) -> Iterator[None]:
+    """While a test cluster starts: the S3 server's endpoint and credentials in the environment its
+    processes inherit, as a remote cluster's nodes have them (nothing hands them over through Ray); nothing
+    when no S3 server can run here (the S3 tests skip, the others run). `request`: the fixture's."""
+    import pytest
+
+    try:
+        node_env = request.getfixturevalue("s3_server").env
+    except pytest.skip.Exception:
+        node_env = {}
+    with pytest.MonkeyPatch.context() as patch:  # what the cluster's processes inherit, and only they
+        for name, value in node_env.items():
+            patch.setenv(name, value)
+        yield

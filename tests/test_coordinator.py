@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from coordkit import coordinator_env, start_coordinator, wait_for, write_pipeline
+from s3server import cluster_node_env
 
 from kitdist import storage
 from kitdist.coordinator.cluster import LocalCluster, job_client
@@ -32,13 +33,7 @@ def local_cluster(request) -> LocalCluster:
     """The cluster the jobs run on. Its processes have the S3 server's endpoint and credentials in their
     environment, as a remote cluster's nodes do: the coordinator hands none over through Ray."""
     pytest.importorskip("ray")
-    try:
-        node_env = request.getfixturevalue("s3_server").env
-    except pytest.skip.Exception:  # no S3 server here: the S3 test skips, the other runs
-        node_env = {}
-    with pytest.MonkeyPatch.context() as patch:  # what the cluster's processes inherit, and only they
-        for name, value in node_env.items():
-            patch.setenv(name, value)
+    with cluster_node_env(request):
         cluster = LocalCluster.start(num_cpus=4)
     yield cluster
     cluster.stop()

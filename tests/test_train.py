@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from s3server import cluster_node_env
 
 from kitdist import storage
 from kitdist.config import load_config
@@ -76,13 +77,7 @@ def ray_address(request, ray_temp_dir) -> str:
     handed to runs in subprocesses through RAY_ADDRESS. Its processes have the S3 server's endpoint and
     credentials in their environment, as a remote cluster's nodes do: nothing hands them over through Ray."""
     ray = pytest.importorskip("ray")
-    try:
-        node_env = request.getfixturevalue("s3_server").env
-    except pytest.skip.Exception:  # no S3 server here: the S3 tests skip, the others run
-        node_env = {}
-    with pytest.MonkeyPatch.context() as patch:  # what the cluster's processes inherit, and only they
-        for name, value in node_env.items():
-            patch.setenv(name, value)
+    with cluster_node_env(request):
         ray.init(
             address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=ray_temp_dir
         )
