@@ -5,7 +5,9 @@
 
 The model size comes from the `config.yaml` that training writes beside `weights.safetensors`; a bare
 weights file is matched against the named sizes by its tensor shapes. Asking for one size while the
-weights hold another fails with a message naming both.
+weights hold another fails with a message naming both, except where a size changed its architecture
+(`kitdist.model.sizes.FORMER_ARCHITECTURES`): weights written under the old name that fit the former
+architecture load as it (`debug` checkpoints from before the new skeleton load as `debug_v1`).
 
 Large images are restored in overlapping tiles. Each tile's result is weighted by a window that is 0 in a
 margin along every edge that borders another tile, then ramps linearly to 1 across the rest of the overlap:
@@ -17,6 +19,7 @@ to its multiple of 32 itself.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +31,10 @@ from kitdist import checkpoints, storage
 from kitdist.checkpoints import WeightsError
 from kitdist.config import ConfigError, ModelConfig, RunConfig, from_dict
 from kitdist.model import SIZES, build_model
+from kitdist.model.sizes import FORMER_ARCHITECTURES
+from kitdist.preflight import size_with_shapes
 
+log = logging.getLogger(__name__)
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 64
 
@@ -193,6 +199,10 @@ def _model_config(weights_url: str, weights: dict[str, torch.Tensor], asked: str
             f"but model size {asked!r} was asked for"
         )
     cfg = recorded or ModelConfig(size=asked or held or "debug")
+    if held is not None and held == FORMER_ARCHITECTURES.get(cfg.size):
+        log.warning("%s: weights of model size %r from before its change: loading them as %r", weights_url,
+                    cfg.size, held)  # fmt: skip
+        cfg = dataclasses.replace(cfg, size=held)
     if held != cfg.size:
         found = f"model size {held!r}" if held else "no named model size (" + ", ".join(SIZES) + ")"
         raise WeightsError(
@@ -215,10 +225,4 @@ def recorded_run_config(weights_url: str) -> RunConfig | None:
 
 def size_of_weights(weights: dict[str, torch.Tensor]) -> str | None:
     """The named size whose parameter names and shapes the weights match exactly, if any."""
-    shapes = {name: tuple(tensor.shape) for name, tensor in weights.items()}
-    for name in SIZES:
-        with torch.device("meta"):
-            reference = build_model(ModelConfig(size=name)).state_dict()
-        if shapes == {key: tuple(value.shape) for key, value in reference.items()}:
-            return name
-    return None
+    return size_with_shapes({name: tuple(tensor.shape) for name, tensor in weights.items()})

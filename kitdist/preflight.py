@@ -81,6 +81,13 @@ def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
+def size_with_shapes(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """The named size whose parameter names and shapes are exactly `shapes`, if any."""
+    from kitdist.model import SIZES
+
+    return next((name for name in SIZES if model_shapes(ModelConfig(size=name)) == shapes), None)
+
+
 def check_batches(cfg: RunConfig, samples: int) -> None:
     """Every rank needs a batch per epoch for each of its data workers (the rule TrainStream applies)."""
     if cfg.data.mode != "epoch":
@@ -131,9 +138,11 @@ def check_weights(what: str, url: str, shapes: dict[str, tuple[int, ...]], cfg: 
     name = first_difference(shapes, found)
     if name is None:
         return
+    fitting = size_with_shapes(found)
+    hint = f"; they fit model.size={fitting!r}" if fitting else ""
     raise ConfigError(
         f"{what}: {url} does not fit model.size={cfg.size!r} (and the model.* settings): parameter {name} "
-        f"is {found.get(name, 'absent')} there, {shapes.get(name, 'absent')} in the model",
+        f"is {found.get(name, 'absent')} there, {shapes.get(name, 'absent')} in the model{hint}",
         key="model.size",
     )
 

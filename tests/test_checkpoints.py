@@ -144,7 +144,7 @@ def test_checkpoint_written_before_the_change_still_loads():
     assert state.data_states[0]["format"] == "kitdist-stream/1" and state.optimizer["optimizer_step"] == 1
     legacy = json.loads((LEGACY / TRAIN_STATE).read_text())
     assert json.loads(state.to_json()) == {**legacy, "batching": {}}  # nothing dropped (batching: issue 15)
-    model = build_model(ModelConfig(size="debug"))
+    model = build_model(ModelConfig(size="debug_v1"))  # `debug` before the paper's skeleton
     model.load_state_dict(read_weights(LEGACY), strict=True)
     assert latest_checkpoint(str(LEGACY_RUN)) == str(LEGACY) and weights_url(str(LEGACY_RUN)).endswith(
         "step-00000001/weights.safetensors"
@@ -157,8 +157,8 @@ def test_checkpoint_written_before_the_change_restores_rng_and_images():
 
     torch.manual_seed(123)
     assert restore_rng(LEGACY, rank=0) and not restore_rng(LEGACY, rank=1)
-    restorer = load_restorer(str(LEGACY_RUN), device="cpu")  # the size from its config.yaml
-    assert restorer.size_name == "debug" and restorer.weights_url == str(LEGACY / WEIGHTS)
+    restorer = load_restorer(str(LEGACY_RUN), device="cpu")  # config.yaml says debug, the shapes debug_v1
+    assert restorer.size_name == "debug_v1" and restorer.weights_url == str(LEGACY / WEIGHTS)
     restored = restorer.restore(torch.rand(40, 48, 3).numpy())
     assert restored.shape == (40, 48, 3)
 

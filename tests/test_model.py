@@ -22,7 +22,7 @@ from kitdist.model.profile import main as profile_main
 
 def debug_model(**overrides) -> KiT:
     torch.manual_seed(0)
-    return build_model(ModelConfig(size="debug", **overrides))
+    return build_model(ModelConfig(**{"size": "debug", **overrides}))
 
 
 @pytest.mark.parametrize("height,width", [(32, 32), (64, 64), (48, 80), (37, 53), (31, 33), (5, 7), (1, 1)])
@@ -158,14 +158,24 @@ def test_kit_matches_the_paper_within_3_percent_under_module_hook_counting():
     assert count_macs(cfg, 256, 256) > macs  # FlopCounterMode also counts the attention matmuls
 
 
-def test_debug_is_numerically_the_model_it_always_was():
+def test_debug_v1_is_numerically_the_debug_model_before_the_new_skeleton():
     # output and parameter shapes of main's debug KiT before the new skeleton (seed 0, 32x48 input)
     reference = torch.load(Path(__file__).parent / "data" / "debug_kit_reference.pt")
-    model = debug_model().eval()
+    model = debug_model(size="debug_v1").eval()
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == reference["shapes"]
     image = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(image), reference["output"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["debug", "small", "kit"])
+def test_the_named_sizes_share_the_papers_skeleton(name):
+    with torch.device("meta"):
+        model = build_model(ModelConfig(size=name))
+    assert all(isinstance(up.conv, torch.nn.ConvTranspose2d) for up in model.up)
+    assert all(down.conv.stride == (2, 2) and down.conv.kernel_size == (4, 4) for down in model.down)
+    assert all(isinstance(fuse, torch.nn.Linear) for fuse in model.fuse)  # the fused decoder
+    assert [len(stage) > 0 for stage in model.encoder] == [True] * 3 and len(model.bottleneck) > 0
 
 
 @pytest.mark.parametrize("decoder", ["fused", "concat"])

@@ -60,6 +60,7 @@ def test_init_weights_of_another_shape_name_the_file_and_a_parameter(tmp_path, s
         check_launchable(run_config(tmp_path, shards, f"train.init_weights={url}"))
     message = str(info.value)
     assert message.startswith("train.init_weights:") and url in message and "parameter " in message
+    assert message.endswith("they fit model.size='small'")  # the size to ask for instead
 
 
 def test_missing_init_weights_name_the_url(tmp_path, shards):

@@ -37,8 +37,9 @@ transposed conv up (4.5 GMACs where `kit_v1`'s bilinear + 3x3 conv took 8.15). I
 level 3 (H/4, 4C = 192 channels), the cheapest level that still hashes. "fused" decoder: skip and
 upsampled map concatenated, then a linear layer back to c channels; "concat" (Uformer) keeps 2c.
 
-`debug` keeps the architecture it always had (bilinear interpolation, fused decoder), so existing
-checkpoints load and its verified restoration quality stands; `small` follows the new skeleton.
+`debug` and `small` follow the same skeleton. The sizes whose architecture changed keep the old one under
+a new name (`FORMER_ARCHITECTURES`: `debug_v1`, bilinear interpolation; `kit_v1`), and a checkpoint whose
+config names the size but whose weights fit the former architecture loads as it (`kitdist.inference`).
 Hashing counts in MACs (a ~log N cost per patch); sort, gather and scatter cost time but 0 MACs.
 """
 
@@ -79,10 +80,10 @@ class ModelSize:
 
 
 SIZES: dict[str, ModelSize] = {
-    # tests and CPU demos: 0.43 M parameters, 0.21 GMACs and ~0.1 s forward at 64x64 on this CPU
+    # tests and CPU demos (the embedded default): the paper's skeleton at C = 16, one KTB per stage
     "debug": ModelSize(
         channels=16, encoder_blocks=(1, 1, 1), bottleneck_blocks=1, decoder_blocks=(1, 1, 1),
-        head_dim=16, ffn_ratio=2.0,
+        head_dim=16, ffn_ratio=2.0, interpolation="strided_conv",
     ),
     # a quick real run on the paper's skeleton
     "small": ModelSize(
@@ -99,7 +100,16 @@ SIZES: dict[str, ModelSize] = {
         channels=48, encoder_blocks=(1, 1, 1), bottleneck_blocks=10, decoder_blocks=(1, 1, 1),
         head_dim=24, ffn_ratio=3.875,
     ),
+    # `debug` before it took the new skeleton (bilinear + 3x3 conv interpolation): its checkpoints load
+    "debug_v1": ModelSize(
+        channels=16, encoder_blocks=(1, 1, 1), bottleneck_blocks=1, decoder_blocks=(1, 1, 1),
+        head_dim=16, ffn_ratio=2.0,
+    ),
 }  # fmt: skip
+
+# size name -> the name its former architecture lives on under: checkpoints that recorded the name before
+# the change still load (their weights fit the former architecture, not the current one)
+FORMER_ARCHITECTURES = {"debug": "debug_v1", "kit": "kit_v1"}
 
 
 def resolve_size(cfg: ModelConfig) -> ModelSize:
