@@ -36,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_cases import CPU_CASES, CUDA_CASES, build_case, peak_rss_mb  # noqa: E402
 
+from kitdist.distributed.env import keep_freed_memory  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -72,6 +74,7 @@ def cpu_memory(case: str, shape: tuple, args: argparse.Namespace) -> float | Non
     """Peak memory of one case in a fresh child process (max RSS is per process and never goes down)."""
     command = [sys.executable, __file__, "--child", case, "--sizes", str(shape[1]), "--channels",
                str(shape[2]), "--heads", str(shape[3]), "--threads", str(args.threads)]  # fmt: skip
+    command += ["--glibc-defaults"] if args.glibc_defaults else []
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         print(f"  {case} at {shape}: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -187,6 +190,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument("--growth-sides", type=int, nargs="+", default=[256, 512, 1024],
                         help="image sides for the debug KiT's forward growth (0 to skip)")  # fmt: skip
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="CPU: leave glibc's allocator as it is (kitdist makes it keep freed memory)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -199,13 +204,15 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.glibc_defaults:
+        keep_freed_memory()  # as every kitdist process that runs the model on CPU does
     if args.child:
         print(peak_rss_mb(build_case(args.child, args.channels, args.heads), args.sizes[0], args.channels))
         return
     cases = CUDA_CASES if args.device == "cuda" else CPU_CASES
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
               "dtype": args.dtype, "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
-              "shapes": []}  # fmt: skip
+              "glibc_defaults": args.glibc_defaults, "shapes": []}  # fmt: skip
     for label, shape in shapes(args):
         print(f"  measuring {label} ...", file=sys.stderr, flush=True)
         wanted = [c for c in cases if c != "dense_sdpa" or shape[1] <= args.dense_max]

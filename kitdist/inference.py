@@ -159,8 +159,8 @@ class Restorer:
 def pick_device(name: str = "auto") -> torch.device:
     """ "auto": a GPU when there is one, else the CPU; "auto" and "cuda" take the GPU the launcher meant
     for this process (`kitdist.distributed.env.choose_device`: LOCAL_RANK, Ray's assignment), "cuda:N" that one.
-    A GPU chosen is made the current device."""
-    from kitdist.distributed.env import LauncherFacts, choose_device
+    The process is prepared for it (`kitdist.distributed.env.use_device`)."""
+    from kitdist.distributed.env import LauncherFacts, choose_device, use_device
 
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch")
@@ -168,8 +168,7 @@ def pick_device(name: str = "auto") -> torch.device:
         device = choose_device(torch.cuda.is_available(), LauncherFacts.of_this_process())
     else:
         device = torch.device(name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    use_device(device)
     return device
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kitdist.config import ConfigError, load_config
-from kitdist.model import lsh
+from kitdist.model import kernels, lsh
 from kitdist.model.attention import KNNLocalAttention, partition, unpartition
 from kitdist.model.kernels import check_precision, explicit_attention, reference_attention, run_in_slices
 
@@ -103,6 +103,21 @@ def test_every_path_equals_the_union_softmax(impl, options):
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("options", [OPTIONS[1], OPTIONS[6]], ids=["b=2", "b=3,look_back,k=3"])
+def test_the_explicit_kernel_in_many_cpu_blocks_equals_the_union_softmax(options, monkeypatch):
+    # 2 heads x 64 x 64 float32 logits per chunk (x 2 keys with look-back): blocks of 5 and 2-3 chunks
+    monkeypatch.setattr(kernels, "CPU_BLOCK_BYTES", 5 * 2 * 64 * 64 * 4)
+    (out, grads), (ref_out, ref_grads) = run_both("explicit", options)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-3)
+    kla = make_kla("explicit", **options).eval()
+    x = torch.randn(2, 16, 24, 16)
+    with torch.no_grad():  # the inference path, which never keeps all probabilities
+        inferred = kla(x)
+    torch.testing.assert_close(inferred, kla(x.requires_grad_()).detach(), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["reference", "explicit"])

@@ -64,3 +64,36 @@ def test_facts_of_this_process_read_the_environment():
     assert (facts.local_rank, facts.cuda_visible_devices) == (1, "4,5")
     assert facts.visible_gpus == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     assert LauncherFacts.of_this_process({}).local_rank is None
+
+
+FAULTS_OF_REUSE = """
+import resource, sys, torch
+from kitdist.distributed.env import keep_freed_memory, use_device
+
+def faults_per_reuse():
+    torch.ones(64 << 18)  # 64 MB, freed at once: glibc's default gives such blocks back to the kernel
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(64 << 18)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+
+default = faults_per_reuse()
+use_device(torch.device("cpu"))
+print(default, faults_per_reuse())
+"""
+
+
+def test_a_cpu_process_keeps_freed_memory_instead_of_faulting_it_back_in():
+    """Page faults, not time: glibc by default returns a freed 64 MB block to the kernel, and the next one
+    of that size faults its 16,384 pages back in; after `use_device(cpu)` the block is reused."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator switches are glibc's")
+    result = subprocess.run(
+        [sys.executable, "-c", FAULTS_OF_REUSE], capture_output=True, text=True, check=True
+    )
+    default, kept = (float(value) for value in result.stdout.split())
+    assert default > 10_000 and kept < 100

@@ -111,9 +111,46 @@ def device_for(cfg: DistConfig) -> torch.device:
     picks the current device (all_gather_object, barrier, NCCL's communicator) uses it: call it before
     the first collective."""
     device = choose_device(cfg.use_gpu, LauncherFacts.of_this_process())
+    use_device(device)
+    return device
+
+
+def use_device(device: torch.device) -> None:
+    """Prepares this process to run the model on `device`: a GPU is made the current device; on CPU the
+    allocator keeps freed memory for reuse (`keep_freed_memory`)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return device
+    elif device.type == "cpu":
+        keep_freed_memory()
+
+
+# glibc hands every freed block above its mmap threshold (which adapts up to 32 MiB) back to the kernel,
+# and the next allocation of that size faults every page back in, zeroed. On CPU a KiT's activations pass
+# 32 MiB from about 512x512 on (a map of 16 channels, a LeFF's hidden layer, KLA's logits), and page faults
+# then took a third of the forward: 7.2x the time for each doubling of the side instead of 4.3x
+# (benchmarks/RESULTS.md, "Growth with image size"). The fix PyTorch's CPU tuning guide gives is another
+# allocator (jemalloc, tcmalloc: LD_PRELOAD, outside our reach); glibc's own switches do the same for us.
+KEEP_FREED_BYTES = 1 << 30  # blocks up to this size stay in the process, and up to this much at the top
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc keep freed blocks of up to KEEP_FREED_BYTES for reuse instead of returning them to the
+    kernel (the peak memory a step needs then stays with the process). True where it took effect; a no-op
+    on other C libraries."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
+            and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+        )
+    except (OSError, AttributeError):
+        return False
 
 
 def rank() -> int:

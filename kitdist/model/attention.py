@@ -109,26 +109,53 @@ class KNNLocalAttention(nn.Module):
         patches = partition(x, r)  # [B, N, P, c]
         num_patches, pixels = patches.shape[1], r * r
         qkv = self.qkv(patches).view(batch, num_patches, pixels, 3, heads, self.head_dim)
-        qkv = qkv.permute(0, 1, 4, 3, 2, 5).contiguous()  # [B, N, h, 3, P, d]: one copy, gathered once
         bias = self.bias_table[:, self.bias_index]  # [h, P, P]
         impl = resolve_impl(self.attention_impl, x.device)
+        self.last_kernel = impl
         if self.chunk_size == 1 and not self.look_back:
             # k = 1 (the bottleneck): each patch attends to itself, whatever the hash; every round would
             # give the same output and lse, so one round and no hashing compute exactly the merged result
             # (Flex would waste most of a tile on 16-pixel blocks: fused SDPA serves this case on CUDA)
             self.last_kernel = "sdpa" if impl == "flex" else impl
-            q, k, v = (qkv[:, :, :, i].flatten(0, 1) for i in range(3))  # each [B*N, h, P, d]
-            kernel = CHUNK_KERNELS[self.last_kernel]
-            out, _ = run_in_slices(kernel, q, k, v, bias, self.head_dim**-0.5, False)
-            out = out.view(batch, num_patches, heads, pixels, self.head_dim)
+            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(1, 2).unbind(0)  # each [B*N, h, P, d]
+            out, _ = run_in_slices(CHUNK_KERNELS[self.last_kernel], q, k, v, bias, self.head_dim**-0.5, False)
+            out = out.view(batch, num_patches, heads, pixels, self.head_dim).transpose(2, 3)
+        elif impl == "flex":
+            out = self._grouped(qkv.permute(0, 1, 4, 3, 2, 5).contiguous(), bias).transpose(2, 3)
         else:
-            self.last_kernel = impl
-            out = self._grouped(qkv, bias, impl)
-        out = out.permute(0, 1, 3, 2, 4).reshape(batch, num_patches, pixels, channels)
+            out = self._grouped_chunks(qkv, bias, CHUNK_KERNELS[impl])
+        out = out.reshape(batch, num_patches, pixels, channels)  # from [B, N, P, h, d]
         return unpartition(self.proj(out), height, width)
 
-    def _grouped(self, qkv: torch.Tensor, bias: torch.Tensor, impl: str) -> torch.Tensor:
-        """Hash, sort, chunk, attend, un-sort and merge rounds. qkv [B, N, h, 3, P, d] -> [B, N, h, P, d]."""
+    def _grouped_chunks(self, qkv: torch.Tensor, bias: torch.Tensor, kernel) -> torch.Tensor:
+        """Hash, sort, chunk, attend, un-sort and merge rounds through a chunk kernel, with the chunks as a
+        batch `[B*R*chunks, h, k*P, d]`. qkv [B, N, P, 3, h, d] -> [B, N, P, h, d]. The projections go
+        into chunks and the outputs back in one row copy each (`lsh.pixel_rows`)."""
+        batch, num_patches, pixels, _, heads, head_dim = qkv.shape
+        grouping = self._group(qkv[:, :, :, 1].transpose(2, 3))
+        num_chunks, rounds = grouping.order.shape[-1] // self.chunk_size, self.hash_rounds
+        look_back = self.look_back and num_chunks > 1
+        rows = lsh.pixel_rows(grouping, num_patches, self.chunk_size, pixels, 3)
+        chunked = lsh.to_chunks(qkv.reshape(-1, head_dim), rows)  # [3*B*R*C*h*k*P, d]
+        sequences = batch * rounds * num_chunks
+        sq, sk, sv = chunked.view(3, sequences, heads, self.chunk_size * pixels, head_dim).unbind(0)
+        if look_back:
+            sk, sv = (self._with_previous_chunk(t, batch * rounds, num_chunks) for t in (sk, sv))
+        pair_bias = None
+        if self.duplicate_keys == "once" and rounds > 1:  # [B, h, R, Np, Kp] -> [B*R*chunks, h, k, Kp]
+            pair_bias = -lsh.duplicate_log_counts(grouping, self.chunk_size, look_back)
+            pair_bias = pair_bias.view(batch, heads, rounds, num_chunks, self.chunk_size, -1)
+            pair_bias = pair_bias.permute(0, 2, 3, 1, 4, 5).reshape(sequences, heads, self.chunk_size, -1)
+        out, lse = run_in_slices(kernel, sq, sk, sv, bias, head_dim**-0.5, rounds > 1, pair_bias)
+        out = lsh.from_chunks(out.reshape(-1, head_dim), rows)  # [B*R*N*P*h, d]
+        if rounds == 1:
+            return out.view(batch, num_patches, pixels, heads, head_dim)
+        lse = lsh.from_chunks(lse.reshape(-1, 1), rows).view(batch, rounds, num_patches, pixels, heads, 1)
+        return merge_rounds(out.view(batch, rounds, num_patches, pixels, heads, head_dim), lse, dim=1)
+
+    def _grouped(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The grouped attention through FlexAttention over sorted sequences (`flex.py`).
+        qkv [B, N, h, 3, P, d] -> [B, N, h, P, d]."""
         batch, num_patches, heads, _, pixels, head_dim = qkv.shape
         grouping = self._group(qkv[:, :, :, 1])
         num_chunks, rounds = grouping.order.shape[-1] // self.chunk_size, self.hash_rounds
@@ -136,36 +163,15 @@ class KNNLocalAttention(nn.Module):
         pair_bias = None
         if self.duplicate_keys == "once" and rounds > 1:
             pair_bias = -lsh.duplicate_log_counts(grouping, self.chunk_size, look_back)  # [B,h,R,Np,Kp]
-        attend = self._attend_flex if impl == "flex" else self._attend_chunks
-        out, lse, back = attend(qkv, bias, grouping, look_back, pair_bias, CHUNK_KERNELS.get(impl))
+        out, lse, back = self._attend_flex(qkv, bias, grouping, look_back, pair_bias)
         out = lsh.gather_rows(out.reshape(-1, pixels * head_dim), back)  # [B, R, N, h, P*d]
         out = out.view(batch, rounds, num_patches, heads, pixels, head_dim)
-        if rounds == 1:
-            return out[:, 0]
+        if rounds == 1:  # a view: selecting [:, 0] would cost a zero-filled copy of the map in backward
+            return out.view(batch, num_patches, heads, pixels, head_dim)
         lse = lsh.gather_rows(lse.reshape(-1, pixels), back)  # [B, R, N, h, P]
-        weights = torch.softmax(lse, dim=1).unsqueeze(-1).to(out.dtype)
-        return (out * weights).sum(dim=1)
+        return merge_rounds(out, lse.unsqueeze(-1), dim=1)
 
-    def _attend_chunks(self, qkv, bias, grouping, look_back, pair_bias, kernel):
-        """Chunks as a batch `[B*R*chunks, h, k*P, d]` through a chunk kernel; returns out, lse and the
-        rows that un-sort them."""
-        batch, num_patches, heads, _, pixels, head_dim = qkv.shape
-        num_chunks, rounds = grouping.order.shape[-1] // self.chunk_size, self.hash_rounds
-        rows = lsh.sorted_row_index(grouping, num_patches, self.chunk_size, 3)  # [3, B, R, chunks, h, k]
-        gathered = lsh.gather_rows(qkv.view(-1, pixels * head_dim), rows)  # [3, B, R, chunks, h, k, P*d]
-        gathered = gathered.view(3, batch * rounds * num_chunks, heads, self.chunk_size * pixels, head_dim)
-        sq, sk, sv = gathered.unbind(0)  # each a contiguous [B*R*chunks, h, k*P, d]
-        if look_back:
-            sk, sv = (self._with_previous_chunk(t, batch * rounds, num_chunks) for t in (sk, sv))
-        if pair_bias is not None:  # [B, h, R, Np, Kp] -> [B*R*chunks, h, k, Kp]
-            pair_bias = pair_bias.view(batch, heads, rounds, num_chunks, self.chunk_size, -1)
-            pair_bias = pair_bias.permute(0, 2, 3, 1, 4, 5).reshape(
-                -1, heads, self.chunk_size, sk.shape[-2] // pixels
-            )
-        out, lse = run_in_slices(kernel, sq, sk, sv, bias, head_dim**-0.5, rounds > 1, pair_bias)
-        return out, lse, lsh.unsorted_row_index(grouping, self.chunk_size, num_chunks)
-
-    def _attend_flex(self, qkv, bias, grouping, look_back, pair_bias, _kernel):
+    def _attend_flex(self, qkv, bias, grouping, look_back, pair_bias):
         """Sorted sequences `[B*R, h, N_padded*P, d]` through FlexAttention (see `flex.py`)."""
         from kitdist.model.flex import flex_attention
 
@@ -213,6 +219,13 @@ class KNNLocalAttention(nn.Module):
         per_sequence = t.view(sequences, num_chunks, *t.shape[1:])
         previous = per_sequence.roll(1, dims=1)
         return torch.cat([per_sequence, previous], dim=-2).flatten(0, 1)
+
+
+def merge_rounds(out: torch.Tensor, lse: torch.Tensor, dim: int) -> torch.Tensor:
+    """The rounds' outputs weighted by the softmax of their log-sum-exps over `dim` (lse broadcasts
+    against out): one softmax over the union of the rounds' keys."""
+    weights = torch.softmax(lse, dim=dim).to(out.dtype)
+    return (out * weights).sum(dim=dim)
 
 
 def _check_choice(name: str, ok: bool, message: str) -> None:

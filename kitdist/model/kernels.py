@@ -57,21 +57,9 @@ class ExplicitAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale, pair_bias):  # noqa: D102 (documented on the class)
-        batch, heads, queries, _ = q.shape
-        keys, pixels = k.shape[-2], bias.shape[-1]
-        logits = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))  # [X, h, L, S]
-        tiles = logits.view(batch, heads, queries // pixels, pixels, keys // pixels, pixels)
-        tiles.add_(bias.float().view(1, heads, 1, pixels, 1, pixels))
-        if pair_bias is not None:
-            tiles.add_(pair_bias.float().view(batch, heads, queries // pixels, 1, keys // pixels, 1))
-        # log_softmax is one fused pass (logsumexp is several); lse = x_0 - log p_0 needs no exp
-        log_probs = torch.log_softmax(logits, dim=-1)
-        lse = logits[..., 0] - log_probs[..., 0]
-        del logits, tiles
-        probs = log_probs.exp_()
-        out = torch.matmul(probs, v.float())
+        out, lse, probs = _explicit_forward(q, k, v, bias, scale, pair_bias, keep_probs=True)
         ctx.save_for_backward(q, k, v, probs, out)
-        ctx.scale, ctx.pixels = scale, pixels
+        ctx.scale, ctx.pixels = scale, bias.shape[-1]
         return out.to(v.dtype), lse
 
     @staticmethod
@@ -80,24 +68,76 @@ class ExplicitAttention(torch.autograd.Function):
         batch, heads, queries, _ = q.shape
         keys, pixels = k.shape[-2], ctx.pixels
         grad_out = grad_out.float()
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-        # d logits = p * (dp - <dout, out> + dlse): the softmax backward and the lse's in one pass
-        row_term = (grad_out * out).sum(-1)
-        if grad_lse is not None:
-            row_term = row_term - grad_lse
-        grad_logits = torch.matmul(grad_out, v.float().transpose(-1, -2)).sub_(row_term.unsqueeze(-1))
-        grad_logits.mul_(probs)
+        grad_q, grad_k, grad_v = (
+            torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in (q, k, v)
+        )
+        need_bias = ctx.needs_input_grad[3]
+        per_pair = q.new_zeros(heads * queries * keys, dtype=torch.float32) if need_bias else None
+        for block in _blocks(batch, heads * queries * keys, q.device):
+            probs_b, grad_out_b, v_b = probs[block], grad_out[block], v[block].float()
+            torch.matmul(probs_b.transpose(-1, -2), grad_out_b, out=grad_v[block])
+            # d logits = p * (dp - <dout, out> + dlse): the softmax backward and the lse's in one pass
+            row_term = (grad_out_b * out[block]).sum(-1)
+            if grad_lse is not None:
+                row_term = row_term - grad_lse[block]
+            grad_logits = torch.matmul(grad_out_b, v_b.transpose(-1, -2)).sub_(row_term.unsqueeze(-1))
+            grad_logits.mul_(probs_b)
+            if need_bias:  # sum over chunks first: a contiguous reduction, then the small tiles
+                per_pair += grad_logits.view(grad_logits.shape[0], -1).sum(0)
+            torch.matmul(grad_logits, k[block].float(), out=grad_q[block])
+            torch.matmul(grad_logits.transpose(-1, -2), q[block].float(), out=grad_k[block])
+        grad_q.mul_(ctx.scale)
+        grad_k.mul_(ctx.scale)
         grad_bias = None
-        if ctx.needs_input_grad[3]:  # sum over chunks first: a contiguous reduction, then the small tiles
-            per_pair = (
-                grad_logits.view(batch, -1)
-                .sum(0)
-                .view(heads, queries // pixels, pixels, keys // pixels, pixels)
+        if need_bias:
+            grad_bias = per_pair.view(heads, queries // pixels, pixels, keys // pixels, pixels).sum(
+                dim=(1, 3)
             )
-            grad_bias = per_pair.sum(dim=(1, 3))
-        grad_q = torch.matmul(grad_logits, k.float()).mul_(ctx.scale)
-        grad_k = torch.matmul(grad_logits.transpose(-1, -2), q.float()).mul_(ctx.scale)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_bias, None, None
+
+
+# On CPU the kernel works through the chunks in blocks whose logits take about this many bytes, so that
+# logits, softmax and the products stay in the core's cache instead of streaming a tensor of hundreds of
+# MB through memory several times (KiT at 1024x1024: 256 MB of logits per round). On CUDA one block: a
+# launch per block would cost more than it saves.
+CPU_BLOCK_BYTES = 1 << 20
+
+
+def _blocks(count: int, elements_per_item: int, device: torch.device) -> list[slice]:
+    """Slices of `count` items (chunks) with about CPU_BLOCK_BYTES of float32 logits each; one on CUDA."""
+    if device.type != "cpu":
+        return [slice(0, count)]
+    size = max(1, CPU_BLOCK_BYTES // (4 * elements_per_item))
+    return [slice(start, start + size) for start in range(0, count, size)]
+
+
+def _explicit_forward(q, k, v, bias, scale, pair_bias, keep_probs: bool):
+    """out and lse (float32) of the chunks, and, with keep_probs, the probabilities for backward."""
+    batch, heads, queries, head_dim = q.shape
+    keys, pixels = k.shape[-2], bias.shape[-1]
+    out = torch.empty((batch, heads, queries, v.shape[-1]), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads, queries), dtype=torch.float32, device=q.device)
+    probs = (
+        torch.empty((batch, heads, queries, keys), dtype=torch.float32, device=q.device)
+        if keep_probs
+        else None
+    )
+    tile_bias = bias.float().view(1, heads, 1, pixels, 1, pixels)
+    for block in _blocks(batch, heads * queries * keys, q.device):
+        q_b = q[block].float() * scale
+        logits = torch.matmul(
+            q_b, k[block].float().transpose(-1, -2), out=probs[block] if keep_probs else None
+        )
+        tiles = logits.view(-1, heads, queries // pixels, pixels, keys // pixels, pixels)
+        tiles.add_(tile_bias)
+        if pair_bias is not None:
+            tiles.add_(pair_bias[block].float().view(-1, heads, queries // pixels, 1, keys // pixels, 1))
+        # log_softmax is one fused pass (logsumexp is several); lse = x_0 - log p_0 needs no exp
+        log_probs = torch.log_softmax(logits, dim=-1)
+        torch.sub(logits[..., 0], log_probs[..., 0], out=lse[block])
+        block_probs = torch.exp(log_probs, out=logits)
+        torch.matmul(block_probs, v[block].float(), out=out[block])
+    return out, lse, probs
 
 
 def explicit_attention(
@@ -109,9 +149,15 @@ def explicit_attention(
     need_lse: bool,
     pair_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`ExplicitAttention` with the kernel signature; autocast is off inside (it upcasts itself)."""
+    """`ExplicitAttention` with the kernel signature; autocast is off inside (it upcasts itself). Without
+    autograd (evaluation, inference) the probabilities are never kept whole."""
     with no_autocast(q.device.type):
-        out, lse = ExplicitAttention.apply(q, k, v, bias, scale, pair_bias)
+        tracked = (q, k, v, bias) if pair_bias is None else (q, k, v, bias, pair_bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+            out, lse = ExplicitAttention.apply(q, k, v, bias, scale, pair_bias)
+        else:
+            out, lse, _ = _explicit_forward(q, k, v, bias, scale, pair_bias, keep_probs=False)
+            out = out.to(v.dtype)
     return out, (lse if need_lse else None)
 
 

@@ -184,6 +184,99 @@ def unsorted_row_index(
     return rows.permute(0, 2, 3, 1)
 
 
+@dataclass(frozen=True)
+class PixelRows:
+    """Row indices, one row per pixel, head (and part: q, k, v), between the patch-major layout of KLA's
+    projections, `[B, N, P, parts, h]`, and the sorted, chunked layout its chunk kernels take,
+    `[parts, B, R, chunks, h, k, P]` (see `pixel_rows`). Moving rows of d floats by these indices does
+    the permute and the sort in one copy, and each direction's backward is a gather too."""
+
+    to_chunks: torch.Tensor  # [parts*B*R*C*h*k*P]: the source row of each chunked row
+    from_chunks: (
+        torch.Tensor
+    )  # [R, B*N*P*parts*h]: the chunked row of each source row, per round (first slot)
+    pixel_to_chunk: torch.Tensor  # [B*R*N*P*h]: the row of a chunked output [B, R, C, h, k, P] of each pixel
+    chunk_to_pixel: torch.Tensor  # [B*R*C*h*k*P]: the row of [B, R, N, P, h] of each chunked output row
+    padded_inputs: torch.Tensor | None  # chunked rows in wrap-around pad slots (None: no padding)
+    padded_outputs: torch.Tensor | None  # chunked output rows in pad slots
+
+
+def pixel_rows(grouping: Grouping, num_patches: int, chunk_size: int, pixels: int, parts: int) -> PixelRows:
+    """The `PixelRows` of a grouping: broadcast arithmetic on the per-patch order, no search."""
+    order, slot_of = grouping.order, grouping.slot_of  # [B, h, R, Np], [B, h, R, N]
+    batch, heads, rounds, num_padded = order.shape
+    chunks, k, device = num_padded // chunk_size, chunk_size, order.device
+
+    def steps(count: int, *shape: int) -> torch.Tensor:
+        return torch.arange(count, device=device).view(*shape)
+
+    patch = order.view(batch, heads, rounds, chunks, k).permute(0, 2, 3, 1, 4)  # [B, R, C, h, k]
+    head5 = steps(heads, 1, 1, 1, heads, 1)
+    source = (steps(batch, batch, 1, 1, 1, 1) * num_patches + patch) * (pixels * parts * heads) + head5
+    to_chunks = source[None, ..., None] + steps(pixels, pixels) * (parts * heads)  # [1, B, R, C, h, k, P]
+    to_chunks = to_chunks + steps(parts, parts, 1, 1, 1, 1, 1, 1) * heads  # [parts, B, R, C, h, k, P]
+    # first row of each patch in the chunked output, per head and round: [B, h, R, N]
+    sequence = steps(batch, batch, 1, 1, 1) * rounds + steps(rounds, 1, 1, rounds, 1)
+    first = (
+        ((sequence * chunks + slot_of // k) * heads + steps(heads, 1, heads, 1, 1)) * k + slot_of % k
+    ) * pixels
+    out_rows = batch * rounds * chunks * heads * k * pixels
+    pixel_to_chunk = first.permute(0, 2, 3, 1).unsqueeze(3) + steps(pixels, pixels, 1)  # [B, R, N, P, h]
+    from_chunks = first.permute(2, 0, 3, 1)[:, :, :, None, None, :] + steps(pixels, pixels, 1, 1)
+    from_chunks = from_chunks + steps(parts, parts, 1) * out_rows  # [R, B, N, P, parts, h]
+    sequence5 = steps(batch, batch, 1, 1, 1, 1) * rounds + steps(rounds, 1, rounds, 1, 1, 1)
+    chunk_to_pixel = (sequence5 * num_patches + patch) * (pixels * heads) + head5  # [B, R, C, h, k]
+    chunk_to_pixel = chunk_to_pixel.unsqueeze(-1) + steps(pixels, pixels) * heads  # [B, R, C, h, k, P]
+    padded_inputs = padded_outputs = None
+    if num_padded > num_patches:
+        pad = (steps(chunks, chunks, 1) * k + steps(k, k)) >= num_patches  # [C, k]
+        pad_out = pad.view(1, 1, chunks, 1, k, 1).expand(batch, rounds, chunks, heads, k, pixels)
+        padded_outputs = pad_out.reshape(-1).nonzero().squeeze(1)
+        padded_inputs = pad_out.expand(parts, *pad_out.shape).reshape(-1).nonzero().squeeze(1)
+    return PixelRows(
+        to_chunks.reshape(-1), from_chunks.reshape(rounds, -1), pixel_to_chunk.reshape(-1),
+        chunk_to_pixel.reshape(-1), padded_inputs, padded_outputs,
+    )  # fmt: skip
+
+
+def to_chunks(source: torch.Tensor, rows: PixelRows) -> torch.Tensor:
+    """Rows `[B*N*P*parts*h, F]` of the projections -> `[parts*B*R*C*h*k*P, F]`, sorted and chunked."""
+    padded = rows.padded_inputs
+    duplicates = None if padded is None else rows.to_chunks[padded]
+    return _MoveRows.apply(source, rows.to_chunks, rows.from_chunks, padded, duplicates, None)
+
+
+def from_chunks(chunked: torch.Tensor, rows: PixelRows) -> torch.Tensor:
+    """A chunked output `[B*R*C*h*k*P, F]` -> `[B*R*N*P*h, F]` in patch order, each patch's first slot."""
+    return _MoveRows.apply(
+        chunked, rows.pixel_to_chunk, rows.chunk_to_pixel[None], None, None, rows.padded_outputs
+    )
+
+
+class _MoveRows(torch.autograd.Function):
+    """`source[rows]` whose backward gathers as well instead of scatter-adding into zeros: source row i
+    took part in the output at `back[r, i]` for each r (R rounds), and at the rows `extra_from` (pad
+    duplicates of source rows `extra_to`); output rows fed by nothing (`unfed`) get no gradient."""
+
+    @staticmethod
+    def forward(ctx, source, rows, back, extra_from, extra_to, unfed):  # noqa: D102
+        ctx.save_for_backward(back, extra_from, extra_to, unfed)
+        return source.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        back, extra_from, extra_to, unfed = ctx.saved_tensors
+        grad = grad.contiguous()
+        moved = grad.index_select(0, back[0])
+        for more in back[1:]:
+            moved += grad.index_select(0, more)
+        if extra_from is not None:
+            moved.index_add_(0, extra_to, grad.index_select(0, extra_from))
+        if unfed is not None:
+            moved.index_fill_(0, unfed, 0.0)
+        return moved, None, None, None, None, None
+
+
 def key_patches(grouping: Grouping, chunk_size: int, look_back: bool) -> torch.Tensor:
     """The patches whose pixels each chunk's queries see: `[B, h, R, chunks, Kp]`, Kp = k, or 2k with
     look-back (the chunk's own patches, then the previous chunk's, circular within a round)."""
