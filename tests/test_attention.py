@@ -21,10 +21,10 @@ OPTIONS = [
     dict(hash_rounds=1),
     dict(hash_rounds=2),
     dict(hash_rounds=3),
-    dict(hash_rounds=2, chunk_size=3),  # 24 patches do not split into chunks of 3: wrap-around padding
+    dict(hash_rounds=2, chunk_size=5),  # the 24 patches of a 16x24 map fill 5 chunks of 5: 1 wrap-around pad
     dict(hash_rounds=2, chunk_size=1),
     dict(hash_rounds=2, look_back=True),
-    dict(hash_rounds=3, look_back=True, chunk_size=3),
+    dict(hash_rounds=3, look_back=True, chunk_size=7),  # 4 chunks of 7: 4 pad slots
     dict(hash_rounds=2, num_buckets=2),  # crowded buckets: chunks that share many patches across rounds
 ]
 
@@ -105,9 +105,10 @@ def test_every_path_equals_the_union_softmax(impl, options):
         torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("options", [OPTIONS[1], OPTIONS[6]], ids=["b=2", "b=3,look_back,k=3"])
+@pytest.mark.parametrize("options", [OPTIONS[1], OPTIONS[6]], ids=["b=2", "b=3,look_back,k=7"])
 def test_the_explicit_kernel_in_many_cpu_blocks_equals_the_union_softmax(options, monkeypatch):
-    # 2 heads x 64 x 64 float32 logits per chunk (x 2 keys with look-back): blocks of 5 and 2-3 chunks
+    # 2 heads x 64 x 64 float32 logits per chunk of 4: blocks of 5 chunks; chunks of 7 with look-back
+    # (2 x 112 x 224 logits): blocks of 1
     monkeypatch.setattr(kernels, "CPU_BLOCK_BYTES", 5 * 2 * 64 * 64 * 4)
     (out, grads), (ref_out, ref_grads) = run_both("explicit", options)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
@@ -181,7 +182,7 @@ def test_launches_split_under_a_limit_give_the_same_values_and_gradients(kernel)
         torch.testing.assert_close(small, whole)
 
 
-@pytest.mark.parametrize("options", [dict(hash_rounds=2), dict(hash_rounds=3, look_back=True, chunk_size=3)])
+@pytest.mark.parametrize("options", [dict(hash_rounds=2), dict(hash_rounds=3, look_back=True, chunk_size=7)])
 @pytest.mark.parametrize("duplicate_keys", ["count", "once"])
 def test_flex_forward_on_cpu_equals_the_union_softmax(options, duplicate_keys):
     # Flex runs eagerly on CPU (forward only); its compiled CUDA kernel is checked in test_attention_gpu.py

@@ -130,12 +130,12 @@ class KNNLocalAttention(nn.Module):
     def _grouped_chunks(self, qkv: torch.Tensor, bias: torch.Tensor, kernel) -> torch.Tensor:
         """Hash, sort, chunk, attend, un-sort and merge rounds through a chunk kernel, with the chunks as a
         batch `[B*R*chunks, h, k*P, d]`. qkv [B, N, P, 3, h, d] -> [B, N, P, h, d]. The projections go
-        into chunks and the outputs back in one row copy each (`lsh.pixel_rows`)."""
+        into chunks and the outputs back in one row copy each (`lsh.PixelRows`)."""
         batch, num_patches, pixels, _, heads, head_dim = qkv.shape
         grouping = self._group(qkv[:, :, :, 1].transpose(2, 3))
         num_chunks, rounds = grouping.order.shape[-1] // self.chunk_size, self.hash_rounds
         look_back = self.look_back and num_chunks > 1
-        rows = lsh.pixel_rows(grouping, num_patches, self.chunk_size, pixels, 3)
+        rows = lsh.PixelRows(grouping, num_patches, self.chunk_size, pixels, 3)
         chunked = lsh.to_chunks(qkv.reshape(-1, head_dim), rows)  # [3*B*R*C*h*k*P, d]
         sequences = batch * rounds * num_chunks
         sq, sk, sv = chunked.view(3, sequences, heads, self.chunk_size * pixels, head_dim).unbind(0)

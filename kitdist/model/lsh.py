@@ -28,6 +28,13 @@ them exactly. Evaluation draws them from a private CPU generator seeded per laye
 and leaves the global RNG untouched; the layer keeps them on its device per input shape
 (`KNNLocalAttention._rotations`), so evaluation draws and copies them once, not every forward.
 
+Moving the patches into chunks (`PixelRows`, `to_chunks`, `from_chunks`): the chunk kernels take q, k, v
+sorted and chunked, `[parts, B, rounds, chunks, heads, k, P, d]`, while the projections come out patch-major,
+`[B, N, P, parts, heads, d]`. One `index_select` of d-float rows by a per-pixel index does the permute and
+the sort in a single copy, and the backward of each move is a gather too (every source row sits once per
+round at a known row, plus wrap-around duplicates), not a scatter-add into a zero-filled tensor
+(benchmarks/RESULTS.md, "KLA on CPU after issue 18's last pass").
+
 Sorting never builds a float64 key: patches are ordered by two stable sorts (by the in-bucket projection,
 then by code), which gives the same order as a combined key without its precision limit.
 """
@@ -184,97 +191,121 @@ def unsorted_row_index(
     return rows.permute(0, 2, 3, 1)
 
 
-@dataclass(frozen=True)
 class PixelRows:
     """Row indices, one row per pixel, head (and part: q, k, v), between the patch-major layout of KLA's
-    projections, `[B, N, P, parts, h]`, and the sorted, chunked layout its chunk kernels take,
-    `[parts, B, R, chunks, h, k, P]` (see `pixel_rows`). Moving rows of d floats by these indices does
-    the permute and the sort in one copy, and each direction's backward is a gather too."""
+    projections, `[B, N, P, parts, h]` rows, and the sorted, chunked layout its chunk kernels take,
+    `[parts, B, R, chunks, h, k, P]` rows (outputs: `[B, R, N, P, h]` and `[B, R, chunks, h, k, P]`).
+    Moving rows of d floats by these indices does the permute and the sort in one copy. It keeps only
+    per-patch tensors; each pixel-level index is built by broadcast arithmetic when a move (forward or
+    backward) needs it, so autograd holds no index as large as the activations."""
 
-    to_chunks: torch.Tensor  # [parts*B*R*C*h*k*P]: the source row of each chunked row
-    from_chunks: (
-        torch.Tensor
-    )  # [R, B*N*P*parts*h]: the chunked row of each source row, per round (first slot)
-    pixel_to_chunk: torch.Tensor  # [B*R*N*P*h]: the row of a chunked output [B, R, C, h, k, P] of each pixel
-    chunk_to_pixel: torch.Tensor  # [B*R*C*h*k*P]: the row of [B, R, N, P, h] of each chunked output row
-    padded_inputs: torch.Tensor | None  # chunked rows in wrap-around pad slots (None: no padding)
-    padded_outputs: torch.Tensor | None  # chunked output rows in pad slots
+    def __init__(
+        self, grouping: Grouping, num_patches: int, chunk_size: int, pixels: int, parts: int
+    ) -> None:
+        order, slot_of = grouping.order, grouping.slot_of  # [B, h, R, Np], [B, h, R, N]
+        self.batch, self.heads, self.rounds, num_padded = order.shape
+        self.chunks, self.k, self.device = num_padded // chunk_size, chunk_size, order.device
+        self.num_patches, self.pixels, self.parts = num_patches, pixels, parts
+        self.patch = order.view(self.batch, self.heads, self.rounds, self.chunks, chunk_size).permute(
+            0, 2, 3, 1, 4
+        )
+        # the first output row of each patch in the chunked layout, per head and round: [B, h, R, N]
+        sequence = self._steps(self.batch, -1, 1, 1, 1) * self.rounds + self._steps(self.rounds, 1, 1, -1, 1)
+        chunk_row = (sequence * self.chunks + slot_of // chunk_size) * self.heads + self._steps(
+            self.heads, 1, -1, 1, 1
+        )
+        self.first = (chunk_row * chunk_size + slot_of % chunk_size) * pixels
+        self.output_rows = self.batch * self.rounds * self.chunks * self.heads * chunk_size * pixels
 
+    def _steps(self, count: int, *shape: int) -> torch.Tensor:
+        return torch.arange(count, device=self.device).view(*shape)
 
-def pixel_rows(grouping: Grouping, num_patches: int, chunk_size: int, pixels: int, parts: int) -> PixelRows:
-    """The `PixelRows` of a grouping: broadcast arithmetic on the per-patch order, no search."""
-    order, slot_of = grouping.order, grouping.slot_of  # [B, h, R, Np], [B, h, R, N]
-    batch, heads, rounds, num_padded = order.shape
-    chunks, k, device = num_padded // chunk_size, chunk_size, order.device
+    def source_of_chunked(self) -> torch.Tensor:
+        """`[parts*B*R*C*h*k*P]`: the source row of each chunked row."""
+        per_patch = (self._steps(self.batch, -1, 1, 1, 1, 1) * self.num_patches + self.patch) * self.pixels
+        rows = (
+            per_patch[None, ..., None] + self._steps(self.pixels, -1)
+        ) * self.parts  # [1, B, R, C, h, k, P]
+        rows = (rows + self._steps(self.parts, -1, 1, 1, 1, 1, 1, 1)) * self.heads
+        return (rows + self._steps(self.heads, 1, 1, 1, 1, -1, 1, 1)).reshape(-1)
 
-    def steps(count: int, *shape: int) -> torch.Tensor:
-        return torch.arange(count, device=device).view(*shape)
+    def chunked_of_source(self) -> torch.Tensor:
+        """`[R, B*N*P*parts*h]`: the chunked row of each source row in each round (its first slot)."""
+        rows = self.first.permute(2, 0, 3, 1)[:, :, :, None, None, :] + self._steps(self.pixels, -1, 1, 1)
+        rows = rows + self._steps(self.parts, -1, 1) * self.output_rows  # [R, B, N, P, parts, h]
+        return rows.reshape(self.rounds, -1)
 
-    patch = order.view(batch, heads, rounds, chunks, k).permute(0, 2, 3, 1, 4)  # [B, R, C, h, k]
-    head5 = steps(heads, 1, 1, 1, heads, 1)
-    source = (steps(batch, batch, 1, 1, 1, 1) * num_patches + patch) * (pixels * parts * heads) + head5
-    to_chunks = source[None, ..., None] + steps(pixels, pixels) * (parts * heads)  # [1, B, R, C, h, k, P]
-    to_chunks = to_chunks + steps(parts, parts, 1, 1, 1, 1, 1, 1) * heads  # [parts, B, R, C, h, k, P]
-    # first row of each patch in the chunked output, per head and round: [B, h, R, N]
-    sequence = steps(batch, batch, 1, 1, 1) * rounds + steps(rounds, 1, 1, rounds, 1)
-    first = (
-        ((sequence * chunks + slot_of // k) * heads + steps(heads, 1, heads, 1, 1)) * k + slot_of % k
-    ) * pixels
-    out_rows = batch * rounds * chunks * heads * k * pixels
-    pixel_to_chunk = first.permute(0, 2, 3, 1).unsqueeze(3) + steps(pixels, pixels, 1)  # [B, R, N, P, h]
-    from_chunks = first.permute(2, 0, 3, 1)[:, :, :, None, None, :] + steps(pixels, pixels, 1, 1)
-    from_chunks = from_chunks + steps(parts, parts, 1) * out_rows  # [R, B, N, P, parts, h]
-    sequence5 = steps(batch, batch, 1, 1, 1, 1) * rounds + steps(rounds, 1, rounds, 1, 1, 1)
-    chunk_to_pixel = (sequence5 * num_patches + patch) * (pixels * heads) + head5  # [B, R, C, h, k]
-    chunk_to_pixel = chunk_to_pixel.unsqueeze(-1) + steps(pixels, pixels) * heads  # [B, R, C, h, k, P]
-    padded_inputs = padded_outputs = None
-    if num_padded > num_patches:
-        pad = (steps(chunks, chunks, 1) * k + steps(k, k)) >= num_patches  # [C, k]
-        pad_out = pad.view(1, 1, chunks, 1, k, 1).expand(batch, rounds, chunks, heads, k, pixels)
-        padded_outputs = pad_out.reshape(-1).nonzero().squeeze(1)
-        padded_inputs = pad_out.expand(parts, *pad_out.shape).reshape(-1).nonzero().squeeze(1)
-    return PixelRows(
-        to_chunks.reshape(-1), from_chunks.reshape(rounds, -1), pixel_to_chunk.reshape(-1),
-        chunk_to_pixel.reshape(-1), padded_inputs, padded_outputs,
-    )  # fmt: skip
+    def chunked_of_pixel(self) -> torch.Tensor:
+        """`[B*R*N*P*h]`: the chunked output row of each pixel's output in each round."""
+        return (self.first.permute(0, 2, 3, 1).unsqueeze(3) + self._steps(self.pixels, -1, 1)).reshape(-1)
+
+    def pixel_of_chunked(self) -> torch.Tensor:
+        """`[B*R*C*h*k*P]`: the row of `[B, R, N, P, h]` of each chunked output row."""
+        sequence = self._steps(self.batch, -1, 1, 1, 1, 1) * self.rounds + self._steps(
+            self.rounds, 1, -1, 1, 1, 1
+        )
+        rows = ((sequence * self.num_patches + self.patch) * self.pixels).unsqueeze(-1) + self._steps(
+            self.pixels, -1
+        )
+        rows = rows * self.heads + self._steps(self.heads, 1, 1, 1, -1, 1, 1)  # [B, R, C, h, k, P]
+        return rows.reshape(-1)
+
+    def padded_outputs(self) -> torch.Tensor | None:
+        """Chunked output rows in wrap-around pad slots (they feed nothing), or None."""
+        if self.chunks * self.k == self.num_patches:
+            return None
+        slots = torch.arange(self.num_patches, self.chunks * self.k, device=self.device).view(1, 1, -1, 1)
+        sequence = self._steps(self.batch * self.rounds, -1, 1, 1, 1)
+        rows = (sequence * self.chunks + slots // self.k) * self.heads + self._steps(self.heads, 1, -1, 1, 1)
+        rows = (rows * self.k + slots % self.k) * self.pixels + self._steps(self.pixels, 1, 1, 1, -1)
+        return rows.reshape(-1)  # [B*R, h, pad slots, P]
+
+    def padded_inputs(self) -> torch.Tensor | None:
+        """Chunked rows in pad slots, all parts (duplicates of rows that sit in an earlier slot too)."""
+        outputs = self.padded_outputs()
+        if outputs is None:
+            return None
+        return (outputs + self._steps(self.parts, -1, 1) * self.output_rows).reshape(-1)
 
 
 def to_chunks(source: torch.Tensor, rows: PixelRows) -> torch.Tensor:
     """Rows `[B*N*P*parts*h, F]` of the projections -> `[parts*B*R*C*h*k*P, F]`, sorted and chunked."""
-    padded = rows.padded_inputs
-    duplicates = None if padded is None else rows.to_chunks[padded]
-    return _MoveRows.apply(source, rows.to_chunks, rows.from_chunks, padded, duplicates, None)
+    return _MoveRows.apply(source, rows, True)
 
 
 def from_chunks(chunked: torch.Tensor, rows: PixelRows) -> torch.Tensor:
     """A chunked output `[B*R*C*h*k*P, F]` -> `[B*R*N*P*h, F]` in patch order, each patch's first slot."""
-    return _MoveRows.apply(
-        chunked, rows.pixel_to_chunk, rows.chunk_to_pixel[None], None, None, rows.padded_outputs
-    )
+    return _MoveRows.apply(chunked, rows, False)
 
 
 class _MoveRows(torch.autograd.Function):
-    """`source[rows]` whose backward gathers as well instead of scatter-adding into zeros: source row i
-    took part in the output at `back[r, i]` for each r (R rounds), and at the rows `extra_from` (pad
-    duplicates of source rows `extra_to`); output rows fed by nothing (`unfed`) get no gradient."""
+    """`source[index]` whose backward gathers as well, instead of scatter-adding into zeros.
+
+    Into chunks: a source row sits once per round at its first slot, plus in wrap-around pad slots; its
+    gradient is the sum of those rows' (one gather per round, the pads added). Out of chunks: each
+    chunked row feeds at most one output row; pad slots feed none and get no gradient."""
 
     @staticmethod
-    def forward(ctx, source, rows, back, extra_from, extra_to, unfed):  # noqa: D102
-        ctx.save_for_backward(back, extra_from, extra_to, unfed)
-        return source.index_select(0, rows)
+    def forward(ctx, source, rows, into_chunks):  # noqa: D102
+        ctx.rows, ctx.into_chunks = rows, into_chunks
+        index = rows.source_of_chunked() if into_chunks else rows.chunked_of_pixel()
+        return source.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        back, extra_from, extra_to, unfed = ctx.saved_tensors
-        grad = grad.contiguous()
-        moved = grad.index_select(0, back[0])
-        for more in back[1:]:
+        rows, grad = ctx.rows, grad.contiguous()
+        if not ctx.into_chunks:
+            moved = grad.index_select(0, rows.pixel_of_chunked())
+            padded = rows.padded_outputs()
+            return (moved if padded is None else moved.index_fill_(0, padded, 0.0)), None, None
+        per_round = rows.chunked_of_source()
+        moved = grad.index_select(0, per_round[0])
+        for more in per_round[1:]:
             moved += grad.index_select(0, more)
-        if extra_from is not None:
-            moved.index_add_(0, extra_to, grad.index_select(0, extra_from))
-        if unfed is not None:
-            moved.index_fill_(0, unfed, 0.0)
-        return moved, None, None, None, None, None
+        padded = rows.padded_inputs()
+        if padded is not None:
+            moved.index_add_(0, rows.source_of_chunked()[padded], grad.index_select(0, padded))
+        return moved, None, None
 
 
 def key_patches(grouping: Grouping, chunk_size: int, look_back: bool) -> torch.Tensor:
