@@ -217,3 +217,17 @@ def test_auto_picks_the_explicit_kernel_on_cpu():
     kla = make_kla("auto")
     kla(torch.randn(1, 16, 16, 16))
     assert kla.last_kernel == "explicit"
+
+
+def test_index_constants_made_under_a_fake_tensor_mode_never_reach_a_real_forward():
+    """The memory estimate runs the model under FakeTensorMode on the CPU device; the per-shape index
+    constants KLA keeps must not be fake ones afterwards (nor real ones handed to the fake run)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kla = make_kla("explicit", hash_rounds=2, chunk_size=5)
+    x = torch.randn(2, 16, 24, 16)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = kla(mode.from_tensor(x))
+    assert type(fake) is not torch.Tensor
+    out = kla(x)
+    assert type(out) is torch.Tensor and torch.isfinite(out).all()

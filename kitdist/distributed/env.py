@@ -130,7 +130,9 @@ def use_device(device: torch.device) -> None:
 # then took a third of the forward: 7.2x the time for each doubling of the side instead of 4.3x
 # (benchmarks/RESULTS.md, "Growth with image size"). The fix PyTorch's CPU tuning guide gives is another
 # allocator (jemalloc, tcmalloc: LD_PRELOAD, outside our reach); glibc's own switches do the same for us.
-KEEP_FREED_BYTES = 1 << 30  # blocks up to this size stay in the process, and up to this much at the top
+KEEP_FREED_BYTES = (
+    2**31 - 1
+)  # blocks up to 2 GiB stay in the process, and up to 2 GiB free at the top (the most an int takes)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 

@@ -105,40 +105,49 @@ class KNNLocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
-        r, heads = self.patch_size, self.num_heads
-        patches = partition(x, r)  # [B, N, P, c]
-        num_patches, pixels = patches.shape[1], r * r
-        qkv = self.qkv(patches).view(batch, num_patches, pixels, 3, heads, self.head_dim)
-        bias = self.bias_table[:, self.bias_index]  # [h, P, P]
+        heads, head_dim, bias = (
+            self.num_heads,
+            self.head_dim,
+            self.bias_table[:, self.bias_index],
+        )  # [h, P, P]
         impl = resolve_impl(self.attention_impl, x.device)
         self.last_kernel = impl
+        if impl != "flex" and (self.chunk_size > 1 or self.look_back):
+            # the chunk kernels: q, k, v move from the map straight into chunks, outputs straight back
+            qkv = self.qkv(x).view(batch, height, width, 3, heads, head_dim)
+            out = self._grouped_chunks(qkv, bias, CHUNK_KERNELS[impl])  # [B, H, W, h, d]
+            return self.proj(out.reshape(batch, height, width, channels))
+        patches = partition(x, self.patch_size)  # [B, N, P, c]
+        num_patches, pixels = patches.shape[1:3]
+        qkv = self.qkv(patches).view(batch, num_patches, pixels, 3, heads, head_dim)
         if self.chunk_size == 1 and not self.look_back:
             # k = 1 (the bottleneck): each patch attends to itself, whatever the hash; every round would
             # give the same output and lse, so one round and no hashing compute exactly the merged result
             # (Flex would waste most of a tile on 16-pixel blocks: fused SDPA serves this case on CUDA)
             self.last_kernel = "sdpa" if impl == "flex" else impl
             q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(1, 2).unbind(0)  # each [B*N, h, P, d]
-            out, _ = run_in_slices(CHUNK_KERNELS[self.last_kernel], q, k, v, bias, self.head_dim**-0.5, False)
-            out = out.view(batch, num_patches, heads, pixels, self.head_dim).transpose(2, 3)
-        elif impl == "flex":
-            out = self._grouped(qkv.permute(0, 1, 4, 3, 2, 5).contiguous(), bias).transpose(2, 3)
+            out, _ = run_in_slices(CHUNK_KERNELS[self.last_kernel], q, k, v, bias, head_dim**-0.5, False)
+            out = out.view(batch, num_patches, heads, pixels, head_dim)
         else:
-            out = self._grouped_chunks(qkv, bias, CHUNK_KERNELS[impl])
-        out = out.reshape(batch, num_patches, pixels, channels)  # from [B, N, P, h, d]
+            out = self._grouped(qkv.permute(0, 1, 4, 3, 2, 5).contiguous(), bias)  # [B, N, h, P, d]
+        out = out.transpose(2, 3).reshape(batch, num_patches, pixels, channels)
         return unpartition(self.proj(out), height, width)
 
     def _grouped_chunks(self, qkv: torch.Tensor, bias: torch.Tensor, kernel) -> torch.Tensor:
         """Hash, sort, chunk, attend, un-sort and merge rounds through a chunk kernel, with the chunks as a
-        batch `[B*R*chunks, h, k*P, d]`. qkv [B, N, P, 3, h, d] -> [B, N, P, h, d]. The projections go
-        into chunks and the outputs back in one row copy each (`lsh.PixelRows`)."""
-        batch, num_patches, pixels, _, heads, head_dim = qkv.shape
-        grouping = self._group(qkv[:, :, :, 1].transpose(2, 3))
+        batch `[B*R*chunks, h, k*P, d]`. qkv [B, H, W, 3, h, d] -> [B, H, W, h, d]: the projections go
+        from the map into chunks and the outputs back in one row copy each (`lsh.PixelRows`)."""
+        batch, height, width, _, heads, head_dim = qkv.shape
+        r = self.patch_size
+        keys = qkv[:, :, :, 1].view(batch, height // r, r, width // r, r, heads, head_dim)
+        descriptors = keys.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch, heads, -1, r * r * head_dim)
+        grouping = self._hash(descriptors)
         num_chunks, rounds = grouping.order.shape[-1] // self.chunk_size, self.hash_rounds
         look_back = self.look_back and num_chunks > 1
-        rows = lsh.PixelRows(grouping, num_patches, self.chunk_size, pixels, 3)
+        rows = lsh.PixelRows(grouping, height, width, r, self.chunk_size, 3)
         chunked = lsh.to_chunks(qkv.reshape(-1, head_dim), rows)  # [3*B*R*C*h*k*P, d]
-        sequences = batch * rounds * num_chunks
-        sq, sk, sv = chunked.view(3, sequences, heads, self.chunk_size * pixels, head_dim).unbind(0)
+        sequences, chunk_pixels = batch * rounds * num_chunks, self.chunk_size * r * r
+        sq, sk, sv = chunked.view(3, sequences, heads, chunk_pixels, head_dim).unbind(0)
         if look_back:
             sk, sv = (self._with_previous_chunk(t, batch * rounds, num_chunks) for t in (sk, sv))
         pair_bias = None
@@ -147,11 +156,11 @@ class KNNLocalAttention(nn.Module):
             pair_bias = pair_bias.view(batch, heads, rounds, num_chunks, self.chunk_size, -1)
             pair_bias = pair_bias.permute(0, 2, 3, 1, 4, 5).reshape(sequences, heads, self.chunk_size, -1)
         out, lse = run_in_slices(kernel, sq, sk, sv, bias, head_dim**-0.5, rounds > 1, pair_bias)
-        out = lsh.from_chunks(out.reshape(-1, head_dim), rows)  # [B*R*N*P*h, d]
+        out = lsh.from_chunks(out.reshape(-1, head_dim), rows)  # [B*R*H*W*h, d]
         if rounds == 1:
-            return out.view(batch, num_patches, pixels, heads, head_dim)
-        lse = lsh.from_chunks(lse.reshape(-1, 1), rows).view(batch, rounds, num_patches, pixels, heads, 1)
-        return merge_rounds(out.view(batch, rounds, num_patches, pixels, heads, head_dim), lse, dim=1)
+            return out.view(batch, height, width, heads, head_dim)
+        lse = lsh.from_chunks(lse.reshape(-1, 1), rows).view(batch, rounds, height, width, heads, 1)
+        return merge_rounds(out.view(batch, rounds, height, width, heads, head_dim), lse, dim=1)
 
     def _grouped(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The grouped attention through FlexAttention over sorted sequences (`flex.py`).
@@ -189,12 +198,16 @@ class KNNLocalAttention(nn.Module):
         return out, lse, back
 
     def _group(self, keys: torch.Tensor) -> lsh.Grouping:
-        """LSH grouping of the patches per head from their detached keys [B, N, h, P, d]."""
+        """LSH grouping of the patches per head from their keys [B, N, h, P, d]."""
         batch, num_patches, heads, pixels, head_dim = keys.shape
-        descriptors = keys.permute(0, 2, 1, 3, 4).reshape(batch, heads, num_patches, pixels * head_dim)
+        return self._hash(keys.permute(0, 2, 1, 3, 4).reshape(batch, heads, num_patches, pixels * head_dim))
+
+    def _hash(self, descriptors: torch.Tensor) -> lsh.Grouping:
+        """LSH grouping of the patches per head from their descriptors [B, h, N, P*d] (detached inside)."""
+        num_patches, dim = descriptors.shape[-2:]
         num_buckets = lsh.resolve_num_buckets(num_patches, self.chunk_size, self.num_buckets)
         radices = lsh.bucket_radices(num_buckets)
-        rotations = self._rotations(pixels * head_dim, lsh.num_rotation_columns(radices), keys.device)
+        rotations = self._rotations(dim, lsh.num_rotation_columns(radices), descriptors.device)
         codes, projection = lsh.hash_codes(descriptors, rotations, radices, self.hash_rounds)
         within_bucket = projection if self.bucket_order == "similarity" else None
         return lsh.group_by_codes(codes, self.chunk_size, within_bucket)

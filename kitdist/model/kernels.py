@@ -10,8 +10,9 @@ pair of patches) and optionally a patch-pair bias `[X, h, L/P, S/P]` (the duplic
 - "explicit": the same computation with a hand-written backward (`ExplicitAttention`): the logits are
   formed once in float32, the bias added in place by broadcasting, the probabilities are the only large
   tensor kept for backward, and the gradient of the lse (the round merge's) folds into the one softmax
-  backward. About 2.5x faster than "reference" and 1.5x faster than "sdpa" forward+backward on CPU, exact
-  in every precision (fp16/bf16 inputs are upcast; the lse comes from float32 logits). The CPU default.
+  backward. Faster than "reference" and "sdpa" forward+backward on CPU (KLA b=2 at 256^2:
+  142.7 ms against 175.3 and 213.7, benchmarks/RESULTS.md), exact in every precision (fp16/bf16 inputs are
+  upcast; the lse comes from float32 logits). The CPU default.
   On CPU it works through the chunks in blocks of about 1 MB of logits (`CPU_BLOCK_BYTES`), so logits,
   softmax and products stay in cache; without autograd it keeps no probabilities at all.
 - "sdpa": one fused `F.scaled_dot_product_attention` per call, with the bias folded into q and k and a

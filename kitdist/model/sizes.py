@@ -80,7 +80,8 @@ class ModelSize:
 
 
 SIZES: dict[str, ModelSize] = {
-    # tests and CPU demos (the embedded default): the paper's skeleton at C = 16, one KTB per stage
+    # tests and CPU demos (the embedded default): the paper's skeleton at C = 16, one KTB per stage;
+    # 0.46 M parameters, 0.17 GMACs at 64x64 (FlopCounterMode; 0.10 G by module hooks)
     "debug": ModelSize(
         channels=16, encoder_blocks=(1, 1, 1), bottleneck_blocks=1, decoder_blocks=(1, 1, 1),
         head_dim=16, ffn_ratio=2.0, interpolation="strided_conv",
