@@ -17,7 +17,9 @@ the distinct keys of the union. With one round, or k = 1, the two are the same.
 The grouped attention itself runs in one of the kernels of `kernels.py` ("explicit": the CPU default,
 "reference": the ground truth, "sdpa") or in FlexAttention over the sorted sequences ("flex", `flex.py`:
 the CUDA default). `attention_impl="auto"` picks "flex" on CUDA and "explicit" elsewhere, per call, so a
-model built on CPU and moved to a GPU takes the GPU kernel. All give the same values and gradients.
+model built on CPU and moved to a GPU takes the GPU kernel. All give the same values and gradients. The
+chunk kernels take q, k, v moved from the map straight into sorted chunks and give their outputs straight
+back (`lsh.PixelRows`); Flex gathers patch-major sequences.
 """
 
 from __future__ import annotations
@@ -105,11 +107,8 @@ class KNNLocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
-        heads, head_dim, bias = (
-            self.num_heads,
-            self.head_dim,
-            self.bias_table[:, self.bias_index],
-        )  # [h, P, P]
+        heads, head_dim = self.num_heads, self.head_dim
+        bias = self.bias_table[:, self.bias_index]  # [h, P, P]
         impl = resolve_impl(self.attention_impl, x.device)
         self.last_kernel = impl
         if impl != "flex" and (self.chunk_size > 1 or self.look_back):
