@@ -217,9 +217,8 @@ class PixelRows:
         )
         # the output row, in the chunked layout, of each map pixel per head and round: [B, h, R, H*W]
         sequence = self._steps(self.batch, -1, 1, 1, 1) * self.rounds + self._steps(self.rounds, 1, 1, -1, 1)
-        slot = slot_of.index_select(
-            -1, patch_of_pixel
-        )  # index_select, not [...]: the same layout when traced
+        # index_select rather than slot_of[..., patch_of_pixel]: its output layout is the same when traced
+        slot = slot_of.index_select(-1, patch_of_pixel)
         chunk_row = (sequence * self.chunks + slot // chunk_size) * self.heads + self._steps(
             self.heads, 1, -1, 1, 1
         )
