@@ -128,11 +128,11 @@ def use_device(device: torch.device) -> None:
 # and the next allocation of that size faults every page back in, zeroed. On CPU a KiT's activations pass
 # 32 MiB from about 512x512 on (a map of 16 channels, a LeFF's hidden layer, KLA's logits), and page faults
 # then took a third of the forward: 7.2x the time for each doubling of the side instead of 4.3x
-# (benchmarks/RESULTS.md, "Growth with image size"). The fix PyTorch's CPU tuning guide gives is another
-# allocator (jemalloc, tcmalloc: LD_PRELOAD, outside our reach); glibc's own switches do the same for us.
-KEEP_FREED_BYTES = (
-    2**31 - 1
-)  # blocks up to 2 GiB stay in the process, and up to 2 GiB free at the top (the most an int takes)
+# (benchmarks/RESULTS.md, "KLA on CPU after issue 18's last pass"). The fix PyTorch's CPU tuning guide gives
+# is another allocator (jemalloc, tcmalloc: LD_PRELOAD, outside our reach); glibc's own switches do the same.
+# Blocks up to KEEP_FREED_BYTES stay in the process, and up to as much free at the heap top (2 GiB: the most
+# mallopt's int takes; 1 GiB still let a 3-round step at 512x512 fault 320 MB back in).
+KEEP_FREED_BYTES = 2**31 - 1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 

@@ -185,16 +185,13 @@ class KNNLocalAttention(nn.Module):
 
         batch, num_patches, heads, _, pixels, head_dim = qkv.shape
         num_padded, rounds = grouping.order.shape[-1], self.hash_rounds
-        rows = lsh.sorted_row_index(grouping, num_patches, self.chunk_size, 3, heads_outer=True)
+        rows = lsh.sorted_row_index(grouping, num_patches, 3)
         gathered = lsh.gather_rows(qkv.view(-1, pixels * head_dim), rows)  # [3, B, R, h, Np, P*d]
         sq, sk, sv = gathered.view(3, batch * rounds, heads, num_padded * pixels, head_dim).unbind(0)
         if pair_bias is not None:  # [B, h, R, Np, Kp] -> [B*R, h, Np, Kp]
             pair_bias = pair_bias.transpose(1, 2).flatten(0, 1)
         out, lse = flex_attention(sq, sk, sv, bias, head_dim**-0.5, self.chunk_size, look_back, pair_bias)
-        back = lsh.unsorted_row_index(
-            grouping, self.chunk_size, num_padded // self.chunk_size, heads_outer=True
-        )
-        return out, lse, back
+        return out, lse, lsh.unsorted_row_index(grouping)
 
     def _group(self, keys: torch.Tensor) -> lsh.Grouping:
         """LSH grouping of the patches per head from their keys [B, N, h, P, d]."""

@@ -116,7 +116,7 @@ def _blocks(count: int, elements_per_item: int, device: torch.device) -> list[sl
 
 def _explicit_forward(q, k, v, bias, scale, pair_bias, keep_probs: bool):
     """out and lse (float32) of the chunks, and, with keep_probs, the probabilities for backward."""
-    batch, heads, queries, head_dim = q.shape
+    batch, heads, queries, _ = q.shape
     keys, pixels = k.shape[-2], bias.shape[-1]
     out = torch.empty((batch, heads, queries, v.shape[-1]), dtype=torch.float32, device=q.device)
     lse = torch.empty((batch, heads, queries), dtype=torch.float32, device=q.device)

@@ -154,43 +154,27 @@ def gather_rows(source: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
     return torch.gather(source, 0, flat).view(*row_index.shape, source.shape[-1])
 
 
-def sorted_row_index(
-    grouping: Grouping, num_patches: int, chunk_size: int, num_parts: int, heads_outer: bool = False
-) -> torch.Tensor:
-    """Rows of a `[B, N, heads, parts]`-flattened tensor (parts: q, k, v) in sorted, chunked order:
-    `[parts, B, rounds, chunks, heads, k]`, or `[parts, B, rounds, heads, N_padded]` with heads_outer (one
-    sorted sequence per head, as Flex attention wants it). Each part of the gathered rows is contiguous (a
-    strided part would make every later copy, e.g. torch.cat, several times slower on CPU)."""
+def sorted_row_index(grouping: Grouping, num_patches: int, num_parts: int) -> torch.Tensor:
+    """Rows of a `[B, N, heads, parts]`-flattened tensor (parts: q, k, v) in sorted order, one sequence
+    per head and round as Flex attention takes them: `[parts, B, rounds, heads, N_padded]`. Each part of
+    the gathered rows is contiguous (a strided part would make every later copy several times slower)."""
     order = grouping.order  # [B, h, R, Np]
-    batch, heads, rounds, num_padded = order.shape
+    batch, heads = order.shape[:2]
     batch_offset = torch.arange(batch, device=order.device).view(batch, 1, 1, 1) * num_patches
     head = torch.arange(heads, device=order.device).view(1, heads, 1, 1)
     rows = ((batch_offset + order) * heads + head) * num_parts  # [B, h, R, Np]: row of part 0
-    if heads_outer:
-        rows = rows.transpose(1, 2).unsqueeze(0)
-    else:
-        rows = rows.view(1, batch, heads, rounds, num_padded // chunk_size, chunk_size)
-        rows = rows.permute(0, 1, 3, 4, 2, 5)
-    parts = torch.arange(num_parts, device=order.device).view(num_parts, *[1] * (rows.dim() - 1))
-    return rows + parts
+    parts = torch.arange(num_parts, device=order.device).view(num_parts, 1, 1, 1, 1)
+    return rows.transpose(1, 2).unsqueeze(0) + parts
 
 
-def unsorted_row_index(
-    grouping: Grouping, chunk_size: int, num_chunks: int, heads_outer: bool = False
-) -> torch.Tensor:
-    """Rows of a chunked `[B, rounds, chunks, heads, k]`-flattened tensor (or `[B, rounds, heads, N_padded]`
-    with heads_outer) back in patch order: `[B, R, N, h]`."""
-    slot_of = grouping.slot_of  # [B, h, R, N]
+def unsorted_row_index(grouping: Grouping) -> torch.Tensor:
+    """Rows of a `[B, rounds, heads, N_padded]`-flattened tensor (`sorted_row_index`'s order) back in
+    patch order, each patch's first slot: `[B, R, N, h]`."""
+    slot_of, num_padded = grouping.slot_of, grouping.order.shape[-1]  # slot_of: [B, h, R, N]
     batch, heads, num_rounds = slot_of.shape[:3]
-    device = slot_of.device
-    sequence = torch.arange(batch * num_rounds, device=device).view(batch, 1, num_rounds, 1)
-    head = torch.arange(heads, device=device).view(1, heads, 1, 1)
-    if heads_outer:
-        rows = (sequence * heads + head) * (num_chunks * chunk_size) + slot_of
-    else:
-        chunk, within = slot_of // chunk_size, slot_of % chunk_size
-        rows = ((sequence * num_chunks + chunk) * heads + head) * chunk_size + within  # [B, h, R, N]
-    return rows.permute(0, 2, 3, 1)
+    sequence = torch.arange(batch * num_rounds, device=slot_of.device).view(batch, 1, num_rounds, 1)
+    head = torch.arange(heads, device=slot_of.device).view(1, heads, 1, 1)
+    return ((sequence * heads + head) * num_padded + slot_of).permute(0, 2, 3, 1)
 
 
 class PixelRows:
