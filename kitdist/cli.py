@@ -1,5 +1,5 @@
 """The command line shared by `python -m kitdist.pretrain`, `python -m kitdist.finetune` and
-`kitdist.torchrun`: the parser, the config files that ship, a config or a one-line error."""
+`kitdist.torchrun`: the parser, the names of the configs that ship, a config or a one-line error."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kitdist.config import ConfigError, RunConfig, load_config
-
-# The shipped configs: `configs/` of the repository, which the package holds as `kitdist/configs` (a link
-# in the repository, real files in a wheel), so an installed kitdist finds them too.
-CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+from kitdist.package_data import config_names
 
 
 @dataclass(frozen=True)
@@ -28,15 +25,11 @@ class TrainCommand:
     fine_tune: bool  # the run must start from train.init_weights and train on pairs (data.kind: paired)
 
 
-def shipped_configs(kind: str) -> list[str]:
-    folder = CONFIG_ROOT / kind
-    return sorted(str(path.relative_to(CONFIG_ROOT.parent)) for path in folder.glob("*.yaml"))
-
-
 def parser(prog: str, description: str, kind: str) -> argparse.ArgumentParser:
-    shipped = "\n  ".join(shipped_configs(kind)) or "(none found)"
+    shipped = "\n  ".join(config_names(kind)) or "(none found)"
     epilog = (
-        f"config files that ship:\n  {shipped}\n\n"
+        f"configs that ship with kitdist (--config NAME, from any folder; your own file's path also works):"
+        f"\n  {shipped}\n\n"
         "Overrides are section.key=value (YAML values), e.g. train.max_steps=200 dist.num_workers=8;\n"
         "sections and keys: model, data, degrade, train, dist, storage (see kitdist/config.py).\n"
         "Runs on the Ray cluster at dist.ray_address or $RAY_ADDRESS, else on a local one.\n"
@@ -49,7 +42,7 @@ def parser(prog: str, description: str, kind: str) -> argparse.ArgumentParser:
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    result.add_argument("--config", help="YAML run config (one of those below, or your own)")
+    result.add_argument("--config", help="YAML run config: a shipped one's name (below) or your own file")
     result.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return result
 

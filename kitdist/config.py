@@ -7,6 +7,9 @@ configs by key); every error names the key and the file (or the command line) it
 
     >>> cfg = load_config("configs/pretrain/debug.yaml", ["train.lr=1e-4", "data.crop_size=64"])
 
+A config shipped with kitdist loads by its name from any folder (`load_config("pretrain/debug")`:
+`kitdist.package_data`); a file of the user's at that path wins.
+
 Validation that needs one section lives in its `__post_init__`; validation across sections (a batch that
 must split over workers, a crop that must suit the model) lives in `RunConfig.__post_init__`.
 """
@@ -21,6 +24,7 @@ from typing import Literal
 from kitdist.config_loader import ConfigError, dump_yaml, from_dict, load, to_dict
 from kitdist.config_loader import fail as _fail
 from kitdist.config_loader import note as _note
+from kitdist.package_data import config_names, shipped_config
 
 __all__ = [
     "SPATIAL_MULTIPLE", "MIN_PREFETCH_BYTES", "ConfigError", "ModelConfig", "DegradeConfig", "DataConfig",
@@ -332,5 +336,20 @@ def load_config(
     values: typing.Mapping[str, typing.Any] = {},
 ) -> RunConfig:
     """Builds a RunConfig from an optional YAML file, typed `values` by dotted key (`{"data.kind": "paired"}`)
-    and `section.key=value` overrides (YAML values), each over the one before (`config_loader.load`)."""
-    return load(RunConfig, path, overrides, values)
+    and `section.key=value` overrides (YAML values), each over the one before (`config_loader.load`).
+    `path` is a file or the name of a shipped config (`pretrain/debug`)."""
+    return load(RunConfig, None if path is None else config_file(path), overrides, values)
+
+
+def config_file(name: str | Path) -> Path:
+    """The file a --config argument means: the user's own file where one exists at that path, else the
+    shipped config of that name (`pretrain/debug`, `configs/pretrain/debug.yaml`)."""
+    if Path(name).is_file():
+        return Path(name)
+    shipped = shipped_config(name)
+    if shipped is None:
+        raise ConfigError(
+            f"{name}: config file not found, and no shipped config has that name "
+            f"(shipped: {', '.join(config_names('pretrain') + config_names('finetune'))})"
+        )
+    return shipped

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kitdist import storage
-from kitdist.cli import CONFIG_ROOT, TrainCommand, config_or_exit, parser
+from kitdist.cli import TrainCommand, config_or_exit, parser
+from kitdist.package_data import CONFIG_ROOT
 
 # The embedded default run (its settings and why: the file's comments).
 EMBEDDED_CONFIG = CONFIG_ROOT / "pretrain" / "embedded.yaml"

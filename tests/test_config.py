@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +67,18 @@ def test_unknown_section_and_missing_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_a_shipped_config_loads_by_name_from_any_folder_and_a_users_file_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    debug = load_config(ROOT / "configs/pretrain/debug.yaml")
+    for name in ("pretrain/debug", "pretrain/debug.yaml", "configs/pretrain/debug.yaml"):
+        assert load_config(name) == debug
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain/debug.yaml").write_text("train:\n  max_steps: 7\n")
+    assert load_config("pretrain/debug.yaml").train.max_steps == 7  # the user's own file
+    with pytest.raises(ConfigError, match=r"^pretrain/nope: config file not found.*pretrain/debug, "):
+        load_config("pretrain/nope")
 
 
 def test_malformed_override():
@@ -171,36 +179,6 @@ def test_overrides_written_from_values_read_back_as_those_values():
     cfg = load_config(None, as_overrides(values))
     assert cfg == replace_values(load_config(), values)
     assert cfg.storage.run_name == "123" and cfg.storage.root == "/tmp/a: b #c"
-
-
-def test_the_wheel_ships_the_configs(tmp_path):
-    """The README's first command from a fresh, non-editable install: the embedded default (and every
-    shipped config) is inside the installed package, found without this repository."""
-    source = tmp_path / "source"
-    ignore = shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__", ".*cache", "tests")
-    shutil.copytree(ROOT, source, symlinks=True, ignore=ignore)
-    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "wheel", source], check=True
-    )
-    (wheel,) = (tmp_path / "wheel").glob("kitdist-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel], check=True)
-    probe = (
-        "import kitdist, yaml; from kitdist.pretrain import EMBEDDED_CONFIG; from kitdist.config import "
-        "load_config, to_dict; from kitdist.cli import shipped_configs; "
-        "print(yaml.safe_dump({'file': kitdist.__file__, 'config': str(EMBEDDED_CONFIG), "
-        "'resolved': to_dict(load_config(EMBEDDED_CONFIG)), 'shipped': shipped_configs('pretrain')}))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    out = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
-    ).stdout
-    found = yaml.safe_load(out)
-    assert found["file"].startswith(str(tmp_path / "site")) and found["config"].startswith(
-        str(tmp_path / "site")
-    )
-    assert found["resolved"] == to_dict(load_config(ROOT / "configs/pretrain/embedded.yaml"))
-    assert "configs/pretrain/embedded.yaml" in found["shipped"]
 
 
 def test_evaluation_config_is_the_training_runs_own_changed_by_value(tmp_path, photo_paths):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from kitdist.config import load_config
 from kitdist.finetune import main as finetune_main
 from kitdist.pretrain import main as pretrain_main
 
@@ -70,11 +71,12 @@ def test_unreachable_storage_fails_fast_naming_the_url(tmp_path, monkeypatch):
     assert time.monotonic() - start < 120
 
 
-def test_help_lists_the_shipped_configs(capsys):
+def test_help_lists_the_shipped_configs_by_names_that_load(capsys):
     with pytest.raises(SystemExit):
         pretrain_main(["--help"])
     out = capsys.readouterr().out
-    assert "configs/pretrain/debug.yaml" in out and "section.key=value" in out
+    assert "\n  pretrain/debug\n" in out and "section.key=value" in out
+    assert load_config("pretrain/debug").model.size == "debug"
 
 
 def test_no_arguments_run_the_embedded_default_as_before(tmp_path, monkeypatch):
@@ -99,6 +101,6 @@ def test_finetune_is_the_training_command_with_its_requirements(capsys):
     with pytest.raises(SystemExit):
         finetune_main(["--help"])
     out = capsys.readouterr().out
-    assert "python -m kitdist.pretrain" in out and "configs/finetune/sidd.yaml" in out
+    assert "python -m kitdist.pretrain" in out and "\n  finetune/sidd\n" in out
     assert "data.kind: paired" in out and "train.init_weights" in out
     assert "--config" in fails_with(finetune_main, ["train.max_steps=5"])

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from kitdist import checkpoints, storage
-from kitdist.config import ConfigError, ModelConfig, RunConfig, load_config
+from kitdist.config import ConfigError, ModelConfig, RunConfig, config_file, load_config
 from kitdist.config_loader import as_overrides, replace_values
 from kitdist.coordinator.jobs import JobSpec
 from kitdist.coordinator.spec import PipelineSpec, Resources, TaskSpec
@@ -101,10 +101,10 @@ def make_plan(spec: PipelineSpec) -> Plan:
 
 def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool) -> TrainPlan:
     label = f"stage {stage}"
-    config_path = os.path.abspath(part.config)
     run_name = {"storage.run_name": f"{spec.name}-{stage.replace('_', '-')}"}
     given = {"storage.root": spec.storage_root} | {f"data.{k}": getattr(part, k) for k in SHARD_KEYS}
     try:
+        config_path = os.path.abspath(config_file(part.config))  # a shipped config's name too
         cfg = load_config(config_path, part.overrides)
         cfg = with_absolute_paths(replace_values(cfg, run_name | {k: v for k, v in given.items() if v}))
     except ConfigError as err:

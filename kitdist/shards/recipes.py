@@ -1,4 +1,5 @@
-"""Dataset recipes: a declarative YAML file per dataset (top-level `shards/`) and the code that reads it.
+"""Dataset recipes: a declarative YAML file per dataset (top-level `shards/`, shipped as package data:
+`kitdist.package_data`) and the code that reads it.
 
 A recipe says which files under `--src` make up each split and, for paired datasets, how a degraded
 input's relative path maps to its target's. Listing a split yields `SourceItem`s in sorted order, plus
@@ -15,7 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "shards"
+from kitdist.package_data import RECIPE_ROOT, recipe_names, recipe_path
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
@@ -68,18 +70,18 @@ class SourceItem:
 
 
 def available_recipes() -> list[str]:
-    return sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
+    return recipe_names()
 
 
 def load_recipe(name_or_path: str) -> Recipe:
     """A recipe by name (`shards/<name>.yaml`) or by path to a YAML file."""
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = RECIPE_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
+        path = recipe_path(name_or_path)
+    if path is None:
         raise RecipeError(
             f"unknown recipe {name_or_path!r}: known recipes are {', '.join(available_recipes())} "
-            f"(in {RECIPE_DIR}), or pass a path to a recipe .yaml file"
+            f"(in {RECIPE_ROOT}), or pass a path to a recipe .yaml file"
         )
     try:
         body = yaml.safe_load(path.read_text())
