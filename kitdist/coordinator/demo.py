@@ -69,8 +69,12 @@ def ensure_demo_shards(folder: str) -> dict[str, str]:
     train, test = photos[:-NUM_VAL_PHOTOS], photos[-NUM_VAL_PHOTOS:]
     raw = Path(folder) / "raw"
     print(f"building the demo's paired shards under {folder} (once)", flush=True)
-    _build("sidd", _lay_out_sidd(train, raw / "sidd", TRAIN_SIDE), storage.join(folder, "sidd"), tile=64)
-    _build("sidd", _lay_out_sidd(test, raw / "sidd-test", TEST_SIDE), storage.join(folder, "sidd-test"))
+    sidd_train, sidd_test = (
+        _lay_out_sidd(train, raw / "sidd", TRAIN_SIDE),
+        _lay_out_sidd(test, raw / "sidd-test", TEST_SIDE),
+    )
+    _build("sidd", sidd_train, storage.join(folder, "sidd"), splits=["train"], tile=64)
+    _build("sidd", sidd_test, storage.join(folder, "sidd-test"), splits=["train"])
     _lay_out_gopro(train, raw / "gopro" / "train", TRAIN_SIDE)
     _lay_out_gopro(test, raw / "gopro" / "test", TEST_SIDE)
     _build("gopro", raw / "gopro", storage.join(folder, "gopro"), splits=["train"], tile=64)

@@ -68,9 +68,21 @@ def _add_build(commands) -> None:
     )
     build.add_argument("--samples-per-shard", type=int, help="close a shard at this many samples (as well)")
     build.add_argument(
-        "--tile", type=int, help="cut each image into TILE x TILE tiles (input and target alike)"
+        "--tile",
+        action="append",
+        default=[],
+        metavar="[SPLIT=]N",
+        help="cut each image into N x N tiles (input and target alike); a plain N applies to every split "
+        "but the recipe's test splits (`whole: true`, stored whole), SPLIT=N to that split alone "
+        "(SPLIT=0: whole); repeatable",
     )
-    build.add_argument("--stride", type=int, help="step between tiles (default: TILE, no overlap)")
+    build.add_argument(
+        "--stride",
+        action="append",
+        default=[],
+        metavar="[SPLIT=]N",
+        help="step between tiles (default: the tile, no overlap); SPLIT=N for one split; repeatable",
+    )
     build.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     build.add_argument("--seed", type=int, default=0, help="order of sources across shards (default 0)")
     build.add_argument(
@@ -130,13 +142,17 @@ def _recipe_layouts() -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from kitdist.shards.build import BuildOptions, build_shards, parse_size
+    from kitdist.shards.build import BuildError, BuildOptions, build_shards, parse_size
     from kitdist.shards.samples import EncodeOptions
 
-    encode = EncodeOptions(
-        tile=args.tile, stride=args.stride, png_level=args.png_level, decode_check=args.decode_check
-    )
+    tile, split_tile = _per_split(args.tile, "--tile")
+    stride, split_stride = _per_split(args.stride, "--stride")
+    unpaired = sorted(set(split_stride) - set(split_tile))
+    if unpaired:
+        raise BuildError(f"--stride {unpaired[0]}=...: give that split's tile too (--tile {unpaired[0]}=N)")
+    encode = EncodeOptions(tile=tile, stride=stride, png_level=args.png_level, decode_check=args.decode_check)
     options = BuildOptions(
+        split_tiles={split: (size, split_stride.get(split)) for split, size in split_tile.items()},
         samples_per_shard=args.samples_per_shard,
         shard_bytes=parse_size(args.shard_size),
         encode=encode,
@@ -145,7 +161,8 @@ def _build(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    tiling = f", tiles of {args.tile} px (stride {args.stride or args.tile})" if args.tile else ""
+    tiling = f", tiles of {tile} px (stride {stride or tile})" if tile else ""
+    tiling += "".join(f", {split}: {size or 'whole'}" for split, size in split_tile.items())
     print(
         f"building {args.recipe} shards from {args.src} into {args.out} with {args.workers} worker(s){tiling}",
         file=sys.stderr,
@@ -153,6 +170,22 @@ def _build(args: argparse.Namespace) -> int:
     manifests = build_shards(args.recipe, args.src, args.out, splits=args.split, options=options)
     print(_next_steps(args.recipe, args.out, list(manifests)), file=sys.stderr)
     return 0
+
+
+def _per_split(values: list[str], flag: str) -> tuple[int | None, dict[str, int]]:
+    """`--tile 256 --tile test=0` -> (256, {"test": 0})."""
+    from kitdist.shards.build import BuildError
+
+    every, by_split = None, {}
+    for value in values:
+        split, _, number = value.rpartition("=")
+        if not number.isdigit():
+            raise BuildError(f"{flag} {value!r}: expected N or SPLIT=N (N a whole number of pixels)")
+        if split:
+            by_split[split] = int(number)
+        else:
+            every = int(number)
+    return every, by_split
 
 
 def _next_steps(recipe: str, out: str, splits: list[str]) -> str:

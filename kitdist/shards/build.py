@@ -16,7 +16,7 @@ import sys
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -55,19 +55,38 @@ class BuildOptions:
     workers: int = 1
     overwrite: bool = False  # replace a finished shard set built with other inputs or options
     progress: bool = True
+    # per-split tiling, split -> (tile, stride); tile 0 stores that split whole. Splits not named here
+    # are tiled as `encode` says, except the recipe's `whole: true` (test) splits, which stay whole.
+    split_tiles: dict[str, tuple[int, int | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        tile, stride = self.encode.tile, self.encode.stride
+        _check_tiling(self.encode.tile, self.encode.stride, "")
+        for split, (tile, stride) in self.split_tiles.items():
+            _check_tiling(tile or None, stride, f"{split}=")
         if self.samples_per_shard is not None and self.samples_per_shard < 1:
             raise BuildError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if self.shard_bytes < 1:
             raise BuildError(f"--shard-size must be positive, got {self.shard_bytes}")
-        if tile is not None and tile < 1 or stride is not None and (tile is None or not 0 < stride <= tile):
-            raise BuildError(
-                f"--tile must be >= 1 and 0 < --stride <= --tile, got tile={tile} stride={stride}"
-            )
         if self.workers < 1:
             raise BuildError(f"--workers must be >= 1, got {self.workers}")
+
+    def for_split(self, recipe: Recipe, split: str) -> BuildOptions:
+        """These options with the tiling that applies to `split`."""
+        if split in self.split_tiles:
+            tile, stride = self.split_tiles[split]
+        elif recipe.splits[split].whole or recipe.splits[split].blocks:
+            tile, stride = None, None
+        else:
+            return self
+        return replace(self, encode=replace(self.encode, tile=tile or None, stride=stride if tile else None))
+
+
+def _check_tiling(tile: int | None, stride: int | None, prefix: str) -> None:
+    if tile is not None and tile < 1 or stride is not None and (tile is None or not 0 < stride <= tile):
+        raise BuildError(
+            f"--tile {prefix}N must be >= 1 and 0 < --stride {prefix}N <= the tile, got tile={tile} "
+            f"stride={stride}"
+        )
 
 
 def parse_size(text: str) -> int:
@@ -101,12 +120,21 @@ def build_shards(
     """
     options = _options(options, option_values)
     the_recipe, source, selected = _check_inputs(recipe, src, out, splits)
+    unknown = sorted(set(options.split_tiles) - set(the_recipe.splits))
+    if unknown:
+        raise BuildError(
+            f"--tile/--stride {unknown[0]}=...: no split {unknown[0]!r} in recipe {the_recipe.name} "
+            f"(splits: {', '.join(the_recipe.splits)})"
+        )
     manifests = {}
     with WorkerPool(options.workers) as pool:
         for split, (items, list_rejects) in selected.items():
             target = split_url(out, the_recipe, split)
+            split_options = options.for_split(the_recipe, split)
+            if the_recipe.splits[split].whole and split_options.encode.tile is None and options.encode.tile:
+                print(f"note: split {split} is a test split: stored whole, not tiled", file=sys.stderr)
             manifests[split] = _build_split(
-                the_recipe, source, split, target, items, list_rejects, options, pool
+                the_recipe, source, split, target, items, list_rejects, split_options, pool
             )
     return manifests
 
@@ -138,7 +166,7 @@ def _check_inputs(recipe_name: str, src: str | Path, out: str, splits: Sequence[
     if not found or splits and missing:
         rule = recipe.splits[(missing or list(selected))[0]]
         raise BuildError(
-            f"--src {source}: no files match {rule.files!r} (recipe {recipe.name}, {recipe.path}); layout:\n{recipe.layout}"
+            f"--src {source}: no files match {rule.describe()!r} (recipe {recipe.name}, {recipe.path}); layout:\n{recipe.layout}"
         )
     for split in missing:
         print(f"note: split {split} has no files under {source}; skipped", file=sys.stderr)
@@ -151,7 +179,9 @@ def _check_inputs(recipe_name: str, src: str | Path, out: str, splits: Sequence[
 
 def _build_split(recipe, source, split, target, items, list_rejects, options, pool) -> Manifest:
     probed, probe_rejects = _probe_all(items, source, options, pool, split)
-    tasks = _plan(recipe.name, source, target, split, probed, options)
+    # blocks keep their array order (SIDD's submission layout); other sources are shuffled across shards
+    shuffle = recipe.splits[split].blocks is None
+    tasks = _plan(recipe.name, source, target, split, probed, options, shuffle)
     plan_fingerprint = _sha256([task.fingerprint for task in tasks])
     finished = _finished_manifest(target, plan_fingerprint, options)
     if finished is not None:
@@ -165,7 +195,7 @@ def _build_split(recipe, source, split, target, items, list_rejects, options, po
         dataset=recipe.name,
         recipe=recipe.path,
         split=split,
-        kind=recipe.kind,
+        kind=recipe.split_kind(split),
         shards=shards,
         builder_version=kitdist.__version__,
         options=_recorded_options(source, options, plan_fingerprint),
@@ -199,10 +229,13 @@ def _probe_one(job: tuple[SourceItem, Path, EncodeOptions]) -> ProbedItem | str:
         return str(err)
 
 
-def _plan(dataset, source, target, split, probed: list[ProbedItem], options: BuildOptions) -> list[ShardTask]:
+def _plan(
+    dataset, source, target, split, probed: list[ProbedItem], options: BuildOptions, shuffle: bool
+) -> list[ShardTask]:
     """Deterministic assignment of items to shards; a shard closes at the sample or byte target."""
     order = sorted(probed, key=lambda p: p.item.key)
-    random.Random(options.seed).shuffle(order)
+    if shuffle:
+        random.Random(options.seed).shuffle(order)
     groups: list[list[ProbedItem]] = [[]]
     samples = size = 0
     for item in order:

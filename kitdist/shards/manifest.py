@@ -42,7 +42,9 @@ class Manifest:
     dataset: str  # e.g. "imagenet", "sidd"
     recipe: str
     split: str  # "train", "val", "test"
-    kind: Literal["clean", "paired"]  # clean: `clean.<ext>` (+ `cls`); paired: `input.<ext>` + `target.<ext>`
+    # clean: `clean.<ext>` (+ `cls`); paired: `input.<ext>` + `target.<ext>`; input: `input.<ext>` only
+    # (a benchmark's degraded inputs whose targets are withheld, e.g. SIDD's benchmark blocks)
+    kind: Literal["clean", "paired", "input"]
     shards: tuple[ShardInfo, ...]
     builder_version: str
     options: dict[str, Any] = field(default_factory=dict)

@@ -27,12 +27,20 @@ class RecipeError(ValueError):
 
 @dataclass(frozen=True)
 class SplitRule:
-    """Which files form one split. `files` is the clean (or input) glob relative to --src."""
+    """Which files form one split: `files`, the clean (or input) glob relative to --src, or `blocks`, the
+    MATLAB arrays of image blocks per role (`kitdist.shards.matblocks`: SIDD's validation/benchmark)."""
 
-    files: str
+    files: str = ""
     target: tuple[str, str] | None = None  # (regex, replacement) on the input's relative path
     target_files: str | None = None  # glob of all targets, to report targets that have no input
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # kept suffixes, case-insensitive
+    blocks: dict[str, str] | None = None  # role (input, target) -> "FILE.mat:VARIABLE"; stored whole
+    whole: bool = False  # a test split: images stored whole, the global --tile does not apply
+    kind: Literal["input"] | None = None  # "input": degraded inputs without targets (a benchmark's)
+
+    def describe(self) -> str:
+        """What the split reads, for messages."""
+        return self.files or ", ".join((self.blocks or {}).values())
 
 
 @dataclass(frozen=True)
@@ -53,10 +61,19 @@ class Recipe:
         if self.flat and len(self.splits) != 1:
             raise RecipeError(f"{self.path}: `flat: true` needs exactly one split")
         for split, rule in self.splits.items():
-            if (rule.target is None) == (self.kind == "paired"):
-                raise RecipeError(
-                    f"{self.path}: splits.{split}.target is required exactly for paired recipes"
-                )
+            if bool(rule.files) == bool(rule.blocks):
+                raise RecipeError(f"{self.path}: splits.{split} needs either `files: <glob>` or `blocks:`")
+            if rule.kind == "input" and self.kind != "paired":
+                raise RecipeError(f"{self.path}: splits.{split}.kind: input is for splits of paired recipes")
+            roles = ("input", "target") if self.split_kind(split) == "paired" else ("input",)
+            if rule.blocks is not None and set(rule.blocks) != set(roles):
+                raise RecipeError(f"{self.path}: splits.{split}.blocks needs exactly {' and '.join(roles)}")
+            if rule.files and (rule.target is None) == (self.split_kind(split) == "paired"):
+                raise RecipeError(f"{self.path}: splits.{split}.target is required exactly for paired splits")
+
+    def split_kind(self, split: str) -> str:
+        """The samples a split's shards hold (its manifest's kind): clean, paired or input."""
+        return self.splits[split].kind or self.kind
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,7 @@ class SourceItem:
     paths: tuple[tuple[str, str], ...]  # (role, path relative to --src); roles: clean | input, target
     label: str | None = None  # class folder name (ImageNet wnid)
     cls: int | None = None
+    block: tuple[int, int] | None = None  # (image, block) in the `paths`' MATLAB arrays (matblocks)
 
 
 def available_recipes() -> list[str]:
@@ -97,9 +115,11 @@ def _recipe_from_dict(body: Any, path: str) -> Recipe:
     splits = body.get("splits") or {}
     rules = {}
     for split, rule in splits.items():
-        if not isinstance(rule, dict) or "files" not in rule:
-            raise RecipeError(f"{path}: splits.{split} needs at least `files: <glob>`")
+        if not isinstance(rule, dict) or not ("files" in rule or "blocks" in rule):
+            raise RecipeError(f"{path}: splits.{split} needs at least `files: <glob>` (or `blocks:`)")
         _no_unknown_keys(rule, SplitRule, path, f"splits.{split}.")
+        if "blocks" in rule:
+            _check_blocks(rule["blocks"], path, f"splits.{split}.blocks")
         if "target" in rule:
             if not (isinstance(rule["target"], list) and len(rule["target"]) == 2):
                 raise RecipeError(f"{path}: splits.{split}.target must be [regex, replacement]")
@@ -111,6 +131,15 @@ def _recipe_from_dict(body: Any, path: str) -> Recipe:
         return Recipe(**{**body, "splits": rules, "path": path})
     except TypeError as err:
         raise RecipeError(f"{path}: {err}") from err
+
+
+def _check_blocks(blocks: Any, path: str, key: str) -> None:
+    from kitdist.shards.matblocks import parse_source
+
+    if not isinstance(blocks, dict):
+        raise RecipeError(f"{path}: {key} must map roles to FILE.mat:VARIABLE, got {blocks!r}")
+    for role, source in blocks.items():
+        parse_source(str(source), f"{path}: {key}.{role}")
 
 
 def _no_unknown_keys(body: dict, cls: type, path: str, prefix: str) -> None:
@@ -129,6 +158,10 @@ def sample_key(relative_path: str) -> str:
 def list_split(recipe: Recipe, src: Path, split: str) -> tuple[list[SourceItem], list[tuple[str, str]]]:
     """Sorted source items of one split, and (path, reason) for files rejected while listing."""
     rule = recipe.splits[split]
+    if rule.blocks is not None:
+        from kitdist.shards.matblocks import list_blocks
+
+        return list_blocks(rule.blocks, src, split)
     files = _glob(src, rule.files, rule.extensions)
     names = class_names(recipe, src)
     classes = None if names is None else {name: index for index, name in enumerate(names)}

@@ -1,5 +1,6 @@
 """From a source item to WebDataset samples: probe (size, tiles), check, copy or cut and encode.
 
+Blocks of MATLAB arrays (`matblocks`, SIDD's validation set) are stored whole as PNG (lossless).
 Untiled JPEG and PNG sources are stored byte-for-byte after a structural check (PNG: every chunk's CRC
 and the closing IEND; JPEG: start and end markers and a readable header), which is what a read+hash
 costs. Other formats, and every tile, are decoded and stored as PNG (lossless, deterministic bytes).
@@ -75,6 +76,11 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 
 def probe(item: SourceItem, src: Path, options: EncodeOptions) -> ProbedItem:
     """Reads sizes and headers only; raises RejectError for empty, unreadable or mismatched files."""
+    if item.block is not None:  # a MATLAB block: its array's shape was checked when listing
+        from kitdist.shards.matblocks import block_shape
+
+        height, width = block_shape(src, item.paths[0][1])[2:]
+        return ProbedItem(item, (width, height), tuple(width * height * 3 for _ in item.paths), None)
     sizes, file_bytes = [], []
     for _, relative in item.paths:
         path = src / relative
@@ -103,6 +109,14 @@ def encode(
 ) -> list[dict[str, bytes | str]]:
     """The WebDataset samples of one probed item: {"__key__": ..., "clean.png": bytes, ...}."""
     item = probed.item
+    if item.block is not None:
+        from kitdist.shards.matblocks import block_pixels
+
+        pixels = {role: block_pixels(src, source, item.block) for role, source in item.paths}
+        files = {
+            role: ("png", _png(Image.fromarray(block), options.png_level)) for role, block in pixels.items()
+        }
+        return [_sample(probed, dataset, item.key, files, None)]
     if probed.boxes is None:
         files = {role: _stored_whole(src / path, path, options) for role, path in item.paths}
         return [_sample(probed, dataset, item.key, files, None)]
@@ -125,6 +139,8 @@ def _sample(
         "size": list(probed.size),
         "box": None if box is None else list(box),
     }
+    if item.block is not None:
+        provenance.update(image=item.block[0], block=item.block[1])
     sample: dict[str, bytes | str] = {"__key__": key}
     if item.cls is not None:
         sample["cls"] = str(item.cls).encode()

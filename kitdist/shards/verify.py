@@ -123,7 +123,7 @@ def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 def check_sample(files: dict[str, bytes], kind: str) -> list[str]:
     """A sample's fields are those of its kind, its json parses and its images decode (same sizes)."""
-    roles = ("clean",) if kind == "clean" else ("input", "target")
+    roles = {"clean": ("clean",), "input": ("input",)}.get(kind, ("input", "target"))
     problems, sizes = [], []
     for role in roles:
         names = [name for name in files if name.split(".")[0] == role]
