@@ -8,7 +8,9 @@ Paired shard sets are evaluated on their own inputs; clean ones get the data pip
 validation degradation (`kitdist.data.val`: a generator drawn from each sample's key, with the `degrade`
 settings of the run that trained the weights, overridable here), so every run sees the same inputs.
 Every image is restored whole or in tiles (as `python -m kitdist.restore` does), rounded to 8 bits like a
-saved file, and measured on RGB and on BT.601 luma. Written to --out: `results.json` (means, per-image
+saved file, and measured on RGB and on BT.601 luma. `--benchmark NAME` (`kitdist.benchmarks`: SIDD, GoPro,
+HIDE, REDS, Rain100H, ...) measures as papers do on that test set and reports its headline PSNR/SSIM (RGB
+or Y) beside the KiT paper's published number where there is one. Written to --out: `results.json` (means, per-image
 values, the convention of every number, model size, params, MACs), `results.md` (the same as tables),
 `grids/<key>.png` (input | restored | target with a zoomed detail) and `chart.png` (PSNR vs GMACs).
 """
@@ -16,6 +18,7 @@ values, the convention of every number, model size, params, MACs), `results.md` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kitdist import storage
+from kitdist.benchmarks import BENCHMARKS, Benchmark, get_benchmark
 from kitdist.config import ConfigError, ModelConfig, RunConfig, to_dict
 from kitdist.config_loader import override, replace_values
 from kitdist.inference import (
@@ -45,9 +49,15 @@ def eval_config(restorer: Restorer, shards_url: str, overrides: Sequence[str], m
     config.yaml is beside the weights, pointed at `shards_url`, whole images, then the user's overrides."""
     recorded = recorded_run_config(restorer.weights_url)
     base = recorded or RunConfig(model=ModelConfig(size=restorer.size_name))
+    kind = read_manifest(shards_url).kind
+    if kind == "input":
+        raise ValueError(
+            f"{shards_url}: holds degraded inputs without targets (a benchmark whose ground truth is "
+            "withheld): nothing to score; restore them with `python -m kitdist.restore`"
+        )
     evaluated = {
         "data.val_shards": shards_url,
-        "data.kind": read_manifest(shards_url).kind,
+        "data.kind": kind,
         "data.val_crop_size": 0,
         "data.num_workers": 0,
         "data.max_val_samples": max_images,
@@ -62,7 +72,8 @@ def evaluate(
     out_url: str | None = None,
     model_size: str | None = None,
     overrides: Sequence[str] = (),
-    crop_border: int = 0,
+    benchmark: str | None = None,
+    crop_border: int | None = None,
     max_images: int = 0,
     num_grids: int = 4,
     save_images: bool = False,
@@ -71,10 +82,21 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Measures the weights on the shard set; writes the reports under `out_url` when given."""
+    """Measures the weights on the shard set; writes the reports under `out_url` when given.
+
+    `benchmark` names the test set's protocol (kitdist.benchmarks); its border crop applies unless
+    `crop_border` is given (0 without a benchmark)."""
     from kitdist.data.val import val_batches
     from kitdist.model.profile import count_macs, count_params
 
+    protocol = get_benchmark(benchmark) if benchmark else None
+    if crop_border is None:
+        crop_border = protocol.crop_border if protocol else 0
+    elif protocol and crop_border != protocol.crop_border:
+        raise ValueError(
+            f"--crop-border {crop_border}: benchmark {protocol.name} is measured with border "
+            f"{protocol.crop_border} px; leave --crop-border out"
+        )
     restorer = load_restorer(weights_url, model_size, device)
     cfg = eval_config(restorer, shards_url, overrides, max_images)
     total = read_manifest(shards_url).total_samples
@@ -91,6 +113,8 @@ def evaluate(
     if not records:
         raise ValueError(f"{shards_url}: no readable test images")
     results = _summary(restorer, cfg, shards_url, records, crop_border)
+    if protocol is not None:
+        results["benchmark"] = benchmark_summary(protocol, results)
     results.update(params=count_params(restorer.model), macs=count_macs(restorer.model_cfg, 256, 256))
     results["seconds"] = round(time.perf_counter() - started, 2)
     if out_url is not None:
@@ -142,6 +166,20 @@ def _summary(restorer: Restorer, cfg: RunConfig, shards_url: str, records: list,
     }
 
 
+def benchmark_summary(protocol: Benchmark, results: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's headline numbers (in its colour space) beside the paper's, with its protocol."""
+    paper = protocol.paper()
+    return {
+        "name": protocol.name,
+        "psnr": results[protocol.psnr_key],
+        "ssim": results[protocol.ssim_key],
+        "space": protocol.space,
+        "convention": protocol.convention(),
+        "expected_images": protocol.images,
+        "paper": None if paper is None else dataclasses.asdict(paper),
+    }
+
+
 def _write_figures(out_url, record, degraded, scored: Scored, grid: bool, save_images: bool) -> None:
     from kitdist.report import comparison_grid
 
@@ -177,6 +215,16 @@ def markdown(results: dict[str, Any]) -> str:
     for name in METRICS:
         value = f"{results[name]:.4f}" if name.startswith("ssim") else f"{results[name]:.2f} dB"
         lines.append(f"| {name} | {value} | {results['conventions'][name]} |")
+    bench = results.get("benchmark")
+    if bench:
+        paper = bench["paper"]
+        published = (
+            f"{paper['psnr']:.2f} dB / {paper['ssim']:.3f} ({paper['method']}, {paper['source']})"
+            if paper
+            else "no published number"
+        )
+        headline = f"{bench['psnr']:.2f} dB / {bench['ssim']:.4f} ({bench['convention']})"
+        lines[3:3] = ["", f"Benchmark {bench['name']}: {headline}; paper: {published}."]
     lines.append(f"| input psnr_rgb | {results['input_psnr_rgb']:.2f} dB | the degraded input itself |")
     lines += [
         "",
@@ -219,7 +267,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="folder URL for results.json, results.md, grids/, chart.png")
     parser.add_argument("--model", help="model size of a bare weights file")
     parser.add_argument(
-        "--crop-border", type=int, default=0, help="pixels cut from every side before measuring"
+        "--benchmark",
+        help="the test set's protocol, as papers measure it: "
+        f"{', '.join(BENCHMARKS)} (kitdist/benchmarks.py); reports its headline PSNR/SSIM beside the paper's",
+    )
+    parser.add_argument(
+        "--crop-border", type=int, help="pixels cut from every side before measuring (0; a benchmark's own)"
     )
     parser.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
     parser.add_argument("--grids", type=int, default=4, help="comparison grids for the first N images (4)")
@@ -239,11 +292,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.crop_border < 0 or args.max_images < 0:
+        if (args.crop_border or 0) < 0 or args.max_images < 0:
             raise ValueError("--crop-border and --max-images must be >= 0")
         results = evaluate(
             args.weights, args.shards, out_url=args.out, model_size=args.model, overrides=args.overrides,
-            crop_border=args.crop_border, max_images=args.max_images, num_grids=args.grids,
+            benchmark=args.benchmark, crop_border=args.crop_border, max_images=args.max_images, num_grids=args.grids,
             save_images=args.save_images, tile=args.tile, overlap=args.overlap, device=args.device,
             progress=not args.quiet,
         )  # fmt: skip
@@ -252,6 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for name in METRICS:
         print(f"{name}: {results[name]:.4f}  [{results['conventions'][name].split(';')[0]}]")
+    bench = results.get("benchmark")
+    if bench:
+        paper = bench["paper"]
+        published = f"paper {paper['psnr']:.2f} dB / {paper['ssim']:.3f} ({paper['method']})" if paper else ""
+        print(
+            f"{bench['name']}: {bench['psnr']:.2f} dB / {bench['ssim']:.4f} [{bench['convention']}] {published}"
+        )
     print(
         f"{results['images']} images, model {results['model_size']}, {results['macs'] / 1e9:.3f} GMACs at 256x256"
     )

@@ -141,3 +141,35 @@ def test_chart_cli_from_results(tmp_path):
     assert chart.main([str(tmp_path / "results.json"), "--out", str(tmp_path / "chart.png")]) == 0
     with Image.open(io.BytesIO((tmp_path / "chart.png").read_bytes())) as image:
         assert image.format == "PNG" and image.size[0] > 800
+
+
+def test_benchmark_protocol_on_whole_frames_larger_than_the_tile(tmp_path, checkpoint, photo_paths):
+    """A deraining test set (Y channel) built whole despite --tile, restored in 64 px tiles: the headline
+    numbers are the Y ones, equal to scikit-image's on the restored files, whole frames measured."""
+    src = tmp_path / "raw" / "test" / "Rain100L"
+    rng = np.random.default_rng(3)
+    for index, path in enumerate(photo_paths[4:5]):
+        clean = np.asarray(Image.open(path).convert("RGB"))[:80, :112]
+        rainy = np.clip(clean + rng.normal(0, 20, clean.shape), 0, 255).astype(np.uint8)
+        write_image(src / "input" / f"{index}.png", rainy)
+        write_image(src / "target" / f"{index}.png", clean)
+    shards, out = tmp_path / "shards", tmp_path / "eval"
+    build_shards("rain13k", tmp_path / "raw", str(shards), tile=64, progress=False)
+    results = evaluate.evaluate(
+        str(checkpoint), str(shards / "Rain100L"), out_url=str(out), benchmark="Rain100L", save_images=True,
+        tile=64, overlap=16, device="cpu", progress=False,
+    )  # fmt: skip
+    bench = results["benchmark"]
+    assert (bench["name"], bench["space"], bench["paper"]) == ("Rain100L", "y", None)
+    assert (bench["psnr"], bench["ssim"]) == (results["psnr_y"], results["ssim_y"])
+    assert "Y (BT.601 luma), border 0 px" in bench["convention"]
+    for record in results["per_image"]:
+        assert (record["width"], record["height"]) == (112, 80)  # whole frames, restored in 4 tiles
+        restored = np.asarray(Image.open(out / "restored" / f"{record['key']}.png"))
+        target = np.asarray(Image.open(src / "target" / f"{record['key'].rsplit('__', 1)[1]}.png"))
+        reference = skimage_metrics(restored, target, 0)
+        assert abs(record["psnr_y"] - reference["psnr_y"]) < 1e-4
+        assert abs(record["ssim_y"] - reference["ssim_y"]) < 1e-6
+    assert "Benchmark Rain100L:" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="benchmark SIDD is measured with border 0 px"):
+        evaluate.evaluate(str(checkpoint), str(shards / "Rain100L"), benchmark="SIDD", crop_border=4)
