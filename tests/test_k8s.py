@@ -1,10 +1,14 @@
-"""cluster/k8s: the kustomize base and overlays build (real `kubectl kustomize`), their Kubernetes objects and
-pod templates validate against the Kubernetes schemas, the KubeRay objects carry what KubeRay requires, no
-credential is written into a manifest, and the entrypoints they run exist and accept their arguments."""
+"""cluster/k8s: the kustomize base and overlays build (real `kubectl kustomize`); every RayCluster and RayJob is
+one KubeRay accepts (its CRD schema and validation rules, tests/kuberay.py); each overlay starts one
+training; every pod runs ray-node.sh, so eviction and drain reach the checkpoint path, in time; pod
+templates validate against the Kubernetes schemas; no credential is written into a manifest; and the
+entrypoints they run exist and accept their arguments."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import os
 import shlex
 import shutil
 import subprocess
@@ -12,13 +16,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kuberay import problems
 
 from kitdist.config import load_config
 from kitdist.coordinator.spec import load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "cluster" / "k8s"
-BUILDS = ["base", "overlays/cpu", "overlays/gpu"]
+OVERLAYS = [
+    "overlays/gpu-pretrain",
+    "overlays/gpu-pipeline",
+    "overlays/cpu-pretrain",
+    "overlays/cpu-pipeline",
+]
+BUILDS = ["base", *OVERLAYS]
+NODE_SCRIPT = "cluster/k8s/ray-node.sh"
 KUBERNETES_VERSION = "1.33.0"
 SECRET_NAME = "kitdist-s3"
 
@@ -79,35 +91,87 @@ def test_pod_templates_validate_against_kubernetes_schema(built):
             pytest.fail(f"{name} {where}: {err.message} at {list(err.path)}")
 
 
-def test_raycluster_has_what_kuberay_requires(built):
+def test_kuberay_accepts_every_object(built):
+    _, docs = built
+    assert by_kind(docs, "RayCluster")
+    for doc in docs:
+        assert problems(doc) == [], f"{doc['kind']} {doc['metadata']['name']}"
+
+
+def _refused(doc: dict, change) -> list[str]:
+    changed = copy.deepcopy(doc)
+    change(changed)
+    return problems(changed)
+
+
+def test_what_kuberay_refuses_is_refused():
+    """The validator can fail: KubeRay's own refusals, from the schema and from validation.go."""
+    docs = kustomize("overlays/gpu-pretrain")
+    (job,) = by_kind(docs, "RayJob")
+    (cluster,) = by_kind(docs, "RayCluster")
+    retrying = _refused(job, lambda d: d["spec"].update(backoffLimit=2))
+    assert any("BackoffLimit is incompatible with ClusterSelector mode" in p for p in retrying), retrying
+    typo = _refused(job, lambda d: d["spec"].update(entryPoint="python"))
+    assert any("'entryPoint' was unexpected" in p for p in typo), typo
+    secret = _refused(
+        cluster, lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(envfrom=[])
+    )
+    assert any("'envfrom' was unexpected" in p for p in secret), secret
+    replicas = _refused(cluster, lambda d: d["spec"]["workerGroupSpecs"][0].update(replicas="8"))
+    assert any("workerGroupSpecs.0.replicas" in p for p in replicas), replicas
+    inverted = _refused(cluster, lambda d: d["spec"]["workerGroupSpecs"][0].update(minReplicas=9))
+    assert any("minReplicas 9 greater than maxReplicas 8" in p for p in inverted), inverted
+    name = _refused(cluster, lambda d: d["metadata"].update(name="Kitdist"))
+    assert any("DNS1035" in p for p in name), name
+
+
+def test_each_overlay_starts_one_training():
+    """`kubectl apply -k` of an overlay: one RayCluster and exactly one RayJob; the base holds no job."""
+    assert by_kind(kustomize("base"), "RayJob") == []
+    for overlay in OVERLAYS:
+        docs = kustomize(overlay)
+        assert len(by_kind(docs, "RayCluster")) == 1 and len(by_kind(docs, "RayJob")) == 1, overlay
+        (job,) = by_kind(docs, "RayJob")
+        assert job["metadata"]["name"] == f"kitdist-{overlay.rsplit('-', 1)[1]}"
+
+
+def test_pods_take_sigterm_through_ray_node_script_in_time(built):
+    """Every Ray pod runs ray-node.sh (not KubeRay's own command), and the times nest: Ray SIGKILLs a
+    stopped driver after RAY_JOB_STOP_WAIT_TIME_S, the script waits KITDIST_DRAIN_WAIT for the jobs to
+    end, Kubernetes SIGKILLs the pod after terminationGracePeriodSeconds."""
     _, docs = built
     (cluster,) = by_kind(docs, "RayCluster")
-    assert cluster["apiVersion"] == "ray.io/v1"
-    spec = cluster["spec"]
-    assert spec["rayVersion"] == _installed_ray_version()
-    head = spec["headGroupSpec"]
-    groups = [head, *spec["workerGroupSpecs"]]
-    for group in groups:
-        assert isinstance(group["rayStartParams"], dict)
-        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), (
-            "KubeRay wants string values"
-        )
-        assert group["template"]["spec"]["containers"], "every group needs a container"
-    for group in spec["workerGroupSpecs"]:
-        assert group["groupName"]
-        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    assert head["template"]["spec"]["containers"][0]["name"] == "ray-head"
+    dockerfile = (K8S / "Dockerfile").read_text()
+    workdir = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("WORKDIR"))
+    assert f"COPY --chown=ray:users {NODE_SCRIPT} ./{NODE_SCRIPT}" in dockerfile
+    assert os.access(REPO / NODE_SCRIPT, os.X_OK)
+    head_env = _env(cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    driver_kill = int(head_env["RAY_JOB_STOP_WAIT_TIME_S"])
+    for where, template in pod_templates(cluster):
+        assert template["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true", where
+        container = template["spec"]["containers"][0]
+        assert container["command"] == [f"{workdir}/{NODE_SCRIPT}"], where
+        drain = int(_env(container)["KITDIST_DRAIN_WAIT"])
+        assert driver_kill < drain < template["spec"]["terminationGracePeriodSeconds"], where
+
+
+def test_ray_version_is_the_installed_one(built):
+    _, docs = built
+    (cluster,) = by_kind(docs, "RayCluster")
+    assert cluster["spec"]["rayVersion"] == _installed_ray_version()
 
 
 def test_rayjobs_point_at_the_cluster_and_have_entrypoints(built):
     _, docs = built
     (cluster,) = by_kind(docs, "RayCluster")
-    jobs = by_kind(docs, "RayJob")
-    assert jobs
-    for job in jobs:
+    for job in by_kind(docs, "RayJob"):
         spec = job["spec"]
         assert isinstance(spec["entrypoint"], str) and spec["entrypoint"].strip()
         assert spec["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {env["name"]: env.get("value") for env in container.get("env", [])}
 
 
 def test_no_credentials_in_manifests(built):
@@ -145,7 +209,7 @@ def test_entrypoints_exist_and_accept_their_arguments(built):
 
 
 def test_gpu_overlay_is_consistent():
-    docs = kustomize("overlays/gpu")
+    docs = kustomize("overlays/gpu-pretrain")
     (cluster,) = by_kind(docs, "RayCluster")
     (group,) = cluster["spec"]["workerGroupSpecs"]
     gpus_per_pod = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
@@ -158,7 +222,7 @@ def test_gpu_overlay_is_consistent():
 
 
 def test_cpu_overlay_runs_on_one_pod():
-    docs = kustomize("overlays/cpu")
+    docs = kustomize("overlays/cpu-pretrain")
     (cluster,) = by_kind(docs, "RayCluster")
     assert all(g["replicas"] == 0 for g in cluster["spec"]["workerGroupSpecs"])
     head = cluster["spec"]["headGroupSpec"]

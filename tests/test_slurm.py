@@ -4,17 +4,19 @@ a 2-node Ray cluster, submits the job, and on the pre-emption signal checkpoints
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from s3server import free_port
 from slurmcluster import SlurmCluster, SlurmUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
-SBATCH = REPO / "cluster" / "slurm" / "kitdist.sbatch"
+SUBMIT = REPO / "cluster" / "slurm" / "submit.sh"
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +32,10 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def submit(slurm: SlurmCluster, out: Path, entrypoint: str, args: str = "", nodes: int = 2) -> str:
-    """sbatch the real script with loopback addresses and free ports; returns the job id."""
+def submit(slurm: SlurmCluster, folder: Path, out: Path, entrypoint: str, overrides: list[str]) -> str:
+    """cluster/slurm/submit.sh for 2 nodes, run in `folder` (where the batch script runs), with loopback
+    addresses and free ports; returns the job id."""
     env = {
-        "KITDIST_ENTRYPOINT": entrypoint,
-        "KITDIST_ARGS": args,
         "KITDIST_RAY_PORT": str(free_port()),
         "KITDIST_DASHBOARD_PORT": str(free_port()),
         "KITDIST_AGENT_PORT": str(free_port()),
@@ -43,22 +44,35 @@ def submit(slurm: SlurmCluster, out: Path, entrypoint: str, args: str = "", node
         "KITDIST_STOP_GRACE": "120",
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
-    command = ["sbatch", "--parsable", f"--nodes={nodes}", f"--output={out}", f"--chdir={REPO}", str(SBATCH)]
-    result = subprocess.run(command, env={**slurm.env, **env}, capture_output=True, text=True, timeout=60)
+    command = ["bash", str(SUBMIT), "--nodes", "2", "--output", str(out), "--entrypoint", entrypoint]
+    result = subprocess.run(
+        [*command, "--", *overrides],
+        env={**slurm.env, **env},
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
-    return result.stdout.strip().split(";")[0]
+    return re.match(r"submitted job (\d+):", result.stdout).group(1)
 
 
 STEPS = 40
 
 
-def pretrain_args(root: Path, steps: int, every: int) -> str:
+# A progressive schedule as the README writes one (spaces, brackets, braces; its second phase comes after
+# the run's last step) and a range that is a glob pattern to a shell: each must reach the run as written.
+SCHEDULE = "data.schedule=[{step: 0, crop_size: 64, global_batch_size: 8}, {step: 4000, crop_size: 96, global_batch_size: 8}]"
+NOISE = "degrade.noise_sigma=[25,25]"
+
+
+def pretrain_args(root: Path, steps: int, every: int) -> list[str]:
     """The embedded default (debug KiT, photographs), shortened; the two 'nodes' share this disk as a real
     cluster shares its file system."""
-    return (
-        f"train.max_steps={steps} train.warmup_steps=1 train.checkpoint_every={every} train.log_every=1 "
-        f"storage.root={root} storage.run_name=slurm"
-    )
+    return [
+        *(f"train.max_steps={steps}", "train.warmup_steps=1", f"train.checkpoint_every={every}"),
+        *("train.log_every=1", f"storage.root={root}", "storage.run_name=slurm", SCHEDULE, NOISE),
+    ]
 
 
 def checkpoints(root: Path) -> list[Path]:
@@ -70,9 +84,11 @@ def test_two_node_pretrain_is_preempted_requeued_and_resumes(slurm, tmp_path):
     pre-emption signal requeues the job, and the requeued job resumes and finishes."""
     out = tmp_path / "job.out"
     root = tmp_path / "runs"
+    # What the glob pattern in NOISE would match in the batch script's folder, were it expanded there.
+    (tmp_path / "degrade.noise_sigma=2").touch()
     # The stop request takes several seconds to arrive (`ray job stop` -> driver SIGTERM -> marker file ->
     # rank 0's poll): 32 steps after the first checkpoint leave it time to on a fast machine (12 did not).
-    job = submit(slurm, out, f"{sys.executable} -m kitdist.pretrain", pretrain_args(root, STEPS, 8))
+    job = submit(slurm, tmp_path, out, f"{sys.executable} -m kitdist.pretrain", pretrain_args(root, STEPS, 8))
     deadline = time.monotonic() + 420
     while not checkpoints(root):
         assert time.monotonic() < deadline, f"no checkpoint within 420 s:\n{out.read_text()[-4000:]}"
@@ -96,3 +112,9 @@ def test_two_node_pretrain_is_preempted_requeued_and_resumes(slurm, tmp_path):
     assert "resumed from step" in log.split("restart 1", 1)[1], "the requeued run must resume, not start over"
     assert "finished: SUCCEEDED" in log
     assert any(path.parent.name == f"step-{STEPS:08d}" for path in checkpoints(root))
+    saved = yaml.safe_load((root / "slurm" / f"step-{STEPS:08d}" / "config.yaml").read_text())
+    assert saved["data"]["schedule"] == [
+        {"step": 0, "crop_size": 64, "global_batch_size": 8},
+        {"step": 4000, "crop_size": 96, "global_batch_size": 8},
+    ]
+    assert saved["degrade"]["noise_sigma"] == [25, 25]
