@@ -133,4 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from kitdist.distributed.env import keep_freed_memory_in_this_program
+
+    keep_freed_memory_in_this_program()  # as kitdist.restore and kitdist.evaluate do
     sys.exit(main())

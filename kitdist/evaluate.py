@@ -321,4 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from kitdist.distributed.env import keep_freed_memory_in_this_program
+
+    keep_freed_memory_in_this_program()  # this program's process, not the library's (see there)
     sys.exit(main(sys.argv[1:]))

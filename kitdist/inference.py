@@ -159,7 +159,7 @@ class Restorer:
 def pick_device(name: str = "auto") -> torch.device:
     """ "auto": a GPU when there is one, else the CPU; "auto" and "cuda" take the GPU the launcher meant
     for this process (`kitdist.distributed.env.choose_device`: LOCAL_RANK, Ray's assignment), "cuda:N" that one.
-    The process is prepared for it (`kitdist.distributed.env.use_device`)."""
+    A GPU is made the current device (`kitdist.distributed.env.use_device`)."""
     from kitdist.distributed.env import LauncherFacts, choose_device, use_device
 
     if name.startswith("cuda") and not torch.cuda.is_available():

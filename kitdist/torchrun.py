@@ -50,4 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from kitdist.distributed.env import keep_freed_memory_in_this_program
+
+    keep_freed_memory_in_this_program()  # this program's process, not the library's (see there)
     main(sys.argv[1:])

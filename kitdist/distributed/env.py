@@ -32,8 +32,13 @@ WORKER_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 
 
 def worker_env_vars(cfg: DistConfig) -> dict[str, str]:
-    """Variables every worker needs before it imports DeepSpeed (which picks its accelerator at import)."""
+    """Variables every worker needs from its start: glibc's allocator tunables on CPU (CPU_ALLOCATOR_ENV; a
+    launching environment's own values stand), the accelerator DeepSpeed picks at import, Ray's settings."""
+    allocator = (
+        {} if cfg.use_gpu else {name: os.environ.get(name, v) for name, v in CPU_ALLOCATOR_ENV.items()}
+    )
     env = {
+        **allocator,
         "DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu",
         # Ray Train's print patch re-prints to a wrapped stdout AND logs the line: every progress line
         # reached the driver twice. Plain prints are forwarded by Ray once.
@@ -116,12 +121,10 @@ def device_for(cfg: DistConfig) -> torch.device:
 
 
 def use_device(device: torch.device) -> None:
-    """Prepares this process to run the model on `device`: a GPU is made the current device; on CPU the
-    allocator keeps freed memory for reuse (`keep_freed_memory`)."""
+    """Makes a GPU `device` the current one (a CPU needs nothing). The allocator is not changed here: a
+    library call must not change the whole process (see CPU_ALLOCATOR_ENV)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif device.type == "cpu":
-        keep_freed_memory()
 
 
 # glibc hands every freed block above its mmap threshold (which adapts up to 32 MiB) back to the kernel,
@@ -130,16 +133,26 @@ def use_device(device: torch.device) -> None:
 # then took a third of the forward: 7.2x the time for each doubling of the side instead of 4.3x
 # (benchmarks/RESULTS.md, "KLA on CPU after issue 18's last pass"). The fix PyTorch's CPU tuning guide gives
 # is another allocator (jemalloc, tcmalloc: LD_PRELOAD, outside our reach); glibc's own switches do the same.
-# Blocks up to KEEP_FREED_BYTES stay in the process, and up to as much free at the heap top (2 GiB: the most
-# mallopt's int takes; 1 GiB still let a 3-round step at 512x512 fault 320 MB back in).
+# Blocks up to KEEP_FREED_BYTES stay in the process, and up to as much free at the heap top (2 GiB; 1 GiB
+# still let a 3-round step at 512x512 fault 320 MB back in).
 KEEP_FREED_BYTES = 2**31 - 1
+# It is a setting of the whole process, so it is made only where a process is started: a CPU training
+# worker gets it in its environment from the launcher (glibc reads these tunables when the process starts;
+# other C libraries ignore them), and the programs that run the model in their own process (restore,
+# evaluate, torchrun) call `keep_freed_memory_in_this_program` first thing in their `__main__`. Importing
+# kitdist or calling its functions (`load_restorer` in a notebook) leaves the allocator as it was.
+CPU_ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(KEEP_FREED_BYTES),
+    "MALLOC_TRIM_THRESHOLD_": str(KEEP_FREED_BYTES),
+}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 def keep_freed_memory() -> bool:
     """Makes glibc keep freed blocks of up to KEEP_FREED_BYTES for reuse instead of returning them to the
-    kernel (the peak memory a step needs then stays with the process). True where it took effect; a no-op
-    on other C libraries."""
+    kernel (the peak memory a step needs then stays with the process): what CPU_ALLOCATOR_ENV does at a
+    process's start, done now. For a program's `__main__` or a benchmark, never a library call. True where
+    it took effect; False where the C library is not glibc or refused."""
     import ctypes
     import platform
 
@@ -153,6 +166,21 @@ def keep_freed_memory() -> bool:
         )
     except (OSError, AttributeError):
         return False
+
+
+def keep_freed_memory_in_this_program() -> None:
+    """First thing in the `__main__` of a program that runs the model in its own process: the allocator
+    setting of CPU_ALLOCATOR_ENV, unless this process was started with glibc tunables of its own (then
+    those stand). A refused setting is said once, on stderr."""
+    if any(name in os.environ for name in CPU_ALLOCATOR_ENV):
+        return
+    if not keep_freed_memory():
+        print(
+            "note: the C library refused to keep freed memory (glibc's mallopt); on CPU, large images run "
+            "slower as freed blocks are faulted back in (benchmarks/RESULTS.md)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def rank() -> int:
