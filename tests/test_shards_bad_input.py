@@ -154,6 +154,29 @@ def test_deep_verify_decodes_every_image(photo_paths, tmp_path, capsys):
     assert "does not decode" in capsys.readouterr().out
 
 
+def test_deep_verify_reads_every_shard_back_through_webdataset(photo_paths, tmp_path, capsys):
+    """A shard whose tar holds a sample's file twice: its manifest agrees and its images decode, but
+    webdataset's reader refuses it, so `--deep` fails naming the shard."""
+    import io
+    import tarfile
+
+    out = tmp_path / "out"
+    lay_out("folder", photo_paths[:2], tmp_path / "raw")
+    build_shards("folder", tmp_path / "raw", str(out), progress=False)
+    shard = out / read_manifest(str(out)).shards[0].name
+    copy = io.BytesIO()
+    with tarfile.open(shard) as source, tarfile.open(fileobj=copy, mode="w") as target:
+        for index, member in enumerate(source.getmembers()):
+            data = source.extractfile(member).read()
+            for _ in range(2 if index == 0 else 1):
+                target.addfile(member, io.BytesIO(data))
+    shard.write_bytes(copy.getvalue())
+    _rewrite_manifest(out, shard)
+    assert main(["verify", str(out)]) == 0
+    assert main(["verify", str(out), "--deep"]) == 1
+    assert f"{shard}: webdataset cannot read it" in capsys.readouterr().out
+
+
 def _rewrite_manifest(out: Path, shard: Path) -> None:
     import dataclasses
     import hashlib

@@ -10,8 +10,8 @@ from kitdist.storage import StorageError
 BUILD_HELP = """\
 Builds WebDataset shards (+ manifest.json) from a raw dataset folder laid out as RECIPE expects.
 
-RECIPE is a name (imagenet, folder, sidd, gopro, rain13k, reds: the files in the repository's shards/
-folder document each raw layout) or a path to a recipe .yaml. A recipe with splits writes one shard set
+RECIPE is a name (imagenet, folder, sidd, gopro, rain13k, reds: the recipes that ship with kitdist, the
+repository's shards/ folder, document each raw layout) or a path to a recipe .yaml. A recipe with splits writes one shard set
 per split, OUT/<split>/ (e.g. OUT/train/, OUT/test/), each with its own manifest.json; the folder recipe
 writes directly into OUT.
 
@@ -117,7 +117,9 @@ def _add_verify_and_stats(commands) -> None:
     )
     verify.add_argument("url")
     verify.add_argument(
-        "--deep", action="store_true", help="also decode every image and check each sample's fields"
+        "--deep",
+        action="store_true",
+        help="also decode every image, check each sample's fields and read the shard back through webdataset",
     )
     verify.set_defaults(run=_verify)
     stats = commands.add_parser(

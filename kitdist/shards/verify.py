@@ -1,7 +1,9 @@
 """`verify` and `stats`: check a shard set against its manifest, and summarise it for people.
 
 Both accept a folder holding `manifest.json`, the manifest itself, or a build's output folder whose
-splits live in sub-folders (`OUT/train/`, `OUT/val/`, ...).
+splits live in sub-folders (`OUT/train/`, `OUT/val/`, ...). `verify` reads each shard with its own tar
+reader (the bytes the manifest hashes); `--deep` also decodes every image and reads the shard back through
+webdataset's own tar reader, so a user's WebDataset loaders are known to see the same samples.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def check_shard(shard_url: str, kind: str, deep: bool) -> ShardCheck:
                     check.problems += [f"{shard_url}: {key}: {p}" for p in check_sample(files, kind)]
             while reader.read(_READ_CHUNK):  # the tar's end padding still counts for size and hash
                 pass
+        if deep:
+            check.problems += webdataset_problems(shard_url, check.keys)
     except FileNotFoundError:
         check.problems.append(f"{shard_url}: missing")
     except (OSError, tarfile.TarError, EOFError) as err:
@@ -119,6 +123,30 @@ def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
         files[suffix] = tar.extractfile(member).read()
     if key is not None:
         yield key, files
+
+
+def webdataset_problems(shard_url: str, keys: list[str]) -> list[str]:
+    """Where webdataset's own reader (its tar iterator and grouping by key, what `webdataset.WebDataset`
+    runs) does not see the samples `keys` that this module's reader found in the shard."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    fs, path = storage.url_to_fs(shard_url)
+    try:
+        with fs.open(path, "rb") as stream:
+            seen = [
+                sample["__key__"]
+                for sample in group_by_keys(tar_file_expander([{"url": shard_url, "stream": stream}]))
+            ]
+    except Exception as err:  # webdataset raises what its parts raise (ValueError, tarfile errors, ...)
+        return [
+            f"{shard_url}: webdataset cannot read it ({type(err).__name__}: {err.args[0] if err.args else err})"
+        ]
+    if seen != keys:
+        missing = sorted(set(keys) - set(seen)) or sorted(set(seen) - set(keys)) or ["(order)"]
+        return [
+            f"{shard_url}: webdataset reads {len(seen)} samples, the tar holds {len(keys)} (e.g. {missing[0]})"
+        ]
+    return []
 
 
 def check_sample(files: dict[str, bytes], kind: str) -> list[str]:
