@@ -27,6 +27,10 @@ DRAIN_WAIT=${KITDIST_DRAIN_WAIT:-270}
 log() { echo "[ray-node.sh $(date +%H:%M:%S)] $*"; }
 
 ulimit -n "${RAY_START_ULIMIT_OPEN_FILES:-65536}"
+# Ray 2.60 drains a node on its own SIGTERM for up to this long (default 30 s; ray/_private/node.py), waiting
+# for its leases to end. By then this script has stopped the jobs already: the wait would only eat into the
+# pod's grace period.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
 # In the background so that this shell can take SIGTERM (Kubernetes signals only the container's first
 # process); `exec` makes the Ray node this child itself. Globbing off: the command is KubeRay's, word for word.
 ( set -f; eval "exec $START" ) &
