@@ -43,6 +43,12 @@ def parser(prog: str, description: str, kind: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     result.add_argument("--config", help="YAML run config: a shipped one's name (below) or your own file")
+    result.add_argument(
+        "--check",
+        action="store_true",
+        help="run every check, print the resolved config, the run name's state (new, resumed and what changed,"
+        " restarted), the batches and the memory estimate, and exit without starting Ray",
+    )
     result.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return result
 

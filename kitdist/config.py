@@ -221,8 +221,20 @@ class TrainConfig:
     max_micro_batch: int = 0
     memory_budget_gb: float = 0.0
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    # where metrics go besides <run>/metrics/metrics.jsonl (kitdist.train.recorder): TensorBoard events in
+    # <run>/metrics/tensorboard, Weights & Biases (rank 0; the `wandb` extra) in project wandb_project;
+    # the files reach the run folder every metrics_flush_s seconds (at the next logged step) and at checkpoints
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "kitdist"
+    metrics_flush_s: float = 60.0
 
     def __post_init__(self) -> None:
+        if len(set(self.report_to)) != len(self.report_to):
+            _fail("train.report_to", f"names a sink twice: {self.report_to}")
+        if self.metrics_flush_s < 0:
+            _fail(
+                "train.metrics_flush_s", f"must be >= 0 (0: at every logged step), got {self.metrics_flush_s}"
+            )
         positive = ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
@@ -285,6 +297,10 @@ class StorageConfig:
 
     root: str = "runs"  # a local folder, file:// or s3://bucket/prefix
     run_name: str = "kit"
+    # a run name that already has checkpoints (kitdist.rerun): resume (refusing changed settings that are
+    # not safe to change), resume_with_changes (any change, printed), restart (the old run folder moved
+    # aside to <run_name>.replaced-<UTC time>, a fresh run under the name)
+    on_existing: Literal["resume", "resume_with_changes", "restart"] = "resume"
 
     def __post_init__(self) -> None:
         if not self.root:

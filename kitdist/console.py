@@ -146,7 +146,10 @@ def summary_lines(cfg: RunConfig, metrics: dict[str, Any], checkpoint: str, seco
     lines.append(f"weights:     {shown(weights_file(checkpoint))}")
     if cfg.data.val_shards and "val_psnr_rgb" in metrics:
         lines += _validation_lines(cfg, metrics, checkpoint, run)
-    lines.append(f"metrics:     {shown(storage.join(run, METRICS_DIR))} (metrics.jsonl, TensorBoard events)")
+    kinds = ", ".join(["metrics.jsonl"] + ["TensorBoard events"] * ("tensorboard" in cfg.train.report_to))
+    lines.append(f"metrics:     {shown(storage.join(run, METRICS_DIR))} ({kinds})")
+    if "wandb" in cfg.train.report_to:
+        lines.append(f"W&B:         project {cfg.train.wandb_project}, run {cfg.storage.run_name}")
     lines += ["next:", *(f"  {command}" for command in next_commands(cfg, run))]
     return lines
 
@@ -212,7 +215,8 @@ def next_commands(cfg: RunConfig, run: str) -> list[str]:
             f"python -m kitdist.evaluate --weights {shown(run)} --shards {shown(cfg.data.val_shards)} "
             f"--out {shown(out)}"
         )
-    commands.append(f"tensorboard --logdir {shown(storage.join(run, METRICS_DIR))}")
+    if "tensorboard" in cfg.train.report_to:
+        commands.append(f"tensorboard --logdir {shown(storage.join(run, METRICS_DIR))}")
     return commands
 
 

@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kitdist import storage
+from kitdist import rerun, storage
 from kitdist.checkpoints import run_url
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
 from kitdist.console import filter_worker_output, print_summary, quiet_ray_init, quiet_worker
 from kitdist.distributed.env import worker_env_vars
-from kitdist.preflight import check_launchable, describe_batches
+from kitdist.preflight import check_launchable, check_report, describe_batches
 from kitdist.train import stop
 
 LOCAL_START_ATTEMPTS = 3  # a port Ray chose free can be taken by another process before it binds it
@@ -196,7 +196,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
     from kitdist.failures import StopOnUnrecoverable
 
     cfg = with_absolute_paths(cfg)
-    check_launchable(cfg, paired=paired)
+    rerun.proceed(cfg, check_launchable(cfg, paired=paired), announce=lambda text: print(text, flush=True))
     print(describe_batches(cfg), flush=True)  # the batches each phase trains on, or the key that cannot run
     cfg = connect_ray(cfg)
     print(
@@ -229,8 +229,9 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
     return trainer.fit()
 
 
-def run_or_exit(cfg: RunConfig, paired: bool) -> None:
-    """`launch` for the command line: a bad config, dataset or storage URL ends in one error line."""
+def run_or_exit(cfg: RunConfig, paired: bool, check_only: bool = False) -> None:
+    """`launch` for the command line (or only its checks: `check_only`): a bad config, dataset or storage
+    URL ends in one error line."""
     import sys
 
     from kitdist.failures import NO_RETRY_MARK, one_line, unrecoverable_in
@@ -238,6 +239,9 @@ def run_or_exit(cfg: RunConfig, paired: bool) -> None:
 
     started = time.monotonic()
     try:
+        if check_only:  # --check: the checks and what a launch prints first; no Ray, no workers
+            print(check_report(with_absolute_paths(cfg), paired=paired), flush=True)
+            return
         result = launch(cfg, paired=paired, stop_on_sigterm=True)
     except (ConfigError, ManifestError, storage.StorageError, FileNotFoundError) as err:
         sys.exit(f"error: {one_line(err)}")

@@ -17,12 +17,16 @@ from kitdist.checkpoints import latest_checkpoint, newest_weights, read_resume_i
 from kitdist.config import ConfigError, ModelConfig, RunConfig
 from kitdist.credentials import check_credentials_file
 from kitdist.memory import budget_bytes, estimator
+from kitdist.rerun import Rerun, check_rerun
+from kitdist.rerun import describe as describe_rerun
+from kitdist.train.recorder import wandb_module
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
-def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
-    """Raises ConfigError, ManifestError or StorageError naming the key or URL of the first problem."""
+def check_launchable(cfg: RunConfig, paired: bool = False) -> Rerun | None:
+    """Raises ConfigError, ManifestError or StorageError naming the key or URL of the first problem.
+    Returns what the run name already holds (`kitdist.rerun`; None for a new name)."""
     from kitdist.shards.manifest import read_manifest_of_kind
 
     if not cfg.data.train_shards:
@@ -32,6 +36,8 @@ def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
     if paired and not cfg.train.init_weights:
         raise ConfigError("train.init_weights: fine-tuning starts from pre-trained weights; give their URL")
     check_credentials_file()
+    if "wandb" in cfg.train.report_to:
+        wandb_module()
     shapes = check_model(cfg)
     manifest = read_manifest_of_kind(cfg.data.train_shards, cfg.data.kind, "data.train_shards")
     check_batches(cfg, manifest.total_samples)
@@ -40,10 +46,23 @@ def check_launchable(cfg: RunConfig, paired: bool = False) -> None:
     if cfg.train.init_weights:
         check_weights("train.init_weights", cfg.train.init_weights, shapes, cfg.model)
     run = run_url(cfg)
-    resumed = newest_weights(run)
+    rerun = check_rerun(cfg)  # before the writability probe below creates the run's folder
+    resumed = newest_weights(run) if cfg.storage.on_existing != "restart" else ""
     if resumed:
         check_weights(f"storage.run_name={cfg.storage.run_name} (resuming)", resumed, shapes, cfg.model)
     storage.check_writable(run)
+    return rerun
+
+
+def check_report(cfg: RunConfig, paired: bool = False) -> str:
+    """`--check`: every check of `check_launchable`, and what a launch would print before starting Ray:
+    the resolved config, what happens to the run name, the batches and memory of each phase."""
+    from kitdist.config import dump_yaml
+
+    rerun = check_launchable(cfg, paired=paired)
+    return "\n".join(
+        ["resolved config:", dump_yaml(cfg).rstrip(), describe_rerun(cfg, rerun), describe_batches(cfg)]
+    )
 
 
 def check_model(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
@@ -151,7 +170,7 @@ def describe_batches(cfg: RunConfig) -> str:
     """What the driver prints before any worker starts: per phase, the crop, global batch, micro-batch x
     accumulation x workers and the memory estimate (`kitdist.batching`), from the run's latest checkpoint
     when it resumes. Raises ConfigError naming train.memory_budget_gb when one sample does not fit it."""
-    resumed = _resumed_batching(run_url(cfg))
+    resumed = _resumed_batching(run_url(cfg)) if cfg.storage.on_existing != "restart" else None
     workers = cfg.dist.num_workers
     plans = plan_run(cfg, workers, budget_bytes(cfg), resumed, estimator(cfg, workers))
     if resumed is not None:

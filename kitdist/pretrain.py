@@ -98,7 +98,7 @@ def run_command(argv: Sequence[str] | None, command: TrainCommand) -> None:
         cfg = config_or_exit(command.default_config, args.overrides, values=embedded_shards())
     from kitdist.launch import run_or_exit
 
-    run_or_exit(cfg, paired=command.fine_tune)
+    run_or_exit(cfg, paired=command.fine_tune, check_only=args.check)
 
 
 def embedded_shards() -> dict[str, str]:

@@ -230,6 +230,17 @@ def remove(url: str, recursive: bool = False) -> None:
         _call(url, fs.rm, path, recursive=recursive)
 
 
+def move(url: str, target: str) -> None:
+    """Moves a file or folder (with everything below it) to `target` on the same storage. Locally one
+    rename; object stores have no rename, so there every object is copied, then the originals removed."""
+    fs, path = url_to_fs(url)
+    _, target_path = url_to_fs(target)
+    if isinstance(fs, LocalFileSystem):
+        _call(url, os.rename, path, target_path)
+    else:
+        _call(url, fs.mv, path, target_path, recursive=True)
+
+
 def check_writable(url: str) -> None:
     """Fails fast, naming the URL, when a destination cannot take writes (bad bucket, credentials, path)."""
     probe = join(url, f".kitdist-probe-{uuid.uuid4().hex[:8]}")

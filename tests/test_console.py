@@ -4,7 +4,7 @@ in tests/test_train.py): Ray's and DeepSpeed's bookkeeping goes, real warnings a
 from __future__ import annotations
 
 from kitdist.config import load_config
-from kitdist.console import ChatterFilter, duration, next_commands, panel_names
+from kitdist.console import ChatterFilter, duration, next_commands, panel_names, summary_lines
 
 # Lines as Ray 2.60 / DeepSpeed 0.19 print them during an embedded run (issue 16).
 CHATTER_LINES = [
@@ -67,3 +67,11 @@ def test_summary_names_panels_and_next_commands_for_the_run():
     commands = next_commands(cfg, "runs/r")
     assert commands[0].startswith("python -m kitdist.restore --weights runs/r ")
     assert "--shards runs/data/x/val" in commands[1] and commands[2] == "tensorboard --logdir runs/r/metrics"
+
+
+def test_summary_names_only_the_metric_sinks_of_report_to():
+    cfg = load_config(None, ["storage.root=runs", "storage.run_name=r", "train.report_to=[wandb]"])
+    lines = summary_lines(cfg, {"step": 5}, "runs/r/step-00000005", 3.0)
+    assert "metrics:     runs/r/metrics (metrics.jsonl)" in lines
+    assert "W&B:         project kitdist, run r" in lines
+    assert not [line for line in lines if "tensorboard" in line.lower()], lines

@@ -70,3 +70,14 @@ def test_unreachable_endpoint_fails_fast(monkeypatch):
     with pytest.raises(storage.StorageError, match="s3://nowhere/run"):
         storage.check_writable("s3://nowhere/run")
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_move_takes_a_folder_with_everything_below_it(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_env")
+    storage.write_text(storage.join(root, "run", "step-1", "a.txt"), "a")
+    storage.write_text(storage.join(root, "run", "b.txt"), "b")
+    storage.move(storage.join(root, "run"), storage.join(root, "run.replaced-x"))
+    assert storage.list_names(storage.join(root, "run")) == []
+    assert storage.read_text(storage.join(root, "run.replaced-x", "step-1", "a.txt")) == "a"
+    assert storage.list_names(storage.join(root, "run.replaced-x")) == ["b.txt", "step-1"]

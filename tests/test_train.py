@@ -178,6 +178,7 @@ def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(
     second = Pretrain(tmp_path, ray_address, *EMBEDDED_SHORT)
     assert second.finish() == 0, "\n".join(second.lines[-30:])
     assert any(f"resumed from step {step} (native state" in line for line in second.lines)
+    assert f"run embedded: resuming from step {step}, settings unchanged" in second.lines
     printed = second.progress()
     assert len(printed) == len(set(printed)) == SHORT_STEPS - step, "each progress line is printed once"
     assert_readable_console(first.lines + second.lines, tmp_path)
@@ -328,6 +329,8 @@ def test_zero3_on_s3_resumes_on_one_worker_and_exports_loadable_weights(
     assert len(written) > 10 and not [path for path in written if secret.encode() in fs.cat_file(path)]
     console = capfd.readouterr()
     assert secret not in console.out + console.err
+    assert "run zero3: resuming from step 2, with changed settings (checkpoint -> now):" in console.out
+    assert "  dist.zero_stage: 3 -> 0\n  dist.num_workers: 2 -> 1\n" in console.out
 
     cfg = load_config(None, [*BASE, f"data.val_shards={photo_shards[1]}"])
     reported = records[-1]["val_psnr_rgb"]
@@ -457,8 +460,8 @@ def worker_group_starts(ray_temp_dir: str) -> int:
 def test_error_no_retry_can_fix_ends_the_run_at_once_in_one_line(
     tmp_path, ray_address, ray_temp_dir, photo_shards
 ):
-    """A run resumed with another train.seed: its saved data position cannot fit, and the workers find
-    that out (the driver cannot). With dist.max_failures=3 the run still ends after the first attempt:
+    """A run resumed with another train.seed (storage.on_existing=resume_with_changes: the driver refuses it
+    otherwise, tests/test_rerun.py): its saved data position cannot fit, and the workers find that out. With dist.max_failures=3 the run still ends after the first attempt:
     one worker group started, one error line naming the mismatch, no traceback of it, exit status 1.
     (The other side, a killed worker's group being restarted, is the DDP test above.)"""
     root = str(tmp_path / "runs")
@@ -466,10 +469,12 @@ def test_error_no_retry_can_fix_ends_the_run_at_once_in_one_line(
     train_url, val_url = photo_shards
     args = [*BASE, f"data.train_shards={train_url}", f"data.val_shards={val_url}", f"storage.root={root}"]
     args += ["storage.run_name=fatal", "train.max_steps=3", "train.seed=1", "dist.max_failures=3"]
+    args += ["storage.on_existing=resume_with_changes"]  # else the driver refuses the new seed
     starts = worker_group_starts(ray_temp_dir)
     again = Pretrain(tmp_path, ray_address, *args)
     assert again.finish() == 1, "\n".join(again.lines[-30:])
     assert worker_group_starts(ray_temp_dir) == starts + 1, "\n".join(again.lines[-30:])
+    assert "  train.seed: 0 -> 1" in again.lines
     errors = [line for line in again.lines if line.startswith("error:")]
     assert len(errors) == 1 and "seed" in errors[0] and "not retried" in errors[0], again.lines[-30:]
     ours = [

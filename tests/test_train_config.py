@@ -86,7 +86,7 @@ def test_no_arguments_run_the_embedded_default_as_before(tmp_path, monkeypatch):
     from test_config import DATA, meaning, same_keys
 
     launched = []
-    monkeypatch.setattr("kitdist.launch.run_or_exit", lambda cfg, paired: launched.append((cfg, paired)))
+    monkeypatch.setattr("kitdist.launch.run_or_exit", lambda cfg, paired, **_: launched.append((cfg, paired)))
     monkeypatch.chdir(tmp_path)
     pretrain_main([])
     (cfg, paired), before = launched[0], yaml.safe_load((DATA / "embedded-config-cae7b4d.yaml").read_text())

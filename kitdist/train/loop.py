@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kitdist import storage
 from kitdist.batching import BatchPlan, describe_plans, micro_batch_seed, phase_config, plan_at, plan_run
 from kitdist.checkpoints import TrainState, load_weights_url, run_url
 from kitdist.config import RunConfig
@@ -181,8 +180,7 @@ class Trainer:
         plan = plan_at(plans, start_step + 1)
         data_states = resumed.data_states if resumed is not None else None
         stream = open_stream(cfg, plan, session, data_states, strategy)
-        metrics_url = storage.join(run_url(cfg), "metrics")
-        recorder = MetricsRecorder(metrics_url, start_step) if session.rank == 0 else None
+        recorder = MetricsRecorder(cfg, start_step) if session.rank == 0 else None
         steps = f"{start_step}..{cfg.train.max_steps}"
         print0(f"training steps {steps} on {session.world_size} worker(s), {strategy.name}")
         stop = StopWatch(run_url(cfg), session.rank, strategy.device)

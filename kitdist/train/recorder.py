@@ -1,32 +1,52 @@
-"""Training metrics on disk: JSONL and TensorBoard events under the run's `metrics/` folder.
+"""Training metrics: JSONL under the run's `metrics/` folder, and the sinks of `train.report_to`
+(TensorBoard events in `metrics/tensorboard/`, Weights & Biases).
 
-Rank 0 writes into a local folder and copies it to the run's storage (local path or s3://) at every
-checkpoint and at the end, so the metrics of a run live beside its checkpoints. On resume, the earlier
-JSONL is fetched first and lines past the checkpoint being resumed are dropped (they are re-done).
+Rank 0 writes into a local folder and copies it to the run's storage (local path or s3://) every
+`train.metrics_flush_s` seconds (at the first logged step after they have passed), at every checkpoint
+and at the end, so a run can be watched while it trains and its metrics live beside its checkpoints.
+On resume, what the earlier attempts recorded past the checkpoint being resumed (steps that are done
+again) is dropped: JSONL lines and TensorBoard events (each events file rewritten without them). A W&B run
+lasts as long as the run folder: its id is kept in `metrics/wandb-run-id`, and a resumed run continues it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
+import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kitdist import storage
+from kitdist.checkpoints import METRICS_DIR, run_url
+from kitdist.config import ConfigError
+
+if TYPE_CHECKING:
+    from kitdist.config import RunConfig
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb-run-id"
 
 
 class MetricsRecorder:
-    """Appends one JSON record per logging step and mirrors it as TensorBoard scalars."""
+    """Appends one JSON record per logging step and mirrors its numbers to the sinks of train.report_to."""
 
-    def __init__(self, metrics_url: str, resume_step: int = 0) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.metrics_url = metrics_url
+    def __init__(self, cfg: RunConfig, resume_step: int = 0) -> None:
+        self.metrics_url = storage.join(run_url(cfg), METRICS_DIR)
+        self.flush_s = cfg.train.metrics_flush_s
         self.local = Path(tempfile.mkdtemp(prefix="kitdist-metrics-"))
         self._fetch_previous(resume_step)
-        self.tensorboard = SummaryWriter(log_dir=str(self.local / "tensorboard"))
+        self.tensorboard = None
+        if "tensorboard" in cfg.train.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge_events(storage.join(self.metrics_url, TENSORBOARD_DIR), resume_step)
+            self.tensorboard = SummaryWriter(log_dir=str(self.local / TENSORBOARD_DIR))
+        self.wandb = open_wandb(cfg, self.metrics_url) if "wandb" in cfg.train.report_to else None
+        self.sync()  # the trimmed JSONL replaces the earlier one now, not at the next checkpoint
 
     def _fetch_previous(self, resume_step: int) -> None:
         remote = storage.join(self.metrics_url, METRICS_FILE)
@@ -40,17 +60,96 @@ class MetricsRecorder:
     def log(self, step: int, record: dict[str, Any]) -> None:
         with open(self.local / METRICS_FILE, "a") as handle:
             handle.write(json.dumps({"step": step, **record}) + "\n")
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+        numbers = {
+            key: value
+            for key, value in record.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        if self.tensorboard is not None:
+            for key, value in numbers.items():
                 self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+        if time.monotonic() - self.synced >= self.flush_s:
+            self.sync()
 
     def sync(self) -> None:
         """Copies the JSONL and TensorBoard files to the run's metrics folder."""
-        self.tensorboard.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
         for path in sorted(self.local.rglob("*")):
             if path.is_file():
                 storage.put_file(str(path), storage.join(self.metrics_url, str(path.relative_to(self.local))))
+        self.synced = time.monotonic()
 
     def close(self) -> None:
         self.sync()
-        self.tensorboard.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def purge_events(folder: str, last_step: int) -> None:
+    """Rewrites every TensorBoard events file under `folder` (any storage) without the events of steps
+    after `last_step`; a file left with no scalars is removed."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for name in storage.list_names(folder):
+        if not name.startswith("events.out.tfevents."):
+            continue
+        url = storage.join(folder, name)
+        with tempfile.NamedTemporaryFile(suffix=name) as local:
+            local.write(storage.read_bytes(url))
+            local.flush()
+            records = list(RawEventFileLoader(local.name).Load())
+        kept = [record for record in records if Event.FromString(record).step <= last_step]
+        if len(kept) == len(records):
+            continue
+        if not any(Event.FromString(record).HasField("summary") for record in kept):
+            storage.remove(url)
+            continue
+        out = io.BytesIO()
+        writer = RecordWriter(out)
+        for record in kept:
+            writer.write(record)
+        storage.write_bytes(url, out.getvalue())
+
+
+def wandb_module() -> Any:
+    """The wandb package, or ConfigError saying how to install it (train.report_to asks for it)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            "train.report_to: 'wandb' needs the wandb package in every worker's environment: "
+            "pip install 'kitdist[wandb]' (or pip install wandb), or leave wandb out of train.report_to",
+            key="train.report_to",
+        ) from None
+    return wandb
+
+
+def open_wandb(cfg: RunConfig, metrics_url: str) -> Any:
+    """The run's W&B run (rank 0): project train.wandb_project, named after storage.run_name, its id kept
+    in the metrics folder so that a resumed run continues it. W&B reads its key, mode (WANDB_MODE=offline)
+    and folder (WANDB_DIR) from the worker's environment."""
+    from kitdist.config import to_dict
+
+    wandb = wandb_module()
+    id_url = storage.join(metrics_url, WANDB_ID_FILE)
+    if storage.exists(id_url):
+        run_id = storage.read_text(id_url).strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        storage.write_text(id_url, run_id)
+    return wandb.init(
+        project=cfg.train.wandb_project,
+        name=cfg.storage.run_name,
+        id=run_id,
+        resume="allow",
+        config=to_dict(cfg),
+        allow_val_change=True,  # a run resumed with storage.on_existing=resume_with_changes
+        settings=wandb.Settings(console="off"),  # the run's console is the driver's, not captured twice
+    )
