@@ -237,8 +237,10 @@ def move(url: str, target: str) -> None:
     _, target_path = url_to_fs(target)
     if isinstance(fs, LocalFileSystem):
         _call(url, os.rename, path, target_path)
-    else:
-        _call(url, fs.mv, path, target_path, recursive=True)
+    else:  # file by file: fsspec's recursive mv also copies the folder markers S3 does not store
+        for found in _call(url, fs.find, path):
+            _call(url, fs.copy, found, target_path + found[len(path) :])
+        _call(url, fs.rm, path, recursive=True)
 
 
 def check_writable(url: str) -> None:
