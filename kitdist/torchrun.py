@@ -23,6 +23,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Run the kitdist training loop under torchrun (no Ray): checkpoints straight to storage.",
         "pretrain",
     ).parse_args(argv)
+    if args.check:  # the checks live on the Ray launcher's driver; this entry point has none
+        sys.exit("error: --check: use python -m kitdist.pretrain --check (or finetune) with the same config")
     cfg = config_or_exit(args.config, args.overrides)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.dist.use_gpu else "cpu")
     import torch

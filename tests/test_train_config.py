@@ -104,3 +104,9 @@ def test_finetune_is_the_training_command_with_its_requirements(capsys):
     assert "python -m kitdist.pretrain" in out and "\n  finetune/sidd\n" in out
     assert "data.kind: paired" in out and "train.init_weights" in out
     assert "--config" in fails_with(finetune_main, ["train.max_steps=5"])
+
+
+def test_torchrun_says_where_check_is():
+    from kitdist.torchrun import main as torchrun_main
+
+    assert "kitdist.pretrain --check" in fails_with(torchrun_main, ["--check"])
