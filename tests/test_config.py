@@ -110,6 +110,8 @@ def test_warmup_longer_than_a_short_run_follows_max_steps_and_says_so_once(capsy
 
 def same_keys(tree, like):
     """`tree` cut down to the keys `like` has (keys added to the schema since do not count)."""
+    if isinstance(like, list) and isinstance(tree, list) and len(like) == len(tree):
+        return [same_keys(item, like_item) for item, like_item in zip(tree, like, strict=True)]
     if not isinstance(like, dict):
         return tree
     return {key: same_keys(tree.get(key), value) for key, value in like.items()}

@@ -174,8 +174,11 @@ class Coordinator:
             return True, "", ""
         if stage.kind == "finetune" and self.plan.pretrain is None:
             return True, self.spec.pretrain.weights, ""
-        task = stage.name.split("/", 1)[1]
-        upstream = state.stages[PRETRAIN if stage.kind == "finetune" else f"finetune/{task}"]
+        name = stage.name.split("/", 1)[1]
+        if stage.kind == "finetune":
+            upstream = state.stages[PRETRAIN]
+        else:
+            upstream = state.stages[f"finetune/{self.plan.evaluations[name].task.stage}"]
         if upstream.status == "succeeded":
             return True, upstream.weights, ""
         if upstream.status in TERMINAL:

@@ -15,7 +15,7 @@ from kitdist import checkpoints, storage
 from kitdist.config import ConfigError, ModelConfig, RunConfig, config_file, load_config
 from kitdist.config_loader import as_overrides, replace_values
 from kitdist.coordinator.jobs import JobSpec
-from kitdist.coordinator.spec import PipelineSpec, Resources, TaskSpec
+from kitdist.coordinator.spec import EvalSet, PipelineSpec, Resources, TaskSpec
 from kitdist.launch import with_absolute_paths
 from kitdist.preflight import first_difference, model_shapes, weights_shapes
 from kitdist.shards.manifest import ManifestError, read_manifest_of_kind
@@ -52,18 +52,20 @@ class TrainPlan:
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """Evaluating one fine-tuned model on its task's test shards."""
+    """Evaluating one fine-tuned model on one of its task's test sets."""
 
-    stage: str
+    stage: str  # evaluate/<task stage>[/<benchmark>]
     task: TaskSpec
     test_shards: str
     out: str  # folder URL; the evaluator writes results.json there
     resources: Resources
+    benchmark: str = ""  # the protocol it is measured with (kitdist.benchmarks)
 
     def job(self, weights: str) -> JobSpec:
         argv = ["python", "-m", "kitdist.evaluate", "--weights", absolute(weights)]
-        argv += ["--shards", self.test_shards, "--out", self.out, *self.task.eval_args]
-        return JobSpec(argv, self.resources)
+        argv += ["--shards", self.test_shards, "--out", self.out]
+        argv += ["--benchmark", self.benchmark] if self.benchmark else []
+        return JobSpec([*argv, *self.task.eval_args], self.resources)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ def make_plan(spec: PipelineSpec) -> Plan:
         plan = _train_plan(spec, task.stage, "kitdist.finetune", task, paired=True)
         _check_same_model(task.stage, model_shapes(plan.cfg.model), reference, source, plan.cfg.model)
         finetunes[task.stage] = plan
-        evaluations[task.stage] = _eval_plan(spec, task)
+        for name, test in task.test_sets().items():
+            evaluations[name] = _eval_plan(spec, task, name, test)
     storage_folders = {spec.state} | {p.run_url for p in [pretrain, *finetunes.values()] if p}
     for folder in sorted(storage_folders):
         _check(f"storage {folder}", storage.check_writable, folder)
@@ -125,11 +128,12 @@ def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool)
     return TrainPlan(stage, module, config_path, overrides, cfg, part.resources)
 
 
-def _eval_plan(spec: PipelineSpec, task: TaskSpec) -> EvalPlan:
-    test_shards = absolute(task.test_shards)
-    _check(f"stage {task.stage}", read_manifest_of_kind, test_shards, "paired", "test_shards")
-    out = storage.join(absolute(spec.state), "eval", task.stage)
-    return EvalPlan(f"evaluate/{task.stage}", task, test_shards, out, task.eval_resources)
+def _eval_plan(spec: PipelineSpec, task: TaskSpec, name: str, test: EvalSet) -> EvalPlan:
+    test_shards = absolute(test.shards)
+    key = f"tests[{test.benchmark}].shards" if task.tests else "test_shards"
+    _check(f"stage {task.stage}", read_manifest_of_kind, test_shards, "paired", key)
+    out = storage.join(absolute(spec.state), "eval", name)
+    return EvalPlan(f"evaluate/{name}", task, test_shards, out, task.eval_resources, test.benchmark)
 
 
 def _check(label: str, fn, *args):

@@ -11,10 +11,11 @@ from kitdist.coordinator.state import State
 
 
 def result_rows(state: State, plan: Any) -> list[dict[str, Any]]:
-    """One row per fine-tuning task: what it was trained on, how it scores, where its weights are."""
+    """One row per test set of each fine-tuning task: what it was trained on, how it scores on the
+    benchmark's own protocol (kitdist.benchmarks) beside the paper's number, where its weights are."""
     rows = []
     for name, task_plan in plan.evaluations.items():
-        finetune = state.stages.get(f"finetune/{name}")
+        finetune = state.stages.get(f"finetune/{task_plan.task.stage}")
         evaluate = state.stages.get(f"evaluate/{name}")
         results = evaluate.results if evaluate else {}
         rows.append(
@@ -22,6 +23,7 @@ def result_rows(state: State, plan: Any) -> list[dict[str, Any]]:
                 "task": task_plan.task.task,
                 "stage": name,
                 "dataset": task_plan.task.dataset,
+                **_headline(task_plan.benchmark, results),
                 "test_shards": task_plan.test_shards,
                 "psnr_rgb": results.get("psnr_rgb"),
                 "ssim_rgb": results.get("ssim_rgb"),
@@ -40,6 +42,28 @@ def result_rows(state: State, plan: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _headline(benchmark: str, results: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a paper would print for this test set: its benchmark's colour space (RGB without
+    one), the KiT paper's published number where there is one, and the protocol in words."""
+    from kitdist.benchmarks import get_benchmark
+
+    if not benchmark:
+        return {"benchmark": "", "psnr": results.get("psnr_rgb"), "ssim": results.get("ssim_rgb"),
+                "paper_psnr": None, "paper_ssim": None, "paper_method": "",
+                "protocol": "RGB, border 0 px, 8-bit rounded (no benchmark named)"}  # fmt: skip
+    protocol = get_benchmark(benchmark)
+    paper = protocol.paper()
+    return {
+        "benchmark": benchmark,
+        "psnr": results.get(protocol.psnr_key),
+        "ssim": results.get(protocol.ssim_key),
+        "paper_psnr": paper.psnr if paper else None,
+        "paper_ssim": paper.ssim if paper else None,
+        "paper_method": f"{paper.method}, {paper.source}" if paper else "",
+        "protocol": protocol.convention(),
+    }
+
+
 def _row_status(finetune: Any, evaluate: Any) -> str:
     if finetune is None or finetune.status != "succeeded":
         return f"fine-tune {finetune.status if finetune else 'missing'}"
@@ -49,17 +73,18 @@ def _row_status(finetune: Any, evaluate: Any) -> str:
 
 
 def markdown_table(state: State, rows: list[dict[str, Any]]) -> str:
-    head = "| task | dataset | PSNR RGB | SSIM RGB | PSNR Y | SSIM Y | convention | params | MACs | checkpoint | train time | status |"
+    head = "| task | dataset | benchmark | PSNR | SSIM | paper PSNR / SSIM | protocol | params | MACs | checkpoint | train time | status |"
     lines = [f"# Results of pipeline {state.pipeline}", "", head, "|" + " --- |" * 12]
     for row in rows:
+        paper = row["paper_psnr"] is not None
         cells = [
             row["task"],
             row["dataset"],
-            _number(row["psnr_rgb"], "{:.2f}"),
-            _number(row["ssim_rgb"], "{:.4f}"),
-            _number(row["psnr_y"], "{:.2f}"),
-            _number(row["ssim_y"], "{:.4f}"),
-            str(row["convention"] or "-"),
+            row["benchmark"] or "-",
+            _number(row["psnr"], "{:.2f}"),
+            _number(row["ssim"], "{:.4f}"),
+            f"{row['paper_psnr']:.2f} / {row['paper_ssim']:.3f} ({row['paper_method']})" if paper else "-",
+            row["protocol"],
             _number(row["params"] and row["params"] / 1e6, "{:.2f} M"),
             _number(row["macs"] and row["macs"] / 1e9, "{:.2f} G"),
             f"`{row['checkpoint']}`" if row["checkpoint"] else "-",
@@ -67,7 +92,11 @@ def markdown_table(state: State, rows: list[dict[str, Any]]) -> str:
             row["status"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; PSNR in dB, SSIM on [0, 1]."]
+    lines += [
+        "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; PSNR in dB, SSIM on [0, 1], in each benchmark's "
+        "protocol (kitdist/benchmarks.py); results.json has RGB and Y for every row.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,11 @@
     pretrain: {config: configs/pretrain/x.yaml, overrides: [...], resources: {num_cpus: 0, num_gpus: 0}}
               # or {weights: URL of a weights.safetensors}: start the fine-tunes from a named checkpoint
     finetune:
-      - {task: denoise, dataset: SIDD, config: configs/finetune/sidd.yaml, test_shards: URL, ...}
+      - {task: denoise, dataset: SIDD, config: configs/finetune/sidd.yaml, test_shards: URL, benchmark: SIDD}
+      - {task: derain, ..., tests: [{benchmark: Rain100H, shards: URL}, {benchmark: Test100, shards: URL}]}
+
+A task's test set is `test_shards` (with `benchmark`, the protocol it is measured with: kitdist.benchmarks)
+or several in `tests`, each evaluated by a stage of its own (evaluate/<task>/<benchmark>).
 
 Relative paths are relative to the working directory, like every kitdist command; they are made absolute
 before a job is submitted (the cluster's processes run elsewhere).
@@ -61,6 +65,27 @@ class PretrainSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalSet:
+    """One test set of a task: the benchmark it is (its protocol, kitdist.benchmarks) and its shards."""
+
+    benchmark: str
+    shards: str
+
+    def __post_init__(self) -> None:
+        if self.benchmark:
+            _check_benchmark(self.benchmark, "benchmark")
+        if not self.shards:
+            raise ConfigError("shards: missing; the URL of the test shards", key="shards")
+
+
+def _check_benchmark(name: str, key: str) -> None:
+    from kitdist.benchmarks import BENCHMARKS
+
+    if name not in BENCHMARKS:
+        raise ConfigError(f"{key}: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}", key=key)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TaskSpec:
     """One fine-tuning task: its run config, its data, its test set and the resources of its jobs."""
 
@@ -72,6 +97,8 @@ class TaskSpec:
     train_shards: str = ""  # overrides data.train_shards when set
     val_shards: str = ""
     test_shards: str = ""
+    benchmark: str = ""  # the protocol test_shards is measured with (kitdist.benchmarks); "" for none
+    tests: list[EvalSet] = field(default_factory=list)  # several test sets instead of test_shards
     resources: Resources = field(default_factory=Resources)
     eval_resources: Resources = field(default_factory=lambda: Resources(num_cpus=1.0))
     eval_args: list[str] = field(default_factory=list)  # more arguments to `python -m kitdist.evaluate`
@@ -82,10 +109,30 @@ class TaskSpec:
             raise ConfigError(f"task: unknown task {self.task!r}; known tasks: {known}", key="task")
         if not self.dataset:
             raise ConfigError("dataset: name the dataset (it labels the results table)", key="dataset")
-        if not self.test_shards:
+        if not self.test_shards and not self.tests:
             raise ConfigError(
-                "test_shards: missing; the URL of the test shards to evaluate on", key="test_shards"
+                "test_shards: missing; the URL of the test shards to evaluate on (or `tests`: several)",
+                key="test_shards",
             )
+        if self.test_shards and self.tests:
+            raise ConfigError("tests: give test_shards or tests, not both", key="tests")
+        if self.benchmark:
+            _check_benchmark(self.benchmark, "benchmark")
+        if self.tests and self.benchmark:
+            raise ConfigError(
+                "benchmark: goes with test_shards; each of `tests` names its own", key="benchmark"
+            )
+        names = [test.benchmark for test in self.tests]
+        if "" in names:
+            raise ConfigError("tests: each test set names its benchmark", key="tests")
+        if len(set(names)) < len(names):
+            raise ConfigError("tests: a benchmark is listed twice", key="tests")
+
+    def test_sets(self) -> dict[str, EvalSet]:
+        """The evaluations of this task by stage name suffix: <stage> alone, or <stage>/<benchmark>."""
+        if self.test_shards:
+            return {self.stage: EvalSet(benchmark=self.benchmark, shards=self.test_shards)}
+        return {f"{self.stage}/{test.benchmark}": test for test in self.tests}
 
     @property
     def stage(self) -> str:
