@@ -13,10 +13,12 @@ weights URL (a file, a checkpoint or a whole run) becomes the weights. The one p
         latest                              under torchrun: the name of the newest checkpoint
         metrics/                            metrics.jsonl and TensorBoard events
 
-A checkpoint is complete when it holds both its weights and its training state: Ray Train and the torchrun
-session upload a checkpoint's files one by one, so a folder without them is one whose upload was cut short.
-Resuming and the coordinator take the latest complete checkpoint; restoring and fine-tuning need only
-weights, and take a run's newest weights file.
+A checkpoint is complete when it holds its weights, its training state and every rank's RNG file: each rank
+uploads its part of a checkpoint, and its RNG file last (`kitdist.train.session`), so a folder without them
+is one whose upload was cut short. Where a run resumes has one rule, `resume_from`: the newest complete
+checkpoint in the run folder, whether the workers were restarted by Ray Train or the command was run
+again. The coordinator takes the same; restoring and fine-tuning need only weights, and take a run's newest
+weights file.
 Writing the engine's part of a checkpoint (it needs a Strategy) is `kitdist.train.checkpoint`'s.
 """
 
@@ -81,8 +83,21 @@ def weights_file(checkpoint: str) -> str:
     return storage.join(checkpoint, WEIGHTS)
 
 
+def rng_file(checkpoint: str, rank: int) -> str:
+    """Where a rank's RNG states are in a checkpoint: written last of the rank's files, so its presence
+    says that the rank's part is all there."""
+    return storage.join(checkpoint, RNG_DIR, f"rank-{rank:05d}.pt")
+
+
 def is_complete(checkpoint: str) -> bool:
-    return all(storage.exists(storage.join(checkpoint, name)) for name in COMPLETE_FILES)
+    """Weights, training state and the RNG file of every rank that wrote the checkpoint."""
+    if not all(storage.exists(storage.join(checkpoint, name)) for name in COMPLETE_FILES):
+        return False
+    try:
+        ranks = read_resume_info(checkpoint).world_size
+    except ValueError:  # a training state cut short
+        return False
+    return all(storage.exists(rng_file(checkpoint, rank)) for rank in range(ranks))
 
 
 def complete_checkpoints(run: str) -> list[str]:
@@ -93,8 +108,32 @@ def complete_checkpoints(run: str) -> list[str]:
 
 def latest_checkpoint(run: str) -> str | None:
     """The URL of the run's newest complete checkpoint; None when it has none (yet)."""
-    complete = complete_checkpoints(run)
-    return complete[-1] if complete else None
+    for name in reversed(checkpoint_names(run)):
+        folder = storage.join(run, name)
+        if is_complete(folder):
+            return folder
+    return None
+
+
+def checkpoint_in_run(run: str, path: str) -> str:
+    """A checkpoint path as Ray Train gives it, as a URL in the run folder (Ray's paths of remote storage
+    carry no scheme; the folder's name is the checkpoint's)."""
+    return storage.join(run, path.rstrip("/").rsplit("/", 1)[-1])
+
+
+def resume_from(run: str, registered: str | None = None) -> str | None:
+    """Where a run resumes, after a restart of its workers and after a rerun of its command alike: the
+    newest complete checkpoint in the run folder. `registered` (the checkpoint Ray Train has registered,
+    if any) is taken only when it is newer or the run folder cannot be read: Ray registers a checkpoint a
+    moment after the workers' report of it returns, and a worker that dies in between would otherwise
+    throw a complete checkpoint away."""
+    try:
+        newest = latest_checkpoint(run)
+    except OSError:  # StorageError included: the folder cannot be read, Ray's word is all there is
+        return registered
+    if registered is None or newest is None:
+        return newest or registered
+    return registered if (step_of(registered) or 0) > (step_of(newest) or 0) else newest
 
 
 def newest_weights(run: str) -> str:

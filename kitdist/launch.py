@@ -2,72 +2,47 @@
 runs the per-worker loop under a `TorchTrainer`, one worker per GPU (or per CPU slot).
 
 Checkpoints go through Ray Train (`ray.train.report` with a Checkpoint; `RunConfig.storage_path` /
-`storage_filesystem` point at the run's storage, local or s3://), so Ray tracks the latest complete
-checkpoint, keeps the newest `train.keep_checkpoints`, restarts failed workers from it
-(`dist.max_failures`) and, when the same command runs again with the same run name, resumes from it.
-Errors no retry can fix end the run at once instead (kitdist.failures). Workers get no credentials
-from here: they read them from their own environment (kitdist.credentials).
-The loop reaches Ray only through `RaySession` below.
+`storage_filesystem` point at the run's storage, local or s3://), which keeps the newest
+`train.keep_checkpoints` and restarts failed workers (`dist.max_failures`); restarted workers, and the same
+command run again with the same run name, resume from the newest complete checkpoint in the run folder
+(kitdist.checkpoints.resume_from). A restart is one line on the console, Ray's tracebacks go to the run's
+console log (kitdist.console); errors no retry can fix end the run at once instead (kitdist.failures).
+Workers get no credentials from here: they read them from their own environment (kitdist.credentials).
+The loop reaches Ray only through `kitdist.train.session.RaySession`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
+import traceback
 from typing import Any
 
 from kitdist import rerun, storage
 from kitdist.checkpoints import run_url
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
-from kitdist.console import filter_worker_output, print_summary, quiet_ray_init, quiet_worker
-from kitdist.distributed.env import worker_env_vars
+from kitdist.console import RunConsole, filter_worker_output, print_summary, quiet_ray_init, quiet_worker
+from kitdist.distributed.env import passed_on_env, worker_env_vars
 from kitdist.preflight import check_launchable, check_report, describe_batches
 from kitdist.train import stop
+from kitdist.train.session import FAULT_ENV
 
 LOCAL_START_ATTEMPTS = 3  # a port Ray chose free can be taken by another process before it binds it
-
-
-class RaySession:
-    """The Session of a Ray Train worker."""
-
-    def __init__(self) -> None:
-        import ray.train
-
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as folder:
-            yield Path(folder)
-
-    def report(self, metrics: dict[str, Any], checkpoint: Path | None, name: str | None) -> None:
-        import ray.train
-
-        reported = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
-        plain = {key: value for key, value in metrics.items() if isinstance(value, (int, float, str))}
-        ray.train.report(plain, checkpoint=reported, checkpoint_dir_name=name)
+# What Ray raises (a plain Exception) when its raylet has not registered within 30 s: a busy machine, tried again
+NODE_START_TIMEOUT = "timed out during startup"
 
 
 def _train_fn(config: dict[str, Any]) -> None:
     from kitdist.failures import unrecoverable_as_one_line
     from kitdist.train.loop import train_worker
+    from kitdist.train.session import RaySession
 
     quiet_worker()
     use_assigned_cpus()
+    cfg = from_dict(RunConfig, config)
     with unrecoverable_as_one_line():  # ends the run at once instead of max_failures restarts
-        train_worker(from_dict(RunConfig, config), RaySession())
+        train_worker(cfg, RaySession(run_url(cfg)))
 
 
 # A local cluster lives for one run: no idle workers started ahead (ours need their own runtime
@@ -156,7 +131,8 @@ def connect_ray(cfg: RunConfig) -> RunConfig:
 def _start_local_ray(num_cpus: int) -> None:
     """A new cluster of our own ("local": never whichever one this machine happens to run). Its processes
     are this one's children and inherit its environment, S3 credentials included; a start that fails
-    (a port taken between Ray choosing and binding it) is tried again, on fresh ports."""
+    (a port taken between Ray choosing and binding it, a raylet slower than Ray waits for) is tried
+    again, on fresh ports."""
     import ray
 
     for name, value in LOCAL_CLUSTER_ENV.items():
@@ -165,9 +141,12 @@ def _start_local_ray(num_cpus: int) -> None:
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet_ray_init())
             return
-        except (ValueError, RuntimeError, ConnectionError):
+        except Exception as err:
+            retried = isinstance(
+                err, (ValueError, RuntimeError, ConnectionError)
+            ) or NODE_START_TIMEOUT in str(err)
             ray.shutdown()
-            if attempt == LOCAL_START_ATTEMPTS - 1:
+            if not retried or attempt == LOCAL_START_ATTEMPTS - 1:
                 raise
 
 
@@ -185,16 +164,20 @@ def _check_resources(cfg: RunConfig, resources: dict[str, float]) -> None:
         )
 
 
-def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) -> Any:
+def launch(
+    cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False, console: RunConsole | None = None
+) -> Any:
     """Checks, connects and runs training to the end; returns Ray Train's Result.
 
     stop_on_sigterm: a SIGTERM to this process makes the workers checkpoint after their current step
-    and stop (the command line's behaviour; see kitdist.train.stop)."""
+    and stop (the command line's behaviour; see kitdist.train.stop). console: the command's, which the
+    caller closes (default: one of the run's own, closed at the end)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from kitdist.failures import StopOnUnrecoverable
+    from kitdist.failures import RestartNotice, StopOnUnrecoverable
 
+    own_console, console = console is None, console or RunConsole(cfg)
     cfg = with_absolute_paths(cfg)
     rerun.proceed(cfg, check_launchable(cfg, paired=paired), announce=lambda text: print(text, flush=True))
     print(describe_batches(cfg), flush=True)  # the batches each phase trains on, or the key that cannot run
@@ -204,6 +187,7 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
         flush=True,
     )
     run = run_url(cfg)
+    console.open()
     stop.clear_request(run)
     if stop_on_sigterm:  # after ray.init, which installs a SIGTERM handler of its own
         stop.request_stop_on_sigterm(run, announce=lambda text: print(text, flush=True))
@@ -214,8 +198,9 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
         storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=cfg.dist.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        worker_runtime_env={"env_vars": worker_env_vars(cfg.dist)},  # no secrets: kitdist.credentials
-        callbacks=[StopOnUnrecoverable()],
+        # no secrets: kitdist.credentials; FAULT_ENV only where a test set it
+        worker_runtime_env={"env_vars": worker_env_vars(cfg.dist) | passed_on_env((FAULT_ENV,))},
+        callbacks=[StopOnUnrecoverable(), RestartNotice(run, cfg.dist.max_failures)],
     )
     resources = {"CPU": cfg.dist.cpus_per_worker} | ({"GPU": 1} if cfg.dist.use_gpu else {})
     trainer = TorchTrainer(
@@ -226,7 +211,11 @@ def launch(cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False) 
         ),
         run_config=run_config,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        if own_console:
+            console.close()
 
 
 def run_or_exit(cfg: RunConfig, paired: bool, check_only: bool = False) -> None:
@@ -234,24 +223,33 @@ def run_or_exit(cfg: RunConfig, paired: bool, check_only: bool = False) -> None:
     URL ends in one error line."""
     import sys
 
-    from kitdist.failures import NO_RETRY_MARK, one_line, unrecoverable_in
+    from kitdist.console import shown
+    from kitdist.failures import NO_RETRY_MARK, one_line, training_failure, unrecoverable_in
     from kitdist.shards.manifest import ManifestError
 
     started = time.monotonic()
+    console = RunConsole(cfg)
     try:
         if check_only:  # --check: the checks and what a launch prints first; no Ray, no workers
             print(check_report(with_absolute_paths(cfg), paired=paired), flush=True)
             return
-        result = launch(cfg, paired=paired, stop_on_sigterm=True)
+        result = launch(cfg, paired=paired, stop_on_sigterm=True, console=console)
     except (ConfigError, ManifestError, storage.StorageError, FileNotFoundError) as err:
         sys.exit(f"error: {one_line(err)}")
-    except Exception as err:  # Ray Train's TrainingFailedError: one line when a worker's error is ours
+    except Exception as err:  # Ray Train's TrainingFailedError: one line, its traceback in the log
         fatal = unrecoverable_in(err)
-        if fatal is None:
+        if fatal is not None:
+            sys.exit(f"error: {fatal} (raised in a training worker; {NO_RETRY_MARK})")
+        failure = training_failure(err)
+        if failure is None or console.file is None:
             raise
-        sys.exit(f"error: {fatal} (raised in a training worker; {NO_RETRY_MARK})")
+        console.write(traceback.format_exception(err))
+        restarts = f"after {len(console.restarts)} restart(s)" if console.restarts else "no restart"
+        sys.exit(f"error: training failed, {restarts}: {failure}; full log: {shown(console.path)}")
+    finally:
+        console.close()
     reached = (result.metrics or {}).get("step", cfg.train.max_steps)
     if reached < cfg.train.max_steps:
         print(f"stopped early at step {reached} of {cfg.train.max_steps}; run the same command to resume")
         sys.exit(stop.STOPPED_EXIT_CODE)
-    print_summary(with_absolute_paths(cfg), result, started)
+    print_summary(with_absolute_paths(cfg), result, started, console.restarts)

@@ -37,12 +37,22 @@ LEGACY_RUN = Path(__file__).parent / "data" / "checkpoint-cae7b4d"
 LEGACY = LEGACY_RUN / "step-00000001"
 
 
-def write_checkpoint_files(folder: str, step: int, *names: str) -> str:
-    """A checkpoint folder holding the named files (tiny stand-ins: a one-tensor weights file)."""
+RNG = "rng"  # write_checkpoint_files: every rank's RNG file of a two-worker run
+
+
+def write_checkpoint_files(folder: str, step: int, *names: str, ranks: tuple[int, ...] = (0, 1)) -> str:
+    """A checkpoint folder of a two-worker run holding the named files (tiny stand-ins: a one-tensor
+    weights file; RNG: the RNG files of `ranks`)."""
     for name in names:
         if name == WEIGHTS:
             path = storage.join(folder, WEIGHTS)
             storage.write_bytes(path, save({"w": torch.full((2,), float(step))}))
+        elif name == TRAIN_STATE:
+            state = TrainState(step, 2, "deepspeed", 2, [{}, {}], {})
+            storage.write_text(storage.join(folder, TRAIN_STATE), state.to_json())
+        elif name == RNG:
+            for rank in ranks:
+                storage.write_bytes(checkpoints.rng_file(folder, rank), b"rng")
         else:
             storage.write_text(storage.join(folder, name), "{}")
     return folder
@@ -50,12 +60,14 @@ def write_checkpoint_files(folder: str, step: int, *names: str) -> str:
 
 def a_run(root: str) -> str:
     """A run folder as a crash leaves it: complete step 2 and 3, step 4 without its training state,
-    step 5 without its weights, plus the run's other files."""
+    step 5 without its weights, step 6 without rank 1's RNG file (rank 1 died before its part was all
+    uploaded), plus the run's other files."""
     run = storage.join(root, "run")
-    write_checkpoint_files(storage.join(run, checkpoint_name(2)), 2, WEIGHTS, TRAIN_STATE)
-    write_checkpoint_files(storage.join(run, checkpoint_name(3)), 3, WEIGHTS, TRAIN_STATE)
-    write_checkpoint_files(storage.join(run, checkpoint_name(4)), 4, WEIGHTS)
-    write_checkpoint_files(storage.join(run, checkpoint_name(5)), 5, TRAIN_STATE)
+    write_checkpoint_files(storage.join(run, checkpoint_name(2)), 2, WEIGHTS, TRAIN_STATE, RNG)
+    write_checkpoint_files(storage.join(run, checkpoint_name(3)), 3, WEIGHTS, TRAIN_STATE, RNG)
+    write_checkpoint_files(storage.join(run, checkpoint_name(4)), 4, WEIGHTS, RNG)
+    write_checkpoint_files(storage.join(run, checkpoint_name(5)), 5, TRAIN_STATE, RNG)
+    write_checkpoint_files(storage.join(run, checkpoint_name(6)), 6, TRAIN_STATE, RNG, ranks=(0,))
     storage.write_text(storage.join(run, "latest"), checkpoint_name(3))
     storage.write_text(storage.join(run, "metrics", "metrics.jsonl"), "")
     return run
@@ -72,17 +84,40 @@ def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
     """Past 10^8 steps the names grow a digit: "step-100000000" sorts before "step-99999999" as text."""
     run = str(tmp_path / "run")
     for step in (99_999_999, 100_000_000, 5):
-        write_checkpoint_files(storage.join(run, checkpoint_name(step)), step, WEIGHTS, TRAIN_STATE)
+        write_checkpoint_files(storage.join(run, checkpoint_name(step)), step, WEIGHTS, TRAIN_STATE, RNG)
     assert checkpoint_names(run) == [checkpoint_name(s) for s in (5, 99_999_999, 100_000_000)]
     assert latest_checkpoint(run) == storage.join(run, checkpoint_name(100_000_000))
 
 
 def test_latest_complete_checkpoint_skips_folders_cut_short(tmp_path):
     run = a_run(str(tmp_path))
-    assert checkpoint_names(run) == [checkpoint_name(step) for step in (2, 3, 4, 5)]
+    assert checkpoint_names(run) == [checkpoint_name(step) for step in (2, 3, 4, 5, 6)]
     assert complete_checkpoints(run) == [storage.join(run, checkpoint_name(step)) for step in (2, 3)]
     assert latest_checkpoint(run) == storage.join(run, checkpoint_name(3))
     assert newest_weights(run) == storage.join(run, checkpoint_name(4), WEIGHTS)  # weights are all it needs
+
+
+def test_a_run_resumes_from_its_newest_complete_checkpoint_whatever_ray_registered(tmp_path):
+    """One rule after a restart and a rerun: the run folder's newest complete checkpoint; Ray's
+    registered one only when newer (a folder listing behind) or when the folder cannot be read."""
+    run = a_run(str(tmp_path))
+    newest = storage.join(run, checkpoint_name(3))
+    assert checkpoints.resume_from(run) == newest
+    assert checkpoints.resume_from(run, registered=storage.join(run, checkpoint_name(2))) == newest
+    assert checkpoints.resume_from(run, registered=storage.join(run, checkpoint_name(9))).endswith(
+        "step-00000009"
+    )
+    assert checkpoints.resume_from(str(tmp_path / "none")) is None
+    assert (
+        checkpoints.resume_from(str(tmp_path / "none"), registered="/r/step-00000002") == "/r/step-00000002"
+    )
+    assert (
+        checkpoints.resume_from("nosuchscheme://x/run", registered="/r/step-00000002") == "/r/step-00000002"
+    )
+    assert (
+        checkpoints.checkpoint_in_run("s3://b/runs/r", "b/runs/r/step-00000003")
+        == f"s3://b/runs/r/{checkpoint_name(3)}"
+    )
 
 
 def test_a_run_without_checkpoints_has_no_latest(tmp_path):

@@ -1,10 +1,29 @@
 """The console filter and summary pieces on their own (the whole console of a real embedded run is checked
-in tests/test_train.py): Ray's and DeepSpeed's bookkeeping goes, real warnings and tracebacks stay."""
+in tests/test_train.py): Ray's and DeepSpeed's bookkeeping goes, real warnings and tracebacks stay; a
+killed worker (a real run's output, replayed) is one line on the console and all of it in the run's log."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kitdist.config import load_config
-from kitdist.console import ChatterFilter, duration, next_commands, panel_names, summary_lines
+from kitdist.console import (
+    ChatterFilter,
+    RunConsole,
+    WorkerOutput,
+    duration,
+    next_commands,
+    panel_names,
+    record_of,
+    summary_lines,
+)
+from kitdist.failures import what_happened
+from kitdist.raycompat import WorkerHealthCheckFailedError
+
+# Everything Ray handed the driver's printer during an embedded run (Ray 2.60, DeepSpeed 0.19, 2 workers)
+# whose worker 1 was SIGKILLed after "checkpoint step-00000004 saved", as the run's console log holds it:
+# the raylet's note, Ray Train's failure report, tracebacks, RestartNotice's line, the restarted group.
+KILLED_WORKER_LOG = Path(__file__).parent / "data" / "console-killed-worker-ray2.60.log"
 
 # Lines as Ray 2.60 / DeepSpeed 0.19 print them during an embedded run (issue 16).
 CHATTER_LINES = [
@@ -75,3 +94,67 @@ def test_summary_names_only_the_metric_sinks_of_report_to():
     assert "metrics:     runs/r/metrics (metrics.jsonl)" in lines
     assert "W&B:         project kitdist, run r" in lines
     assert not [line for line in lines if "tensorboard" in line.lower()], lines
+
+
+def replay(log: Path) -> list[dict]:
+    """The records of a console log, as Ray's printer received them (consecutive lines of one source)."""
+    records: list[dict] = []
+    for text in log.read_text().splitlines():
+        parsed = record_of(text)
+        assert parsed is not None, text
+        data, line = parsed
+        if records and all(records[-1].get(key) == data.get(key) for key in ("pid", "actor_name", "is_err")):
+            records[-1]["lines"].append(line)
+        else:
+            records.append({**data, "lines": [line]})
+    return records
+
+
+def test_a_killed_worker_is_one_line_on_the_console_and_all_of_it_in_the_log(tmp_path, capsys):
+    cfg = load_config(None, [f"storage.root={tmp_path}", "storage.run_name=r"])
+    console = RunConsole(cfg)
+    console.open()
+    shown_by_ray: list[str] = []
+    printer = WorkerOutput(lambda data: shown_by_ray.extend(data["lines"]))
+    try:
+        for data in replay(KILLED_WORKER_LOG):
+            printer(data)
+    finally:
+        console.close()
+    printed = capsys.readouterr().out.splitlines() + shown_by_ray
+    progress = [
+        line for line in printed if line.startswith(("step ", "checkpoint ", "training steps", "MFU"))
+    ]
+    about_it = [line for line in printed if line not in progress and not line.startswith("resumed from")]
+    assert about_it == [
+        "worker 1 (pid 22645) killed (its process ended without exiting: a signal such as SIGKILL, or a crash) "
+        "after step 4; restarting from step-00000004 (attempt 1 of 4); full log: "
+        f"{console.path}"
+    ], "\n".join(printed)
+    assert console.restarts == [about_it[0].split("; restarting")[0] + "; resumed from step-00000004"]
+    log = Path(console.path).read_text()
+    assert Path(console.path).parent == tmp_path / "r" / "logs"
+    assert "Traceback (most recent call last)" in log and "[FailurePolicy] RETRY" in log
+    assert "(raylet) A worker died or was killed" in log and about_it[0] in log
+    assert len(log.splitlines()) == len(KILLED_WORKER_LOG.read_text().splitlines()) + 1
+    summary = summary_lines(cfg, {"step": 8}, str(tmp_path / "r" / "step-00000008"), 9, console.restarts)
+    assert summary[1] == f"restart 1:   {console.restarts[0]}"
+
+
+def test_what_happened_to_a_worker_in_a_few_words():
+    from ray.exceptions import ActorDiedError
+
+    def died(detail: str) -> WorkerHealthCheckFailedError:
+        death = ActorDiedError()
+        death.error_msg = f"The actor died unexpectedly before finishing this task.\n\tip: 10.0.0.7\n{detail}"
+        return WorkerHealthCheckFailedError("A worker health check failed.", death)
+
+    oom = died(
+        "Task was killed due to the node running low on memory. Memory on the node (IP: 10.0.0.7) where the "
+        "lease was running was 7.21GB / 7.53GB (0.957), which exceeds the memory usage threshold of 0.95."
+    )
+    assert what_happened(oom) == "killed out of memory (node memory 7.21GB / 7.53GB)"
+    lost = died("The actor died because its node has died. Node Id: 3f2a")
+    assert what_happened(lost) == "lost with its node 10.0.0.7"
+    assert what_happened(died("Worker exits with an exit code 3.")) == "exited with code 3"
+    assert what_happened(ValueError("bad\nvalue")) == "failed: ValueError: bad value"

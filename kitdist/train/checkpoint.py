@@ -22,13 +22,13 @@ from kitdist.checkpoints import (  # checkpoint_name, read_*: the names the loop
     CONFIG,
     NATIVE_DIR,
     OPTIMIZER,
-    RNG_DIR,
     TRAIN_STATE,
     WEIGHTS,
     TrainState,
     checkpoint_name,
     read_resume_info,
     read_weights,
+    rng_file,
 )
 from kitdist.config import RunConfig, dump_yaml
 from kitdist.distributed.strategy import FullState, Strategy
@@ -108,7 +108,7 @@ def restore_rng(folder: Path, rank: int) -> bool:
 
 
 def _rng_path(folder: Path, rank: int) -> Path:
-    return folder / RNG_DIR / f"rank-{rank:05d}.pt"
+    return Path(rng_file(str(folder), rank))
 
 
 def _write_rng(path: Path) -> None:
