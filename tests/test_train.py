@@ -1,8 +1,8 @@
 """End-to-end training on one shared local Ray cluster with real DeepSpeed (CPU, gloo) and real shards
-built from scikit-image's photographs: the embedded default stopped by SIGTERM and resumed (against an
-uninterrupted run, ZeRO-2 fp32), ZeRO-3 bf16 on the S3 server resumed as ZeRO-0 bf16, DDP surviving
-a killed worker and following DeepSpeed. Few steps, small crops: Ray's start-up per run is
-most of the cost, so each run is made to check as much as it can."""
+built from scikit-image's photographs: the embedded default stopped by SIGTERM, losing a worker right
+after a checkpoint, its driver SIGKILLed, and each time continued (against an uninterrupted run, ZeRO-2
+fp32), ZeRO-3 bf16 on the S3 server resumed as ZeRO-0 bf16, DDP following DeepSpeed. Few steps, small
+crops: Ray's start-up per run is most of the cost, so each run is made to check as much as it can."""
 
 from __future__ import annotations
 
@@ -43,15 +43,15 @@ BASE = [
     "dist.cpus_per_worker=1",
     "dist.max_failures=0",
 ]
-# The embedded default with fewer steps, only checkpoints at the end or on a stop request.
-# Long enough that a SIGTERM sent when step 1 is printed reaches the workers well before the last step
-# (with 6 steps a quiet machine finished the run before the stop request arrived).
+# The embedded default with fewer steps, a checkpoint every 8 and on a stop request.
+# Long enough that a SIGTERM sent when step 1 is printed reaches the workers well before the first
+# checkpoint (with 6 steps a quiet machine finished the run before the stop request arrived).
 SHORT_STEPS = 24
 EMBEDDED_SHORT = [
     f"train.max_steps={SHORT_STEPS}",
     "train.warmup_steps=2",
     "train.log_every=1",
-    "train.checkpoint_every=100",
+    "train.checkpoint_every=8",
 ]
 
 
@@ -122,10 +122,17 @@ def weights_at(root: str, run: str, step: int) -> dict[str, torch.Tensor]:
 
 
 class Pretrain:
-    """`python -m kitdist.pretrain ARGS` in a subprocess (cwd `folder`), output collected line by line."""
+    """`python -m kitdist.pretrain ARGS` in a subprocess of its own process group (cwd `folder`, `env`
+    added to the environment), output collected line by line."""
 
-    def __init__(self, folder: Path, address: str, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": address, "DS_ACCELERATOR": "cpu"}
+    def __init__(self, folder: Path, address: str, *args: str, env: dict[str, str] | None = None) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "RAY_ADDRESS": address,
+            "DS_ACCELERATOR": "cpu",
+            **(env or {}),
+        }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kitdist.pretrain", *args],
             cwd=folder,
@@ -133,6 +140,7 @@ class Pretrain:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -161,27 +169,43 @@ class Pretrain:
         return [line.split("step ", 1)[1] for line in self.lines if " | loss " in line]
 
 
-def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(tmp_path, ray_address):
-    """The embedded default (ZeRO-2 fp32, 2 workers), shortened: SIGTERM after the first logged step ->
-    a checkpoint at the step it stopped, exit 143; the same command again resumes from it and ends with
-    the weights of a run that was never interrupted."""
+def test_embedded_default_stopped_killed_and_rerun_ends_as_the_uninterrupted_run(tmp_path, ray_address):
+    """The embedded default (ZeRO-2 fp32, 2 workers), shortened, through every way a run is cut short:
+    1. SIGTERM after the first logged step -> a checkpoint at the step it stopped, exit 143;
+    2. the same command again resumes from it; worker 1 dies (SIGKILL) right after its report of the
+       step-16 checkpoint returns, before Ray Train registers it -> the workers restart from step-00000016
+       (not from Ray's older registered one), said in one console line whose log file holds the traceback;
+       the whole driver process group is SIGKILLed after step 18;
+    3. the same command again resumes from step 16, the newest complete checkpoint, and ends with the
+       losses and weights of a run that was never interrupted."""
+    from kitdist.train.session import FAULT_ENV
+
     first = Pretrain(tmp_path, ray_address, *EMBEDDED_SHORT)
     first.wait_for(f"step 1/{SHORT_STEPS} |", timeout=400)
     first.process.send_signal(signal.SIGTERM)
     assert first.finish() == 143, "\n".join(first.lines[-30:])
     run = tmp_path / "runs" / "embedded"
     stopped = sorted(path.name for path in run.glob("step-*"))
-    assert len(stopped) == 1 and stopped[0] != f"step-{SHORT_STEPS:08d}", stopped
+    assert len(stopped) == 1 and stopped[0] < "step-00000008", stopped
     step = int(stopped[0].removeprefix("step-"))
     assert any(f"stopped on request after step {step}" in line for line in first.lines)
 
-    second = Pretrain(tmp_path, ray_address, *EMBEDDED_SHORT)
-    assert second.finish() == 0, "\n".join(second.lines[-30:])
+    second = Pretrain(tmp_path, ray_address, *EMBEDDED_SHORT, env={FAULT_ENV: "1:16"})
+    second.wait_for(f"step 18/{SHORT_STEPS} |", timeout=400)
+    os.killpg(second.process.pid, signal.SIGKILL)
+    second.finish()
     assert any(f"resumed from step {step} (native state" in line for line in second.lines)
     assert f"run embedded: resuming from step {step}, settings unchanged" in second.lines
-    printed = second.progress()
-    assert len(printed) == len(set(printed)) == SHORT_STEPS - step, "each progress line is printed once"
-    assert_readable_console(first.lines + second.lines, tmp_path)
+    assert_one_restart_line(second.lines, tmp_path, rank=1, resumed="step-00000016", attempts=3)
+    assert any("resumed from step 16 (native state" in line for line in second.lines)
+
+    third = Pretrain(tmp_path, ray_address, *EMBEDDED_SHORT)
+    assert third.finish() == 0, "\n".join(third.lines[-30:])
+    assert "run embedded: resuming from step 16, settings unchanged" in third.lines, third.lines
+    assert any("resumed from step 16 (native state" in line for line in third.lines), third.lines
+    printed = third.progress()
+    assert len(printed) == len(set(printed)) == SHORT_STEPS - 16, "each progress line is printed once"
+    assert_readable_console(first.lines + third.lines, tmp_path)
     records = records_of(str(tmp_path / "runs"), "embedded")
     assert sorted(losses(records)) == list(range(1, SHORT_STEPS + 1))
     assert 10 < records[-1]["val_psnr_rgb"] < 60
@@ -206,6 +230,31 @@ def test_embedded_default_stops_on_sigterm_and_resumes_to_the_uninterrupted_run(
     )
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def assert_one_restart_line(lines: list[str], rank: int, resumed: str, attempts: int) -> None:
+    """A dead worker costs the console one line (plus the raylet's one-line note at most) naming the
+    worker, its pid, what happened, the checkpoint the restart resumes from, the attempt and the full
+    log, which holds Ray's tracebacks; no traceback, Ray Train failure report or worker info on it."""
+    text = "\n".join(lines)
+    said = [line for line in lines if line.startswith(f"worker {rank} (pid ")]
+    assert len(said) == 1, text
+    assert re.search(
+        rf"; restarting from {resumed} \(attempt 1 of {attempts}\); full log: \S+\.log$", said[0]
+    )
+    assert "killed (its process ended without exiting" in said[0], said[0]
+    for report in (
+        "Traceback",
+        "FailurePolicy",
+        "WorkerGroupError",
+        "ActorDiedError",
+        "Worker info",
+        "raylet",
+    ):
+        assert report not in text, f"{report!r} on the console:\n{text}"
+    log = Path(said[0].rsplit("full log: ", 1)[1])
+    log_text = log.read_text()
+    assert "Traceback (most recent call last)" in log_text and "[FailurePolicy] RETRY" in log_text
 
 
 # What the console of a run must not show: Ray's and DeepSpeed's bookkeeping (issue 16's list).
@@ -412,38 +461,13 @@ def test_one_recipe_on_two_workers_and_resumed_on_one_across_a_change_point(
     assert "steps 4..5: crop 64, global batch 2 = micro-batch 2 x accumulation 1 x 1 worker(s)" in printed
 
 
-def our_train_workers() -> list:
-    """Ray Train worker processes of THIS test session's cluster (other clusters may run on the machine)."""
-    psutil = pytest.importorskip("psutil")
-    children = psutil.Process(os.getpid()).children(recursive=True)
-    return [p for p in children if "RayTrainWorker" in " ".join(p.cmdline())]
-
-
-def test_ddp_survives_a_killed_worker_and_follows_deepspeed(tmp_path, ray_address, photo_shards):
-    """DDP fp32 on 2 workers, one worker killed after the first checkpoint: Ray Train restarts the group
-    from it and the run completes; its losses are those of DeepSpeed ZeRO-0 fp32 on the same batches."""
+def test_ddp_follows_deepspeed(tmp_path, ray_address, photo_shards):
+    """DDP fp32 on 2 workers gives the losses of DeepSpeed ZeRO-0 fp32 on the same batches. (A killed
+    worker's restart is the embedded default's test above.)"""
     root = str(tmp_path)
     common = ("train.max_steps=5", "train.precision=fp32", "dist.zero_stage=0")
     deepspeed = losses(train(root, "ds", photo_shards, *common, "dist.strategy=deepspeed"))
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            train(root, "ddp", photo_shards, *common, "dist.strategy=ddp", "dist.max_failures=1")
-        except BaseException as err:  # reported below
-            errors.append(err)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 300
-    while not Path(root, "ddp", "step-00000002").is_dir() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    workers = our_train_workers()
-    assert workers, "no Ray Train worker process found"
-    workers[-1].kill()
-    thread.join(timeout=600)
-    assert not errors, errors
-    ddp = losses(records_of(root, "ddp"))
+    ddp = losses(train(root, "ddp", photo_shards, *common, "dist.strategy=ddp"))
     assert deepspeed.keys() == ddp.keys() == {1, 2, 3, 4, 5}
     for step in deepspeed:
         assert ddp[step] == pytest.approx(deepspeed[step], rel=1e-4)
@@ -463,7 +487,7 @@ def test_error_no_retry_can_fix_ends_the_run_at_once_in_one_line(
     """A run resumed with another train.seed (storage.on_existing=resume_with_changes: the driver refuses it
     otherwise, tests/test_rerun.py): its saved data position cannot fit, and the workers find that out. With dist.max_failures=3 the run still ends after the first attempt:
     one worker group started, one error line naming the mismatch, no traceback of it, exit status 1.
-    (The other side, a killed worker's group being restarted, is the DDP test above.)"""
+    (The other side, a killed worker's group being restarted, is the embedded default's test.)"""
     root = str(tmp_path / "runs")
     train(root, "fatal", photo_shards, "train.max_steps=1")
     train_url, val_url = photo_shards

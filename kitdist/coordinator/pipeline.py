@@ -305,7 +305,7 @@ def finished_checkpoint(run_url: str) -> str:
     folder = latest_checkpoint(run_url)
     if folder is None:
         raise FileNotFoundError(
-            f"{run_url}: no complete checkpoint (step-* with {WEIGHTS} and {TRAIN_STATE})"
+            f"{run_url}: no complete checkpoint (step-* with {WEIGHTS}, {TRAIN_STATE} and every rank's RNG file)"
         )
     return folder
 
