@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kitdist import rerun, storage
-from kitdist.checkpoints import CONFIG, TRAIN_STATE, WEIGHTS, TrainState, run_url
+from kitdist.checkpoints import CONFIG, TRAIN_STATE, WEIGHTS, TrainState, rng_file, run_url
 from kitdist.config import dump_yaml, load_config, to_dict
 from kitdist.launch import with_absolute_paths
 from kitdist.pretrain import EMBEDDED_CONFIG
@@ -37,7 +37,8 @@ def args_for(root: Path, shards: str, *overrides: str) -> list[str]:
 
 def write_checkpoint(root: Path, shards: str, step: int = 2) -> Path:
     """A checkpoint of run `r` at `step` as the workers write it (the files the driver reads: the
-    resolved config, the training state and weights of the model it builds)."""
+    resolved config, the training state and weights of the model it builds; each rank's RNG file, which
+    makes it complete)."""
     import torch
     from safetensors.torch import save_file
 
@@ -51,6 +52,9 @@ def write_checkpoint(root: Path, shards: str, step: int = 2) -> Path:
     save_file({k: v.contiguous() for k, v in build_model(cfg.model).state_dict().items()}, folder / WEIGHTS)
     (folder / TRAIN_STATE).write_text(TrainState(step, 2, "deepspeed", 1, [], {}).to_json())
     (folder / CONFIG).write_text(dump_yaml(cfg))
+    for rank in range(2):
+        Path(rng_file(str(folder), rank)).parent.mkdir(exist_ok=True)
+        Path(rng_file(str(folder), rank)).write_bytes(b"rng")
     return folder
 
 
