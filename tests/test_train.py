@@ -44,8 +44,8 @@ BASE = [
     "dist.max_failures=0",
 ]
 # The embedded default with fewer steps, a checkpoint every 8 and on a stop request.
-# Long enough that a SIGTERM sent when step 1 is printed reaches the workers well before the first
-# checkpoint (with 6 steps a quiet machine finished the run before the stop request arrived).
+# Long enough that a SIGTERM sent when step 1 is printed reaches the workers well before step 14 (with 6
+# steps a quiet machine finished the run before the stop request arrived; it stops near step 8).
 SHORT_STEPS = 24
 EMBEDDED_SHORT = [
     f"train.max_steps={SHORT_STEPS}",
@@ -173,10 +173,10 @@ def test_embedded_default_stopped_killed_and_rerun_ends_as_the_uninterrupted_run
     """The embedded default (ZeRO-2 fp32, 2 workers), shortened, through every way a run is cut short:
     1. SIGTERM after the first logged step -> a checkpoint at the step it stopped, exit 143;
     2. the same command again resumes from it; worker 1 dies (SIGKILL) right after its report of the
-       step-16 checkpoint returns, before Ray Train registers it -> the workers restart from step-00000016
-       (not from Ray's older registered one), said in one console line whose log file holds the traceback;
-       the whole driver process group is SIGKILLed after step 18;
-    3. the same command again resumes from step 16, the newest complete checkpoint, and ends with the
+       next checkpoint (step F = 8 or 16) returns, before Ray Train registers it -> the workers restart
+       from step F (not from Ray's older registered one), said in one console line whose log file holds
+       the traceback; the whole driver process group is SIGKILLed two steps later;
+    3. the same command again resumes from step F, the newest complete checkpoint, and ends with the
        losses and weights of a run that was never interrupted."""
     from kitdist.train.session import FAULT_ENV
 
@@ -186,25 +186,26 @@ def test_embedded_default_stopped_killed_and_rerun_ends_as_the_uninterrupted_run
     assert first.finish() == 143, "\n".join(first.lines[-30:])
     run = tmp_path / "runs" / "embedded"
     stopped = sorted(path.name for path in run.glob("step-*"))
-    assert len(stopped) == 1 and stopped[0] < "step-00000008", stopped
-    step = int(stopped[0].removeprefix("step-"))
-    assert any(f"stopped on request after step {step}" in line for line in first.lines)
+    step = int(stopped[-1].removeprefix("step-"))
+    assert any(f"stopped on request after step {step}" in line for line in first.lines), stopped
+    fault = (step // 8 + 1) * 8  # the next checkpoint: 8 or 16 (a quiet machine runs ~7 steps past SIGTERM)
+    assert fault + 2 < SHORT_STEPS, f"the stop request came after step {step}"
 
-    second = Pretrain(tmp_path, ray_address, *EMBEDDED_SHORT, env={FAULT_ENV: "1:16"})
-    second.wait_for(f"step 18/{SHORT_STEPS} |", timeout=400)
+    second = Pretrain(tmp_path, ray_address, *EMBEDDED_SHORT, env={FAULT_ENV: f"1:{fault}"})
+    second.wait_for(f"step {fault + 2}/{SHORT_STEPS} |", timeout=400)
     os.killpg(second.process.pid, signal.SIGKILL)
     second.finish()
     assert any(f"resumed from step {step} (native state" in line for line in second.lines)
     assert f"run embedded: resuming from step {step}, settings unchanged" in second.lines
-    assert_one_restart_line(second.lines, tmp_path, rank=1, resumed="step-00000016", attempts=3)
-    assert any("resumed from step 16 (native state" in line for line in second.lines)
+    assert_one_restart_line(second.lines, tmp_path, rank=1, resumed=f"step-{fault:08d}", attempts=3)
+    assert any(f"resumed from step {fault} (native state" in line for line in second.lines)
 
     third = Pretrain(tmp_path, ray_address, *EMBEDDED_SHORT)
     assert third.finish() == 0, "\n".join(third.lines[-30:])
-    assert "run embedded: resuming from step 16, settings unchanged" in third.lines, third.lines
-    assert any("resumed from step 16 (native state" in line for line in third.lines), third.lines
+    assert f"run embedded: resuming from step {fault}, settings unchanged" in third.lines, third.lines
+    assert any(f"resumed from step {fault} (native state" in line for line in third.lines), third.lines
     printed = third.progress()
-    assert len(printed) == len(set(printed)) == SHORT_STEPS - 16, "each progress line is printed once"
+    assert len(printed) == len(set(printed)) == SHORT_STEPS - fault, "each progress line is printed once"
     assert_readable_console(first.lines + third.lines, tmp_path)
     records = records_of(str(tmp_path / "runs"), "embedded")
     assert sorted(losses(records)) == list(range(1, SHORT_STEPS + 1))
@@ -232,7 +233,7 @@ def test_embedded_default_stopped_killed_and_rerun_ends_as_the_uninterrupted_run
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def assert_one_restart_line(lines: list[str], rank: int, resumed: str, attempts: int) -> None:
+def assert_one_restart_line(lines: list[str], folder: Path, rank: int, resumed: str, attempts: int) -> None:
     """A dead worker costs the console one line (plus the raylet's one-line note at most) naming the
     worker, its pid, what happened, the checkpoint the restart resumes from, the attempt and the full
     log, which holds Ray's tracebacks; no traceback, Ray Train failure report or worker info on it."""
@@ -252,7 +253,7 @@ def assert_one_restart_line(lines: list[str], rank: int, resumed: str, attempts:
         "raylet",
     ):
         assert report not in text, f"{report!r} on the console:\n{text}"
-    log = Path(said[0].rsplit("full log: ", 1)[1])
+    log = Path(folder, said[0].rsplit("full log: ", 1)[1])  # relative to the command's working directory
     log_text = log.read_text()
     assert "Traceback (most recent call last)" in log_text and "[FailurePolicy] RETRY" in log_text
 
