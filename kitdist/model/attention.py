@@ -18,8 +18,8 @@ The grouped attention itself runs in one of the kernels of `kernels.py` ("explic
 "reference": the ground truth, "sdpa") or in FlexAttention over the sorted sequences ("flex", `flex.py`:
 the CUDA default). `attention_impl="auto"` picks "flex" on CUDA and "explicit" elsewhere, per call, so a
 model built on CPU and moved to a GPU takes the GPU kernel. All give the same values and gradients. The
-chunk kernels take q, k, v moved from the map straight into sorted chunks and give their outputs straight
-back (`lsh.PixelRows`); Flex gathers patch-major sequences.
+kernels take q, k, v moved from the map straight into sorted chunks (Flex: sorted sequences) and give
+their outputs straight back (`lsh.PixelRows`).
 """
 
 from __future__ import annotations
@@ -111,31 +111,28 @@ class KNNLocalAttention(nn.Module):
         bias = self.bias_table[:, self.bias_index]  # [h, P, P]
         impl = resolve_impl(self.attention_impl, x.device)
         self.last_kernel = impl
-        if impl != "flex" and (self.chunk_size > 1 or self.look_back):
-            # the chunk kernels: q, k, v move from the map straight into chunks, outputs straight back
+        if self.chunk_size > 1 or self.look_back:
+            # q, k, v move from the map straight into chunks (or Flex's sequences), outputs straight back
             qkv = self.qkv(x).view(batch, height, width, 3, heads, head_dim)
-            out = self._grouped_chunks(qkv, bias, CHUNK_KERNELS[impl])  # [B, H, W, h, d]
+            out = self._grouped_chunks(qkv, bias, impl)  # [B, H, W, h, d]
             return self.proj(out.reshape(batch, height, width, channels))
         patches = partition(x, self.patch_size)  # [B, N, P, c]
         num_patches, pixels = patches.shape[1:3]
         qkv = self.qkv(patches).view(batch, num_patches, pixels, 3, heads, head_dim)
-        if self.chunk_size == 1 and not self.look_back:
-            # k = 1 (the bottleneck): each patch attends to itself, whatever the hash; every round would
-            # give the same output and lse, so one round and no hashing compute exactly the merged result
-            # (Flex would waste most of a tile on 16-pixel blocks: fused SDPA serves this case on CUDA)
-            self.last_kernel = "sdpa" if impl == "flex" else impl
-            q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(1, 2).unbind(0)  # each [B*N, h, P, d]
-            out, _ = run_in_slices(CHUNK_KERNELS[self.last_kernel], q, k, v, bias, head_dim**-0.5, False)
-            out = out.view(batch, num_patches, heads, pixels, head_dim)
-        else:
-            out = self._grouped(qkv.permute(0, 1, 4, 3, 2, 5).contiguous(), bias)  # [B, N, h, P, d]
-        out = out.transpose(2, 3).reshape(batch, num_patches, pixels, channels)
-        return unpartition(self.proj(out), height, width)
+        # k = 1 (the bottleneck): each patch attends to itself, whatever the hash; every round would give
+        # the same output and lse, so one round and no hashing compute exactly the merged result (Flex would
+        # waste most of a tile on 16-pixel blocks: fused SDPA serves this case on CUDA)
+        self.last_kernel = "sdpa" if impl == "flex" else impl
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(1, 2).unbind(0)  # each [B*N, h, P, d]
+        out, _ = run_in_slices(CHUNK_KERNELS[self.last_kernel], q, k, v, bias, head_dim**-0.5, False)
+        out = out.view(batch, num_patches, heads, pixels, head_dim).transpose(2, 3)
+        return unpartition(self.proj(out.reshape(batch, num_patches, pixels, channels)), height, width)
 
-    def _grouped_chunks(self, qkv: torch.Tensor, bias: torch.Tensor, kernel) -> torch.Tensor:
+    def _grouped_chunks(self, qkv: torch.Tensor, bias: torch.Tensor, impl: str) -> torch.Tensor:
         """Hash, sort, chunk, attend, un-sort and merge rounds through a chunk kernel, with the chunks as a
-        batch `[B*R*chunks, h, k*P, d]`. qkv [B, H, W, 3, h, d] -> [B, H, W, h, d]: the projections go
-        from the map into chunks and the outputs back in one row copy each (`lsh.PixelRows`)."""
+        batch `[B*R*chunks, h, k*P, d]`, or through Flex, with one sorted sequence per head and round
+        `[B*R, h, N_padded*P, d]` (`flex.py`). qkv [B, H, W, 3, h, d] -> [B, H, W, h, d]: the projections
+        go from the map into chunks and the outputs back in one row copy each (`lsh.PixelRows`)."""
         batch, height, width, _, heads, head_dim = qkv.shape
         r = self.patch_size
         keys = qkv[:, :, :, 1].view(batch, height // r, r, width // r, r, heads, head_dim)
@@ -143,60 +140,34 @@ class KNNLocalAttention(nn.Module):
         grouping = self._hash(descriptors)
         num_chunks, rounds = grouping.order.shape[-1] // self.chunk_size, self.hash_rounds
         look_back = self.look_back and num_chunks > 1
-        rows = lsh.PixelRows(grouping, height, width, r, self.chunk_size, 3)
+        flex = impl == "flex"
+        rows = lsh.PixelRows(grouping, height, width, r, self.chunk_size, 3, sequence_major=flex)
         chunked = lsh.to_chunks(qkv.reshape(-1, head_dim), rows)  # [3*B*R*C*h*k*P, d]
-        sequences, chunk_pixels = batch * rounds * num_chunks, self.chunk_size * r * r
-        sq, sk, sv = chunked.view(3, sequences, heads, chunk_pixels, head_dim).unbind(0)
-        if look_back:
-            sk, sv = (self._with_previous_chunk(t, batch * rounds, num_chunks) for t in (sk, sv))
         pair_bias = None
-        if self.duplicate_keys == "once" and rounds > 1:  # [B, h, R, Np, Kp] -> [B*R*chunks, h, k, Kp]
+        if self.duplicate_keys == "once" and rounds > 1:  # [B, h, R, Np, Kp]
             pair_bias = -lsh.duplicate_log_counts(grouping, self.chunk_size, look_back)
-            pair_bias = pair_bias.view(batch, heads, rounds, num_chunks, self.chunk_size, -1)
-            pair_bias = pair_bias.permute(0, 2, 3, 1, 4, 5).reshape(sequences, heads, self.chunk_size, -1)
-        out, lse = run_in_slices(kernel, sq, sk, sv, bias, head_dim**-0.5, rounds > 1, pair_bias)
+        scale = head_dim**-0.5
+        if flex:
+            from kitdist.model.flex import flex_attention
+
+            sq, sk, sv = chunked.view(3, batch * rounds, heads, -1, head_dim).unbind(0)
+            if pair_bias is not None:  # -> [B*R, h, Np, Kp]
+                pair_bias = pair_bias.transpose(1, 2).flatten(0, 1)
+            out, lse = flex_attention(sq, sk, sv, bias, scale, self.chunk_size, look_back, pair_bias)
+        else:
+            sequences, chunk_pixels = batch * rounds * num_chunks, self.chunk_size * r * r
+            sq, sk, sv = chunked.view(3, sequences, heads, chunk_pixels, head_dim).unbind(0)
+            if look_back:
+                sk, sv = (self._with_previous_chunk(t, batch * rounds, num_chunks) for t in (sk, sv))
+            if pair_bias is not None:  # -> [B*R*chunks, h, k, Kp]
+                pair_bias = pair_bias.view(batch, heads, rounds, num_chunks, self.chunk_size, -1)
+                pair_bias = pair_bias.permute(0, 2, 3, 1, 4, 5).reshape(sequences, heads, self.chunk_size, -1)
+            out, lse = run_in_slices(CHUNK_KERNELS[impl], sq, sk, sv, bias, scale, rounds > 1, pair_bias)
         out = lsh.from_chunks(out.reshape(-1, head_dim), rows)  # [B*R*H*W*h, d]
         if rounds == 1:
             return out.view(batch, height, width, heads, head_dim)
         lse = lsh.from_chunks(lse.reshape(-1, 1), rows).view(batch, rounds, height, width, heads, 1)
         return merge_rounds(out.view(batch, rounds, height, width, heads, head_dim), lse, dim=1)
-
-    def _grouped(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """The grouped attention through FlexAttention over sorted sequences (`flex.py`).
-        qkv [B, N, h, 3, P, d] -> [B, N, h, P, d]."""
-        batch, num_patches, heads, _, pixels, head_dim = qkv.shape
-        grouping = self._group(qkv[:, :, :, 1])
-        num_chunks, rounds = grouping.order.shape[-1] // self.chunk_size, self.hash_rounds
-        look_back = self.look_back and num_chunks > 1
-        pair_bias = None
-        if self.duplicate_keys == "once" and rounds > 1:
-            pair_bias = -lsh.duplicate_log_counts(grouping, self.chunk_size, look_back)  # [B,h,R,Np,Kp]
-        out, lse, back = self._attend_flex(qkv, bias, grouping, look_back, pair_bias)
-        out = lsh.gather_rows(out.reshape(-1, pixels * head_dim), back)  # [B, R, N, h, P*d]
-        out = out.view(batch, rounds, num_patches, heads, pixels, head_dim)
-        if rounds == 1:  # a view: selecting [:, 0] would cost a zero-filled copy of the map in backward
-            return out.view(batch, num_patches, heads, pixels, head_dim)
-        lse = lsh.gather_rows(lse.reshape(-1, pixels), back)  # [B, R, N, h, P]
-        return merge_rounds(out, lse.unsqueeze(-1), dim=1)
-
-    def _attend_flex(self, qkv, bias, grouping, look_back, pair_bias):
-        """Sorted sequences `[B*R, h, N_padded*P, d]` through FlexAttention (see `flex.py`)."""
-        from kitdist.model.flex import flex_attention
-
-        batch, num_patches, heads, _, pixels, head_dim = qkv.shape
-        num_padded, rounds = grouping.order.shape[-1], self.hash_rounds
-        rows = lsh.sorted_row_index(grouping, num_patches, 3)
-        gathered = lsh.gather_rows(qkv.view(-1, pixels * head_dim), rows)  # [3, B, R, h, Np, P*d]
-        sq, sk, sv = gathered.view(3, batch * rounds, heads, num_padded * pixels, head_dim).unbind(0)
-        if pair_bias is not None:  # [B, h, R, Np, Kp] -> [B*R, h, Np, Kp]
-            pair_bias = pair_bias.transpose(1, 2).flatten(0, 1)
-        out, lse = flex_attention(sq, sk, sv, bias, head_dim**-0.5, self.chunk_size, look_back, pair_bias)
-        return out, lse, lsh.unsorted_row_index(grouping)
-
-    def _group(self, keys: torch.Tensor) -> lsh.Grouping:
-        """LSH grouping of the patches per head from their keys [B, N, h, P, d]."""
-        batch, num_patches, heads, pixels, head_dim = keys.shape
-        return self._hash(keys.permute(0, 2, 1, 3, 4).reshape(batch, heads, num_patches, pixels * head_dim))
 
     def _hash(self, descriptors: torch.Tensor) -> lsh.Grouping:
         """LSH grouping of the patches per head from their descriptors [B, h, N, P*d] (detached inside)."""

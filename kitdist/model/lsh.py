@@ -29,7 +29,8 @@ and leaves the global RNG untouched; the layer keeps them on its device per inpu
 (`KNNLocalAttention._rotations`), so evaluation draws and copies them once, not every forward.
 
 Moving the patches into chunks (`PixelRows`, `to_chunks`, `from_chunks`): the chunk kernels take q, k, v
-sorted and chunked, `[parts, B, rounds, chunks, heads, k, P, d]`, while the projections come out patch-major,
+sorted and chunked, `[parts, B, rounds, chunks, heads, k, P, d]` (Flex: `[parts, B, rounds, heads, chunks,
+k, P, d]`, one sorted sequence per head and round), while the projections come out patch-major,
 `[B, N, P, parts, heads, d]`. One `index_select` of d-float rows by a per-pixel index does the permute and
 the sort in a single copy, and the backward of each move is a gather too (every source row sits once per
 round at a known row, plus wrap-around duplicates), not a scatter-add into a zero-filled tensor
@@ -147,54 +148,33 @@ def group_by_codes(
     return Grouping(order=order, slot_of=slot_of)
 
 
-def gather_rows(source: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
-    """`source[row_index]`: source [R, F], row_index [...] -> [..., F]. torch.gather with an expanded index
-    is ~5x faster than index_select or advanced indexing for rows of a few hundred floats on CPU."""
-    flat = row_index.reshape(-1, 1).expand(-1, source.shape[-1])
-    return torch.gather(source, 0, flat).view(*row_index.shape, source.shape[-1])
-
-
-def sorted_row_index(grouping: Grouping, num_patches: int, num_parts: int) -> torch.Tensor:
-    """Rows of a `[B, N, heads, parts]`-flattened tensor (parts: q, k, v) in sorted order, one sequence
-    per head and round as Flex attention takes them: `[parts, B, rounds, heads, N_padded]`. Each part of
-    the gathered rows is contiguous (a strided part would make every later copy several times slower)."""
-    order = grouping.order  # [B, h, R, Np]
-    batch, heads = order.shape[:2]
-    batch_offset = torch.arange(batch, device=order.device).view(batch, 1, 1, 1) * num_patches
-    head = torch.arange(heads, device=order.device).view(1, heads, 1, 1)
-    rows = ((batch_offset + order) * heads + head) * num_parts  # [B, h, R, Np]: row of part 0
-    parts = torch.arange(num_parts, device=order.device).view(num_parts, 1, 1, 1, 1)
-    return rows.transpose(1, 2).unsqueeze(0) + parts
-
-
-def unsorted_row_index(grouping: Grouping) -> torch.Tensor:
-    """Rows of a `[B, rounds, heads, N_padded]`-flattened tensor (`sorted_row_index`'s order) back in
-    patch order, each patch's first slot: `[B, R, N, h]`."""
-    slot_of, num_padded = grouping.slot_of, grouping.order.shape[-1]  # slot_of: [B, h, R, N]
-    batch, heads, num_rounds = slot_of.shape[:3]
-    sequence = torch.arange(batch * num_rounds, device=slot_of.device).view(batch, 1, num_rounds, 1)
-    head = torch.arange(heads, device=slot_of.device).view(1, heads, 1, 1)
-    return ((sequence * heads + head) * num_padded + slot_of).permute(0, 2, 3, 1)
-
-
 class PixelRows:
     """Row indices, one row per pixel, head (and part: q, k, v), between the map layout of KLA's
-    projections, `[B, H, W, parts, h]` rows, and the sorted, chunked layout its chunk kernels take,
-    `[parts, B, R, chunks, h, k, P]` rows (outputs: `[B, R, H, W, h]` and `[B, R, chunks, h, k, P]`).
+    projections, `[B, H, W, parts, h]` rows, and the sorted, chunked layout its kernels take: the chunk
+    kernels' `[parts, B, R, chunks, h, k, P]` rows, or with `sequence_major` Flex's sequences,
+    `[parts, B, R, h, chunks, k, P]` (outputs: `[B, R, H, W, h]` and the layout without parts).
     Moving rows of d floats by these indices cuts the map into patches, permutes and sorts in one copy.
     It keeps only per-patch tensors; each pixel-level index is built by broadcast arithmetic when a move
     (forward or backward) needs it, so autograd holds no index as large as the activations."""
 
     def __init__(
-        self, grouping: Grouping, height: int, width: int, patch_size: int, chunk_size: int, parts: int
+        self,
+        grouping: Grouping,
+        height: int,
+        width: int,
+        patch_size: int,
+        chunk_size: int,
+        parts: int,
+        sequence_major: bool = False,
     ) -> None:
         order, slot_of = grouping.order, grouping.slot_of  # [B, h, R, Np], [B, h, R, N]
         self.batch, self.heads, self.rounds, num_padded = order.shape
         self.chunks, self.k, self.device = num_padded // chunk_size, chunk_size, order.device
         self.num_patches, self.map_pixels, self.parts = slot_of.shape[-1], height * width, parts
-        self.pixels = patch_size * patch_size
+        self.pixels, self.sequence_major = patch_size * patch_size, sequence_major
+        # [B, R, C, h, k] (chunk kernels) or [B, R, h, C, k] (Flex): the patch in each chunked slot
         self.patch = order.view(self.batch, self.heads, self.rounds, self.chunks, chunk_size).permute(
-            0, 2, 3, 1, 4
+            (0, 2, 1, 3, 4) if sequence_major else (0, 2, 3, 1, 4)
         )
         self.map_position, patch_of_pixel, pixel_in_patch = _map_layout(
             height, width, patch_size, str(self.device)
@@ -203,17 +183,27 @@ class PixelRows:
         sequence = self._steps(self.batch, -1, 1, 1, 1) * self.rounds + self._steps(self.rounds, 1, 1, -1, 1)
         # index_select rather than slot_of[..., patch_of_pixel]: its output layout is the same when traced
         slot = slot_of.index_select(-1, patch_of_pixel)
-        chunk_row = (sequence * self.chunks + slot // chunk_size) * self.heads + self._steps(
-            self.heads, 1, -1, 1, 1
-        )
-        self.chunked_row = (chunk_row * chunk_size + slot % chunk_size) * self.pixels + pixel_in_patch
+        head = self._steps(self.heads, 1, -1, 1, 1)
+        self.chunked_row = self._slot_row(sequence, head, slot) * self.pixels + pixel_in_patch
         self.output_rows = self.batch * self.rounds * self.chunks * self.heads * chunk_size * self.pixels
+
+    def _slot_row(self, sequence: torch.Tensor, head: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """The chunked row (in patches) of sorted `slot` of `head` in `sequence` (batch x rounds)."""
+        if self.sequence_major:
+            return (sequence * self.heads + head) * self.chunks * self.k + slot
+        return ((sequence * self.chunks + slot // self.k) * self.heads + head) * self.k + slot % self.k
+
+    def _head_steps(self, leading: int) -> torch.Tensor:
+        """Head indices shaped for `[leading x 1, B, R, C|h, h|C, k, P]`."""
+        shape = [1] * (leading + 6)
+        shape[leading + (2 if self.sequence_major else 3)] = -1
+        return self._steps(self.heads, *shape)
 
     def _steps(self, count: int, *shape: int) -> torch.Tensor:
         return _steps(count, shape, str(self.device))
 
     def _map_position_of_patches(self) -> torch.Tensor:
-        """`[B, R, C, h, k, P]`: the map position of each pixel of each chunked patch."""
+        """`[B, R, C|h, h|C, k, P]`: the map position of each pixel of each chunked patch."""
         positions = self.map_position.index_select(0, self.patch.reshape(-1))
         return positions.view(*self.patch.shape, self.pixels)
 
@@ -221,7 +211,7 @@ class PixelRows:
         """`[parts*B*R*C*h*k*P]`: the source row (of `[B, H, W, parts, h]`) of each chunked row."""
         pixel = self._steps(self.batch, -1, 1, 1, 1, 1, 1) * self.map_pixels + self._map_position_of_patches()
         rows = (pixel.unsqueeze(0) * self.parts + self._steps(self.parts, -1, 1, 1, 1, 1, 1, 1)) * self.heads
-        return (rows + self._steps(self.heads, 1, 1, 1, 1, -1, 1, 1)).reshape(-1)  # [parts, B, R, C, h, k, P]
+        return (rows + self._head_steps(1)).reshape(-1)
 
     def chunked_of_source(self) -> torch.Tensor:
         """`[R, B*H*W*parts*h]`: the chunked row of each source row in each round (its first slot)."""
@@ -238,7 +228,7 @@ class PixelRows:
             self.rounds, 1, -1, 1, 1, 1, 1
         )
         rows = (sequence * self.map_pixels + self._map_position_of_patches()) * self.heads
-        return (rows + self._steps(self.heads, 1, 1, 1, -1, 1, 1)).reshape(-1)  # [B, R, C, h, k, P]
+        return (rows + self._head_steps(0)).reshape(-1)
 
     def padded_outputs(self) -> torch.Tensor | None:
         """Chunked output rows in wrap-around pad slots (they feed nothing), or None."""
@@ -246,8 +236,8 @@ class PixelRows:
             return None
         slots = torch.arange(self.num_patches, self.chunks * self.k, device=self.device).view(1, 1, -1, 1)
         sequence = self._steps(self.batch * self.rounds, -1, 1, 1, 1)
-        rows = (sequence * self.chunks + slots // self.k) * self.heads + self._steps(self.heads, 1, -1, 1, 1)
-        rows = (rows * self.k + slots % self.k) * self.pixels + self._steps(self.pixels, 1, 1, 1, -1)
+        rows = self._slot_row(sequence, self._steps(self.heads, 1, -1, 1, 1), slots)
+        rows = rows * self.pixels + self._steps(self.pixels, 1, 1, 1, -1)
         return rows.reshape(-1)  # [B*R, h, pad slots, P]
 
     def padded_inputs(self) -> torch.Tensor | None:

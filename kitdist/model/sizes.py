@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from kitdist.config import ConfigError, ModelConfig
 
 INTERPOLATIONS = ("bilinear_conv", "strided_conv")
+FLEX_MIN_HEAD_DIM = 16  # CUDA's FlexAttention lowering refuses smaller heads
 DECODERS = ("fused", "concat")
 
 
@@ -131,6 +132,13 @@ def resolve_size(cfg: ModelConfig) -> ModelSize:
                 f"model.size: {cfg.size!r} has {name}={getattr(size, name)!r}, not one of {list(allowed)}",
                 key="model.size",
             )
+    if size.head_dim < FLEX_MIN_HEAD_DIM and cfg.attention_impl in ("auto", "flex"):
+        raise ConfigError(
+            f"model.size: {cfg.size!r} has heads of head_dim={size.head_dim} channels; model.attention_impl="
+            f"{cfg.attention_impl} runs FlexAttention on CUDA, whose kernels need head_dim >= "
+            f"{FLEX_MIN_HEAD_DIM} (use a size with larger heads, or model.attention_impl=explicit)",
+            key="model.size",
+        )
     for level in range(4):
         channels = size.channels * 2**level
         if channels % size.head_dim:
