@@ -59,7 +59,7 @@ class WindowAttention(nn.Module):
 
 def _window_flex(q, k, v, bias, batch):
     """Windows laid end to end per image, a block-diagonal mask of window size, the bias as score_mod."""
-    from kitdist.model.flex import _compiled_flex, chunk_block_mask
+    from kitdist.model.flex import chunk_block_mask, compiled_flex
 
     windows, heads, pixels, head_dim = q.shape
     seq = [t.view(batch, windows // batch, heads, pixels, head_dim).transpose(1, 2).reshape(
@@ -70,7 +70,8 @@ def _window_flex(q, k, v, bias, batch):
     def with_bias(score, b, h, q_idx, kv_idx):
         return score + bias[h, q_idx % pixels, kv_idx % pixels]
 
-    out = _compiled_flex()(*seq, score_mod=with_bias, block_mask=mask)
+    tiles = {"BLOCK_M": mask.BLOCK_SIZE[0], "BLOCK_N": mask.BLOCK_SIZE[1]}  # as KLA's Flex path
+    out = compiled_flex()(*seq, score_mod=with_bias, block_mask=mask, kernel_options=tiles)
     return out.view(batch, heads, windows // batch, pixels, head_dim).transpose(1, 2).reshape(q.shape)
 
 
