@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kitdist.shards.recipes import RecipeError, SourceItem
+from kitdist.shards.items import RecipeError, SourceItem
 
 SOURCE_FORMAT = "FILE.mat:VARIABLE"
 

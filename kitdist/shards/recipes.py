@@ -17,12 +17,10 @@ from typing import Any, Literal
 import yaml
 
 from kitdist.package_data import RECIPE_ROOT, recipe_names, recipe_path
+from kitdist.shards.items import RecipeError, SourceItem
+from kitdist.shards.matblocks import list_blocks, parse_source
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be found or read, or a source that does not fit it; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -76,17 +74,6 @@ class Recipe:
         return self.splits[split].kind or self.kind
 
 
-@dataclass(frozen=True)
-class SourceItem:
-    """One source image (clean) or input/target pair, before it is read."""
-
-    key: str  # the sample's stable `__key__` (tile coordinates are appended when tiled)
-    paths: tuple[tuple[str, str], ...]  # (role, path relative to --src); roles: clean | input, target
-    label: str | None = None  # class folder name (ImageNet wnid)
-    cls: int | None = None
-    block: tuple[int, int] | None = None  # (image, block) in the `paths`' MATLAB arrays (matblocks)
-
-
 def available_recipes() -> list[str]:
     return recipe_names()
 
@@ -134,8 +121,6 @@ def _recipe_from_dict(body: Any, path: str) -> Recipe:
 
 
 def _check_blocks(blocks: Any, path: str, key: str) -> None:
-    from kitdist.shards.matblocks import parse_source
-
     if not isinstance(blocks, dict):
         raise RecipeError(f"{path}: {key} must map roles to FILE.mat:VARIABLE, got {blocks!r}")
     for role, source in blocks.items():
@@ -159,8 +144,6 @@ def list_split(recipe: Recipe, src: Path, split: str) -> tuple[list[SourceItem],
     """Sorted source items of one split, and (path, reason) for files rejected while listing."""
     rule = recipe.splits[split]
     if rule.blocks is not None:
-        from kitdist.shards.matblocks import list_blocks
-
         return list_blocks(rule.blocks, src, split)
     files = _glob(src, rule.files, rule.extensions)
     names = class_names(recipe, src)
