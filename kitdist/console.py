@@ -54,6 +54,9 @@ NOISY_TRACEBACKS = re.compile(
             # the controller's shutdown of the watchdog below timed out (seen when the run joins a cluster
             # started beforehand); the watchdog goes away with its controller anyway
             r"Failed to stop PlacementGroupCleaner gracefully",
+            # Ray Train's drain watcher polling the State API while its process shuts down after a stop
+            # ("Ray has not been started yet"); a drain it did see would reach the run as a preemption
+            r"PreemptionWatcher poll failed",
         ]
     )
 )

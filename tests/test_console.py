@@ -53,6 +53,15 @@ CLEANER_SHUTDOWN_TRACEBACK = [  # the controller's, at the end of a run that joi
     "    ray.get(self._cleaner.stop.remote(), timeout=self._stop_timeout)",
     "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
 ]
+WATCHER_SHUTDOWN_TRACEBACK = [  # Ray Train's drain watcher, polling once more after a stopped run
+    "PreemptionWatcher poll failed",
+    "Traceback (most recent call last):",
+    '  File "/ray/train/v2/_internal/execution/preemption.py", line 175, in _poll_once',
+    "    drained = _get_draining_nodes() or {}",
+    "              ^^^^^^^^^^^^^^^^^^^^^",
+    "ray.exceptions.RaySystemError: System error: Ray has not been started yet. Trying to use state API "
+    "before ray.init() has been called.",
+]
 REAL = [
     "step 10/60 | loss 0.0898 | lr 1.65e-03 | samples_per_s 17.8/s | ETA 1m00s | data-wait 2%",
     "UserWarning: the learning rate scheduler was stepped before the optimizer",
@@ -63,7 +72,7 @@ REAL = [
 
 
 def test_chatter_goes_and_real_lines_stay():
-    lines = CHATTER_LINES + TIMEOUT_TRACEBACK + CLEANER_SHUTDOWN_TRACEBACK + REAL
+    lines = CHATTER_LINES + TIMEOUT_TRACEBACK + CLEANER_SHUTDOWN_TRACEBACK + WATCHER_SHUTDOWN_TRACEBACK + REAL
     kept = ChatterFilter().keep("worker-1", lines)
     assert kept == REAL
 
