@@ -174,9 +174,9 @@ def launch(
     and stop (the command line's behaviour; see kitdist.train.stop). console: the command's, which the
     caller closes (default: one of the run's own, closed at the end)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from kitdist.failures import RestartNotice, StopOnUnrecoverable
+    from kitdist.raycompat import PromptTorchTrainer
 
     own_console, console = console is None, console or RunConsole(cfg)
     cfg = with_absolute_paths(cfg)
@@ -204,7 +204,7 @@ def launch(
         callbacks=[StopOnUnrecoverable(), RestartNotice(run, cfg.dist.max_failures)],
     )
     resources = {"CPU": cfg.dist.cpus_per_worker} | ({"GPU": 1} if cfg.dist.use_gpu else {})
-    trainer = TorchTrainer(
+    trainer = PromptTorchTrainer(
         _train_fn,
         train_loop_config=to_dict(cfg),
         scaling_config=ray.train.ScalingConfig(

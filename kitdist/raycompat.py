@@ -1,9 +1,10 @@
 """Every use kitdist makes of Ray's private API, in one place, for the Ray series it was tested with.
 
 Ray Train 2.60 offers no public hook to end a run on an error no retry can fix, to tell the user in one
-line why a worker group restarts, or to route the driver's printing of worker output: `kitdist.failures`
-and `kitdist.console` use the DeveloperAPI callbacks of Train's controller, its worker-group types and
-Ray's printer of worker output, through the names below only. tests/test_raycompat.py fails, naming the
+line why a worker group restarts, to route the driver's printing of worker output, or to bound how long a
+finished run waits for its placement-group watchdog: `kitdist.failures`, `kitdist.console` and
+`kitdist.launch` use the DeveloperAPI callbacks of Train's controller, its worker-group types, Ray's
+printer of worker output and the trainer's default callbacks, through the names below only. tests/test_raycompat.py fails, naming the
 symbol, when the installed Ray lacks one of them or is not of the TESTED_WITH series.
 """
 
@@ -13,6 +14,8 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
 from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback, WorkerGroupCallback
 from ray.train.v2._internal.execution.failure_handling import FailureDecision
@@ -35,12 +38,22 @@ HOOKS = {
     ReportCallback: ("after_report",),
 }
 
+# How long a finished run's controller waits for Ray Train's PlacementGroupCleaner to stop. Ray's default
+# (2 x its 1 s check + its 10 s State API timeout = 12 s) is spent in full on every run wherever the cleaner's
+# State API query hangs (it looks the dashboard up through GCS with retries; seen on local clusters with
+# and without a dashboard): 12 of the 16 s between a run's last checkpoint and its end (RESULTS, "The end of
+# a run"). The cleaner only matters while the run lives (its controller dying with the driver still up);
+# placement groups of a job whose driver ended go with the job.
+CLEANER_STOP_TIMEOUT_S = 1.0
+
 __all__ = [
     "ControllerCallback",
     "FailureDecision",
+    "PlacementGroupCleanerCallback",
     "RayActorError",
     "ReportCallback",
     "SessionFileHandler",
+    "TorchTrainer",
     "WorkerGroupCallback",
     "WorkerHealthCheckFailedError",
     "WorkerHealthCheckTimeoutError",
@@ -103,3 +116,16 @@ def reported_checkpoint_path(training_report: Any) -> str | None:
     """The path of the checkpoint in a report the controller registered (`_TrainingReport.checkpoint`)."""
     checkpoint = training_report.checkpoint
     return None if checkpoint is None else checkpoint.path
+
+
+class PromptTorchTrainer(TorchTrainer):
+    """Ray Train's TorchTrainer whose placement-group watchdog is told to stop within
+    CLEANER_STOP_TIMEOUT_S at the end of a run (it still watches the controller while the run lives)."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        return [
+            PlacementGroupCleanerCallback(stop_timeout=CLEANER_STOP_TIMEOUT_S)
+            if isinstance(callback, PlacementGroupCleanerCallback)
+            else callback
+            for callback in super()._create_default_callbacks()
+        ]

@@ -75,3 +75,21 @@ def test_the_raylets_messages_reach_the_driver_where_the_console_routes_them():
         "ray._private.worker.listen_error_messages no longer prints the raylet's messages through "
         "print_to_stdstream with pid 'raylet' (kitdist.raycompat.route_raylet_messages)"
     )
+
+
+def test_the_prompt_trainer_changes_only_the_placement_group_cleaners_stop_timeout():
+    from ray.train import ScalingConfig
+
+    from kitdist.raycompat import CLEANER_STOP_TIMEOUT_S, PlacementGroupCleanerCallback, PromptTorchTrainer
+
+    def build(trainer_cls):
+        trainer = trainer_cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return trainer._create_default_callbacks()
+
+    ours, rays = build(PromptTorchTrainer), build(raycompat.TorchTrainer)
+    assert [type(callback) for callback in ours] == [type(callback) for callback in rays]
+    cleaners = [callback for callback in ours if isinstance(callback, PlacementGroupCleanerCallback)]
+    assert len(cleaners) == 1, "Ray Train no longer adds a PlacementGroupCleanerCallback by default"
+    (ray_cleaner,) = [callback for callback in rays if isinstance(callback, PlacementGroupCleanerCallback)]
+    assert cleaners[0]._stop_timeout == CLEANER_STOP_TIMEOUT_S < ray_cleaner._stop_timeout
+    assert cleaners[0]._check_interval_s == ray_cleaner._check_interval_s
