@@ -1,8 +1,13 @@
-"""Shared fixtures: a real S3 server, real photographs from scikit-image, CPU-only settings."""
+"""Shared fixtures: a real S3 server, real photographs from scikit-image, CPU-only settings, and a time
+limit on each test marked `gpu`."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,3 +55,40 @@ def photo_paths() -> list[Path]:
     paths = shipped_photographs()
     assert len(paths) >= 8, "expected scikit-image's photographs (is scikit-image installed?)"
     return paths
+
+
+# Each GPU test's own limit, so that one stuck test (a hung NCCL call, a compile that never ends) fails
+# alone and the GPU battery's other tests still run; `@pytest.mark.gpu(timeout_s=N)` sets a test's own.
+# The GPU machines carry no more than the battery's wheels: this needs no plugin (pytest-timeout).
+GPU_TEST_TIMEOUT_S = 90
+GPU_TEST_HARD_EXIT_GRACE_S = 30  # past the limit, a test stuck in C code (no Python to interrupt)
+
+
+class GpuTestTimeout(Exception):
+    """A test marked `gpu` ran past its limit."""
+
+
+@pytest.fixture(autouse=True)
+def gpu_test_time_limit(request):
+    """SIGALRM raises GpuTestTimeout in the test at its limit; a test that cannot be interrupted there
+    (inside a CUDA or NCCL call) has its stacks dumped and the process ended GPU_TEST_HARD_EXIT_GRACE_S
+    later, which the battery records with the tests that finished before it."""
+    marker = request.node.get_closest_marker("gpu")
+    if marker is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    limit = int(marker.kwargs.get("timeout_s", GPU_TEST_TIMEOUT_S))
+
+    def expire(signum, frame):
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)  # what the other threads do
+        raise GpuTestTimeout(f"{request.node.nodeid} ran past its limit of {limit} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(limit)
+    faulthandler.dump_traceback_later(limit + GPU_TEST_HARD_EXIT_GRACE_S, exit=True, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGALRM, previous)

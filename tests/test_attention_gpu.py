@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_attention import OPTIONS, make_kla, run_both
 
+from kitdist.model import flex
 from kitdist.model.flex import flex_attention
 from kitdist.model.kernels import reference_attention, run_in_slices, sdpa_attention
 
@@ -17,6 +18,27 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+# What CUDA's lowering of the Flex path can get wrong, one compile each (tests/test_flex_cpu.py checks
+# every option against the explicit kernel on CPU): whole 64-pixel blocks, 80- and 112-pixel chunks in
+# 16-pixel blocks with padded tails, 16-pixel chunks (k = 1), look-back, the duplicate-key bias ("once"),
+# crowded buckets.
+CUDA_CASES = [
+    (OPTIONS[1], "count"),
+    (OPTIONS[3], "once"),
+    (OPTIONS[4], "count"),
+    (OPTIONS[5], "count"),
+    (OPTIONS[6], "once"),
+    (OPTIONS[7], "once"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def flex_shapes_of_many_layers():
+    """One process compiles Flex for every layer shape here, more than one training process's plan
+    (FLEX_GRAPH_BUDGET; tests/test_flex_cpu.py checks the plan itself)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(flex, "FLEX_GRAPH_BUDGET", 64)
+        yield
 
 
 def test_auto_runs_the_compiled_flex_kernel_on_cuda():
@@ -32,8 +54,11 @@ def test_auto_runs_the_compiled_flex_kernel_on_cuda():
     assert bottleneck.last_kernel == "sdpa"  # k = 1: fused SDPA, no lse needed
 
 
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-@pytest.mark.parametrize("duplicate_keys", ["count", "once"])
+@pytest.mark.parametrize(
+    "options, duplicate_keys",
+    CUDA_CASES,
+    ids=[",".join([*(f"{k}={v}" for k, v in o.items()), d]) for o, d in CUDA_CASES],
+)
 def test_flex_equals_the_union_softmax_on_cuda(options, duplicate_keys):
     (out, grads), (ref_out, ref_grads) = run_both("flex", options, duplicate_keys, device="cuda", dim=32)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-3)  # TF32 may round the matmuls

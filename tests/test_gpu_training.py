@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from kitdist.config import load_config
-from kitdist.model import build_model
+from kitdist.model import build_model, flex
 from kitdist.train.engine import build_strategy
 from kitdist.train.loop import LogWindow, train_step
 
@@ -20,6 +20,15 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def flex_shapes_of_many_runs():
+    """One process runs the Flex shapes of several runs (precisions, batch sizes), more than one training
+    process's plan (FLEX_GRAPH_BUDGET; tests/test_flex_cpu.py checks the plan itself)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(flex, "FLEX_GRAPH_BUDGET", 64)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +78,8 @@ def test_ddp_step_never_synchronises(nccl_group_of_one, precision):
     cfg, strategy = strategy_for(nccl_group_of_one, *DDP, f"train.precision={precision}")
     assert strategy.optimizer.defaults["fused"]
     stream, window = batches(nccl_group_of_one), LogWindow()
-    train_step(cfg, strategy, stream, window, strategy.grad_accum)
+    for _ in range(2):  # DDP rebuilds its buckets on step 2, with a blocking device-to-host copy
+        train_step(cfg, strategy, stream, window, strategy.grad_accum)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -109,6 +119,7 @@ def test_fp16_trains_with_a_dynamic_loss_scale_kept_in_checkpoints(nccl_group_of
     assert fresh.full_state().meta["loss_scale"] == state.meta["loss_scale"]
 
 
+@pytest.mark.gpu(timeout_s=180)  # inductor compiles the whole model, forward and backward
 def test_inductor_compiled_model_trains_like_eager(nccl_group_of_one):
     """`train.compile=true` with inductor (Triton kernels): two bf16 steps give eager's losses (inductor
     told to draw LSH rotations from torch's generator, as eager does)."""
