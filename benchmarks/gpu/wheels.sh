@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Puts into .whl/ (ignored by git) every wheel the GPU battery needs that the lent GPU machines lack
-# (they have Python 3.12, a CUDA torch, Triton, scikit-image, tensorboard... and no package registry):
-# DeepSpeed, built here from its source package, and its pure-Python or manylinux needs, downloaded for
-# CPython 3.12 on x86_64. run.sh installs them with `pip install --no-index --no-deps --target`.
+# (they have Python 3.12, a CUDA torch, Triton, scikit-image, tensorboard... and no package registry;
+# README.md lists their packages, and `battery.py --check-imports` checks every section against that list
+# and the name==version arguments below): DeepSpeed, built here from its source package, and its
+# pure-Python or manylinux needs, downloaded for CPython 3.12 on x86_64. run.sh installs them with
+# `pip install --no-index --no-deps --target`.
 #
 #   benchmarks/gpu/wheels.sh          # once, where PyPI is reachable; then carry .whl (README.md)
 #
