@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 ROWS_ENV = "KITDIST_BATTERY_ROWS"  # the rows file; unset: rows are only printed
@@ -19,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def record(row: dict) -> None:
     """Appends `row` (tagged with this process's section) to the rows file, and prints it."""
-    line = json.dumps({"section": os.environ.get(SECTION_ENV, "?"), **row}, default=str)
+    line = json.dumps({"section": os.environ.get(SECTION_ENV, "?"), "at": time.strftime("%H:%M:%S"), **row},
+                      default=str)  # fmt: skip
     print(line, flush=True)
     path = os.environ.get(ROWS_ENV)
     if path:
@@ -29,7 +31,8 @@ def record(row: dict) -> None:
 
 
 def read(path: Path, section: str) -> list[dict]:
-    """The rows `section` wrote to `path` (the section tag removed); a line cut short by a kill is skipped."""
+    """The rows `section` wrote to `path` (without the section and the time of day, which rows.jsonl
+    keeps); a line cut short by a kill is skipped."""
     if not path.is_file():
         return []
     found = []
@@ -39,6 +42,7 @@ def read(path: Path, section: str) -> list[dict]:
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict) and row.pop("section", None) == section:
+            row.pop("at", None)
             found.append(row)
     return found
 

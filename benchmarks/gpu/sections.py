@@ -473,7 +473,7 @@ def loader_section(scratch: Path, cpu: bool) -> dict:
             (source / path.name).symlink_to(path)
     folder = str(scratch / "loader-shards")
     built = build_shards("folder", source, folder, samples_per_shard=per_shard, tile=tile, stride=stride,
-                         workers=min(8, os.cpu_count() or 1), progress=False)  # fmt: skip
+                         workers=1 if cpu else 8, progress=False)  # fmt: skip
     samples = sum(manifest.total_samples for manifest in built.values())
     rates: dict[str, list[float]] = {"decode-only": [], "pipeline": []}
     for round_ in range(2):  # interleaved, so that a slow spell hits both
@@ -502,7 +502,7 @@ def resume_section(scratch: Path, cpu: bool) -> dict:
         f"data.num_workers={0 if cpu else 4}", f"data.train_shards={train_url}", f"data.val_shards={val_url}",
         "data.max_val_samples=2", "data.val_crop_size=64", "train.warmup_steps=1",
         "train.log_every=1", "train.checkpoint_every=2", f"train.precision={'fp32' if cpu else 'bf16'}",
-        "dist.num_workers=1",
+        "dist.num_workers=1", f"dist.cpus_per_worker={1 if cpu else 0}",  # --cpu: one thread (battery.py)
         f"dist.use_gpu={str(not cpu).lower()}", "dist.strategy=deepspeed", "dist.zero_stage=2",
         f"storage.root={scratch / 'runs'}", "storage.run_name=battery",
     ]  # fmt: skip
