@@ -322,6 +322,7 @@ def available_distributions() -> set[str]:
 NOT_RUN = {
     ("kitdist.launch", "ray"): "the Ray launcher; the battery launches with torchrun",
     ("kitdist.launch", "kitdist.failures"): "the Ray launcher's failure handling (kitdist.raycompat: Ray)",
+    ("kitdist.launch", "kitdist.raycompat"): "the Ray launcher's trainer (Ray)",
     ("kitdist.console", "kitdist.failures"): "the Ray driver's console (Ray's worker output)",
     ("kitdist.console", "kitdist.raycompat"): "the Ray driver's console (Ray's worker output)",
     ("kitdist.train.session", "ray"): "reports to a Ray Train session; torchrun runs have none",
