@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -357,12 +358,27 @@ def comparison(cfg: RunConfig, checkpoint: str, run: str) -> tuple[float, str]:
     return sum(values) / len(values), grid
 
 
+def python_command() -> str:
+    """How to run this Python from the working directory: `python`, unless it is a virtual environment
+    that is not activated (the README's `.venv/bin/python -m kitdist.pretrain`), whose python is named by
+    its path, relative when it lies under the working directory."""
+    if sys.prefix == sys.base_prefix:
+        return "python"
+    venv_python = os.path.join(sys.prefix, "bin", "python")
+    on_path = shutil.which("python")
+    if on_path is not None and os.path.abspath(on_path) == os.path.abspath(venv_python):
+        return "python"
+    relative = os.path.relpath(venv_python)
+    return venv_python if relative.startswith("..") else relative
+
+
 def next_commands(cfg: RunConfig, run: str) -> list[str]:
-    commands = [f"python -m kitdist.restore --weights {shown(run)} photo.jpg --out restored/"]
+    python = python_command()
+    commands = [f"{python} -m kitdist.restore --weights {shown(run)} photo.jpg --out restored/"]
     if cfg.data.val_shards:
         out = storage.join(cfg.storage.root, "eval", cfg.storage.run_name)
         commands.append(
-            f"python -m kitdist.evaluate --weights {shown(run)} --shards {shown(cfg.data.val_shards)} "
+            f"{python} -m kitdist.evaluate --weights {shown(run)} --shards {shown(cfg.data.val_shards)} "
             f"--out {shown(out)}"
         )
     if "tensorboard" in cfg.train.report_to:

@@ -97,6 +97,26 @@ def test_summary_names_panels_and_next_commands_for_the_run():
     assert "--shards runs/data/x/val" in commands[1] and commands[2] == "tensorboard --logdir runs/r/metrics"
 
 
+def test_next_commands_name_the_python_of_a_virtual_environment_that_is_not_activated(tmp_path, monkeypatch):
+    import sys
+
+    cfg = load_config(None, ["storage.root=runs", "storage.run_name=r"])
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # not activated
+    assert next_commands(cfg, "runs/r")[0].startswith(".venv/bin/python -m kitdist.restore ")
+    monkeypatch.setenv("PATH", f"{venv / 'bin'}:/usr/bin:/bin")  # `. .venv/bin/activate`
+    assert next_commands(cfg, "runs/r")[0].startswith("python -m kitdist.restore ")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert next_commands(cfg, "runs/r")[0].startswith(f"{venv}/bin/python -m kitdist.restore ")
+
+
 def test_summary_names_only_the_metric_sinks_of_report_to():
     cfg = load_config(None, ["storage.root=runs", "storage.run_name=r", "train.report_to=[wandb]"])
     lines = summary_lines(cfg, {"step": 5}, "runs/r/step-00000005", 3.0)
