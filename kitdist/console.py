@@ -111,8 +111,15 @@ def quiet_worker() -> None:
     warnings.filterwarnings("ignore", message=DEPRECATED_GATHER, category=FutureWarning)
 
 
+# Ray 2.60 turns token auth on for every new local cluster and says so with a WARNING each time; for a
+# cluster of our own that lives for one run that needs no action (its errors still show).
+RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def quiet_ray_init() -> dict[str, Any]:
-    """ray.init arguments for a local cluster of our own: its INFO notes (start, token written) off."""
+    """ray.init arguments for a local cluster of our own: its INFO notes (start, token written) off, and
+    Ray's warning that it chose token auth."""
+    logging.getLogger(RAY_AUTH_SETUP_LOGGER).setLevel(logging.ERROR)
     return {"logging_level": logging.WARNING}
 
 

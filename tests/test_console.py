@@ -117,6 +117,24 @@ def test_next_commands_name_the_python_of_a_virtual_environment_that_is_not_acti
     assert next_commands(cfg, "runs/r")[0].startswith(f"{venv}/bin/python -m kitdist.restore ")
 
 
+def test_a_local_cluster_of_our_own_starts_with_token_auth_and_without_a_word_from_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import os, ray\n"
+        "from kitdist.launch import _start_local_ray\n"
+        "_start_local_ray(1)\n"
+        "print('auth mode:', os.environ.get('RAY_AUTH_MODE'))\n"
+        "ray.shutdown()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "auth mode: token" in done.stdout
+    printed = done.stdout + done.stderr
+    assert "Token authentication" not in printed and "WARNING" not in printed, printed
+
+
 def test_summary_names_only_the_metric_sinks_of_report_to():
     cfg = load_config(None, ["storage.root=runs", "storage.run_name=r", "train.report_to=[wandb]"])
     lines = summary_lines(cfg, {"step": 5}, "runs/r/step-00000005", 3.0)
