@@ -114,7 +114,9 @@ def test_wandb_sink_in_offline_mode(tmp_path, monkeypatch):
     assert not (metrics / "tensorboard").exists()
     (run_file,) = (tmp_path / "wandb-dir" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     records = wandb_records(run_file)
-    (run,) = [record.run for record in records if record.HasField("run")]
+    runs = [record.run for record in records if record.HasField("run")]
+    assert len(runs) == 1, f"{len(records)} records in {run_file.stat().st_size} bytes of {run_file}"
+    (run,) = runs
     assert (run.run_id, run.project, run.display_name) == (run_id, "kit-test", "r")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["train"]["wandb_project"] == "kit-test" and config["storage"]["run_name"] == "r"

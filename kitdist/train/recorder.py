@@ -88,6 +88,9 @@ class MetricsRecorder:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+            # and wait for W&B's service to write everything out: its own atexit hook does that, but it
+            # is "not reliable" (wandb.teardown's words) in processes like Ray's workers
+            wandb_module().teardown()
 
 
 def purge_events(folder: str, last_step: int) -> None:
