@@ -203,12 +203,11 @@ class RunConsole:
         restarting from step-00000004 (attempt 1 of 4); full log: runs/embedded/logs/console-...log"."""
         pid = f" (pid {notice['pid']})" if notice.get("pid") else ""
         where = notice["resume"] or "the start (no complete checkpoint yet)"
-        self.restarts.append(
-            f"worker {notice['rank']}{pid} {notice['what']} after step {self.last_step}; resumed from {where}"
-        )
+        failed = f"worker {notice['rank']}{pid} {notice['what']} after step {self.last_step}"
+        self.restarts.append(f"{failed}; resumed from {where}")
         return (
-            f"worker {notice['rank']}{pid} {notice['what']} after step {self.last_step}; restarting from "
-            f"{where} (attempt {notice['attempt']} of {notice['max']}); full log: {shown(self.path)}"
+            f"{failed}; restarting from {where} (attempt {notice['attempt']} of {notice['max']}); "
+            f"full log: {shown(self.path)}"
         )
 
     def close(self) -> None:
@@ -244,9 +243,13 @@ class WorkerOutput:
             run.write([f"{ray_prefix(data)} {line}" for line in data.get("lines", [])])
         if data.get("actor_name") in SILENT_ACTORS:
             return
-        lines = self.chatter.keep(f"{data.get('pid')}-{data.get('is_err')}", data.get("lines", []))
-        notices = [notice for notice in map(restart_notice, lines) if notice is not None]
-        lines = [line for line in lines if restart_notice(line) is None and not log_only(data, line)]
+        notices, lines = [], []
+        for line in self.chatter.keep(f"{data.get('pid')}-{data.get('is_err')}", data.get("lines", [])):
+            notice = restart_notice(line)
+            if notice is not None:
+                notices.append(notice)
+            elif not log_only(data, line):
+                lines.append(line)
         if run is not None and notices:
             said = [run.restart_line(notice) for notice in notices]
             run.write(said)

@@ -24,11 +24,9 @@ from ray.train.v2._internal.logging.logging import SessionFileHandler
 TESTED_WITH = "2.60"  # the major.minor series this module's names were read from and tested with
 
 # The printer of worker output on a driver (`ray._private.ray_logging`), the name under which Ray
-# registers its own printer there, and the names its records give the processes of Ray Train.
+# registers its own printer there, and the `pid` Ray's records give the raylet.
 STDSTREAM_DISPATCHER = "ray._private.ray_logging.global_worker_stdstream_dispatcher"
 RAY_PRINTER = "ray_print_logs"
-TRAIN_WORKER = "RayTrainWorker"
-TRAIN_CONTROLLER = "TrainController"
 RAYLET = "raylet"  # the `pid` of the raylet's error messages (a worker died, a node ran out of memory)
 
 # The callback hooks kitdist's callbacks override: a renamed hook would never be called, silently.
