@@ -68,7 +68,7 @@ def checkpoint_name(step: int) -> str:
 
 def step_of(name: str) -> int | None:
     """The step of a checkpoint folder's name (`step-00000600` -> 600); None for any other name."""
-    match = STEP_NAME.fullmatch(name.rstrip("/").rsplit("/", 1)[-1])
+    match = STEP_NAME.fullmatch(storage.name_of(name))
     return int(match.group(1)) if match else None
 
 
@@ -118,7 +118,7 @@ def latest_checkpoint(run: str) -> str | None:
 def checkpoint_in_run(run: str, path: str) -> str:
     """A checkpoint path as Ray Train gives it, as a URL in the run folder (Ray's paths of remote storage
     carry no scheme; the folder's name is the checkpoint's)."""
-    return storage.join(run, path.rstrip("/").rsplit("/", 1)[-1])
+    return storage.join(run, storage.name_of(path))
 
 
 def resume_from(run: str, registered: str | None = None) -> str | None:

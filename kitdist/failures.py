@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from kitdist import raycompat
+from kitdist import raycompat, storage
 from kitdist.checkpoints import checkpoint_in_run, resume_from
 from kitdist.config import ConfigError
 from kitdist.raycompat import ControllerCallback, FailureDecision, ReportCallback, WorkerGroupCallback
@@ -229,7 +229,7 @@ class RestartNotice(WorkerGroupCallback, ControllerCallback, ReportCallback):
             "rank": rank,
             "pid": self.processes.get(rank, (None, ""))[0],
             "what": what_happened(error),
-            "resume": resume.rstrip("/").rsplit("/", 1)[-1] if resume else None,
+            "resume": storage.name_of(resume) if resume else None,
             "attempt": self.attempt,
             "max": self.max_failures,
         }

@@ -136,6 +136,11 @@ def absolute(url: str) -> str:
     return os.path.abspath(url.removeprefix("file://"))
 
 
+def name_of(url: str) -> str:
+    """The last part of a URL or path, a trailing '/' ignored (`s3://b/run/step-00000004/` -> `step-00000004`)."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
 def join(url: str, *parts: str) -> str:
     """Appends path parts to a URL or local path with '/'."""
     out = url.rstrip("/")
@@ -221,7 +226,7 @@ def list_names(url: str) -> list[str]:
     fs, path = url_to_fs(url)
     if not _call(url, fs.exists, path):
         return []
-    return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in _call(url, fs.ls, path, detail=False))
+    return sorted(name_of(entry) for entry in _call(url, fs.ls, path, detail=False))
 
 
 def remove(url: str, recursive: bool = False) -> None:
