@@ -22,10 +22,11 @@ from typing import Any
 from kitdist import rerun, storage
 from kitdist.checkpoints import run_url
 from kitdist.config import ConfigError, RunConfig, from_dict, to_dict
-from kitdist.console import RunConsole, filter_worker_output, print_summary, quiet_ray_init, quiet_worker
+from kitdist.console import RunConsole, filter_worker_output, quiet_ray_init, quiet_worker
 from kitdist.credentials import passed_on_env
 from kitdist.distributed.env import worker_env_vars
 from kitdist.preflight import check_launchable, check_report, describe_batches
+from kitdist.summary import print_summary
 from kitdist.train import stop
 from kitdist.train.session import FAULT_ENV
 

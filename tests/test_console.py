@@ -7,18 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from kitdist.config import load_config
-from kitdist.console import (
-    ChatterFilter,
-    RunConsole,
-    WorkerOutput,
-    duration,
-    next_commands,
-    panel_names,
-    record_of,
-    summary_lines,
-)
+from kitdist.console import ChatterFilter, RunConsole, WorkerOutput, record_of
 from kitdist.failures import what_happened
 from kitdist.raycompat import WorkerHealthCheckFailedError
+from kitdist.summary import next_commands, panel_names, summary_lines
+from kitdist.train.progress import duration
 
 # Everything Ray handed the driver's printer during an embedded run (Ray 2.60, DeepSpeed 0.19, 2 workers)
 # whose worker 1 was SIGKILLed after "checkpoint step-00000004 saved", as the run's console log holds it:

@@ -9,7 +9,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = runpy.run_path(str(REPO / "tools" / "code_figures.py"))
-ENTRY_POINTS = ("console", "launch", "pretrain", "finetune", "evaluate", "restore", "torchrun", "cli")
+ENTRY_POINTS = (
+    "console",
+    "summary",
+    "launch",
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "restore",
+    "torchrun",
+    "cli",
+)
 
 
 def test_no_module_imports_one_that_imports_it_back():

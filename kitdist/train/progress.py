@@ -1,5 +1,5 @@
 """What a training run prints as it goes: the progress line of a logging step and durations as a clock
-reads them (also the end-of-run summary's, `kitdist.console`)."""
+reads them (also the end-of-run summary's, `kitdist.summary`)."""
 
 from __future__ import annotations
 
