@@ -10,7 +10,7 @@ from kitdist.config import load_config
 from kitdist.console import ChatterFilter, RunConsole, WorkerOutput, record_of
 from kitdist.failures import what_happened
 from kitdist.raycompat import WorkerHealthCheckFailedError
-from kitdist.summary import next_commands, panel_names, summary_lines
+from kitdist.summary import next_commands, panel_names, python_command, summary_lines
 from kitdist.train.progress import duration
 
 # Everything Ray handed the driver's printer during an embedded run (Ray 2.60, DeepSpeed 0.19, 2 workers)
@@ -86,7 +86,8 @@ def test_summary_names_panels_and_next_commands_for_the_run():
     assert panel_names(cfg) == ("noisy", "restored", "clean")
     assert panel_names(load_config(None, ["degrade.blur_prob=0.5"]))[0] == "input"
     commands = next_commands(cfg, "runs/r")
-    assert commands[0].startswith("python -m kitdist.restore --weights runs/r ")
+    python = python_command()  # this suite's own Python: CI runs it from a venv it does not activate
+    assert commands[0].startswith(f"{python} -m kitdist.restore --weights runs/r ")
     assert "--shards runs/data/x/val" in commands[1] and commands[2] == "tensorboard --logdir runs/r/metrics"
 
 
@@ -108,6 +109,8 @@ def test_next_commands_name_the_python_of_a_virtual_environment_that_is_not_acti
     monkeypatch.chdir(tmp_path / "elsewhere")
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     assert next_commands(cfg, "runs/r")[0].startswith(f"{venv}/bin/python -m kitdist.restore ")
+    monkeypatch.setattr(sys, "prefix", "/usr")  # no virtual environment: `python`, wherever it is run
+    assert next_commands(cfg, "runs/r")[0].startswith("python -m kitdist.restore ")
 
 
 def test_a_local_cluster_of_our_own_starts_with_token_auth_and_without_a_word_from_ray():
