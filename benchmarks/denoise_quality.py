@@ -4,7 +4,8 @@
 
 The photographs are the ones the embedded default run holds out for validation (the last
 `kitdist.pretrain.NUM_VAL_PHOTOS` of `kitdist.pretrain.photo_paths()`), so none was seen in training; the
-script checks that against the training shards' source folder when it exists. Each is cut to its centre
+script checks that against the training shards' source folder when it exists. `--photos A.jpg B.png ...`
+measures on other photographs instead (ones outside the project, that no recipe was tuned on). Each is cut to its centre
 `--crop` square (0: whole) and given additive white Gaussian noise of sigma 15, 25, 50 (0-255 scale,
 seeded, unclipped as in the AWGN benchmarks and as training's degradation). Methods, all told the true
 sigma: non-local means (scikit-image `denoise_nl_means`, fast mode, 5x5 patches, distance 6, h = 0.8 sigma
@@ -64,14 +65,16 @@ def classical_methods() -> dict:
     return {"non-local means": nlm, "BM3D": lambda noisy, sigma: bm3d_rgb(noisy, sigma_psd=sigma)}
 
 
-def run(weights: dict[str, str], crop: int, tile: int) -> tuple[list[dict], dict[str, np.ndarray]]:
+def run(
+    weights: dict[str, str], photos: list[Path], crop: int, tile: int
+) -> tuple[list[dict], dict[str, np.ndarray]]:
     """One row per (sigma, method, photo); and the sigma-25 outputs of the first photo for the grid."""
     methods = classical_methods()
     for name, url in weights.items():
         restorer = load_restorer(url, device="auto")
         methods[name] = lambda noisy, sigma, r=restorer: r.restore(noisy.astype(np.float32), tile=tile)
     rows, grid = [], {}
-    for index, path in enumerate(held_out_photos()):
+    for index, path in enumerate(photos):
         clean = centre_crop(np.asarray(Image.open(path).convert("RGB")), crop)
         for sigma in SIGMAS:
             rng = np.random.default_rng(1000 * index + sigma)
@@ -108,10 +111,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def per_photo_table(rows: list[dict], sigma: int = 25) -> str:
+    """PSNR per photograph at one sigma: a mean can hide a method that wins on one kind of picture."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    photos = list(dict.fromkeys(r["photo"] for r in rows))
+    psnr = {(r["photo"], r["method"]): r["psnr_rgb"] for r in rows if r["sigma"] == sigma}
+    lines = [f"| photo (sigma {sigma}) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    lines += [f"| {photo} | " + " | ".join(f"{psnr[photo, m]:.2f}" for m in methods) + " |" for photo in photos]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--weights", action="append", default=[], metavar="NAME=URL", help="KiT weights to compare"
+    )
+    parser.add_argument(
+        "--photos", nargs="+", type=Path, metavar="PHOTO",
+        help="photographs to measure on (default: the embedded default's two held-out ones)",
     )
     parser.add_argument("--crop", type=int, default=256, help="centre square side per photo (0: whole; 256)")
     parser.add_argument("--tile", type=int, default=512, help="restore tile side (512)")
@@ -120,9 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     weights = dict(item.split("=", 1) for item in args.weights)
-    print(f"held-out photographs: {', '.join(p.name for p in held_out_photos())}; crop {args.crop or 'none'}")
-    rows, grid = run(weights, args.crop, args.tile)
+    photos = args.photos or held_out_photos()
+    missing = [str(path) for path in photos if not path.is_file()]
+    if missing:
+        parser.error(f"--photos: no such file: {', '.join(missing)}")
+    print(f"photographs: {', '.join(p.name for p in photos)}; crop {args.crop or 'none'}")
+    rows, grid = run(weights, photos, args.crop, args.tile)
     print(table(rows))
+    print()
+    print(per_photo_table(rows))
     labels = [name for name in grid if name != "clean"] + ["clean"]
     png = comparison_grid(
         [(f"{name} (sigma 25)" if name != "clean" else "clean", grid[name]) for name in labels]
