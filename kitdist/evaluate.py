@@ -10,7 +10,9 @@ settings of the run that trained the weights, overridable here), so every run se
 Every image is restored whole or in tiles (as `python -m kitdist.restore` does), rounded to 8 bits like a
 saved file, and measured on RGB and on BT.601 luma. `--benchmark NAME` (`kitdist.benchmarks`: SIDD, GoPro,
 HIDE, REDS, Rain100H, ...) measures as papers do on that test set and reports its headline PSNR/SSIM (RGB
-or Y) beside the KiT paper's published number where there is one. Written to --out: `results.json` (means, per-image
+or Y) beside the KiT paper's published number where there is one. `--bm3d-sigma S` also denoises every
+input with BM3D told the noise sigma S (the classical method denoisers are compared with; PyPI `bm3d`,
+free for non-commercial use, not installed with kitdist) and scores it the same way. Written to --out: `results.json` (means, per-image
 values, the convention of every number, model size, params, MACs), `results.md` (the same as tables),
 `grids/<key>.png` (input | restored | target with a zoomed detail) and `chart.png` (PSNR vs GMACs).
 """
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from kitdist import storage
@@ -81,11 +84,13 @@ def evaluate(
     overlap: int = DEFAULT_OVERLAP,
     device: str = "auto",
     progress: bool = True,
+    bm3d_sigma: float | None = None,
 ) -> dict[str, Any]:
     """Measures the weights on the shard set; writes the reports under `out_url` when given.
 
     `benchmark` names the test set's protocol (kitdist.benchmarks); its border crop applies unless
-    `crop_border` is given (0 without a benchmark)."""
+    `crop_border` is given (0 without a benchmark). `bm3d_sigma` (0-255 scale) scores BM3D on the same
+    inputs too (results["bm3d"]), or records why it could not."""
     from kitdist.data.val import val_batches
     from kitdist.model.profile import count_macs, count_params
 
@@ -97,6 +102,7 @@ def evaluate(
             f"--crop-border {crop_border}: benchmark {protocol.name} is measured with border "
             f"{protocol.crop_border} px; leave --crop-border out"
         )
+    bm3d = bm3d_denoiser(bm3d_sigma) if bm3d_sigma is not None else None
     restorer = load_restorer(weights_url, model_size, device)
     cfg = eval_config(restorer, shards_url, overrides, max_images)
     total = read_manifest(shards_url).total_samples
@@ -106,6 +112,8 @@ def evaluate(
         tqdm(val_batches(cfg, 0, 1), total=total, unit="image", disable=not progress)
     ):
         record, scored = _score(restorer, batch, tile, overlap, crop_border)
+        if callable(bm3d):
+            record.update(_score_bm3d(bm3d, batch, crop_border))
         records.append(record)
         if out_url is not None:
             degraded = batch["input"][0].permute(1, 2, 0).numpy()
@@ -113,6 +121,8 @@ def evaluate(
     if not records:
         raise ValueError(f"{shards_url}: no readable test images")
     results = _summary(restorer, cfg, shards_url, records, crop_border)
+    if bm3d is not None:
+        results["bm3d"] = bm3d_summary(bm3d, bm3d_sigma, records)
     if protocol is not None:
         results["benchmark"] = benchmark_summary(protocol, results)
     results.update(params=count_params(restorer.model), macs=count_macs(restorer.model_cfg, 256, 256))
@@ -141,6 +151,38 @@ def _score(restorer: Restorer, batch: dict, tile: int, overlap: int, crop_border
     }
     record["input_psnr_rgb"] = score_unrestored(degraded, target, crop_border)["psnr_rgb"]
     return record, scored
+
+
+def bm3d_denoiser(sigma: float):
+    """BM3D (PyPI `bm3d`, `bm3d_rgb`) told the noise sigma (0-255 scale): a function of an [3, H, W] float
+    tensor in [0, 1] scale; or, when the package is not installed, the sentence that says so."""
+    if sigma <= 0:
+        raise ValueError(f"--bm3d-sigma: the noise sigma on the 0-255 scale is > 0, got {sigma}")
+    try:
+        from bm3d import bm3d_rgb
+    except ImportError:
+        return "not installed: pip install bm3d (its licence: non-commercial use)"
+
+    def denoise(noisy: torch.Tensor) -> torch.Tensor:
+        pixels = noisy.detach().cpu().permute(1, 2, 0).double().numpy()
+        return torch.from_numpy(bm3d_rgb(pixels, sigma_psd=sigma / 255.0)).permute(2, 0, 1).float()
+
+    return denoise
+
+
+def _score_bm3d(denoise, batch: dict, crop_border: int) -> dict[str, float]:
+    """BM3D's output on one image, scored as a restoration is (8-bit rounded, same convention)."""
+    scores = score_unrestored(denoise(batch["input"][0]), batch["target"][0], crop_border)
+    return {f"bm3d_{name}": value for name, value in scores.items()}
+
+
+def bm3d_summary(bm3d, sigma: float, records: list[dict]) -> dict[str, Any]:
+    """BM3D's means over the images, in the same conventions as the model's; or why there are none."""
+    method = f"BM3D (bm3d_rgb, told sigma {sigma:g})"
+    if not callable(bm3d):
+        return {"method": method, "sigma": sigma, "error": bm3d}
+    means = {name: float(np.mean([r[f"bm3d_{name}"] for r in records])) for name in METRICS}
+    return {"method": method, "sigma": sigma, **means}
 
 
 def _summary(restorer: Restorer, cfg: RunConfig, shards_url: str, records: list, crop_border: int) -> dict:
@@ -226,17 +268,33 @@ def markdown(results: dict[str, Any]) -> str:
         headline = f"{bench['psnr']:.2f} dB / {bench['ssim']:.4f} ({bench['convention']})"
         lines[3:3] = ["", f"Benchmark {bench['name']}: {headline}; paper: {published}."]
     lines.append(f"| input psnr_rgb | {results['input_psnr_rgb']:.2f} dB | the degraded input itself |")
+    bm3d = results.get("bm3d")
+    if bm3d:
+        lines += ["", f"{bm3d['method']} on the same inputs, same conventions: {bm3d_line(bm3d)}."]
+    scored_bm3d = bool(bm3d) and "error" not in bm3d
     lines += [
         "",
-        "| image | size | input PSNR | PSNR RGB | SSIM RGB | PSNR Y | SSIM Y |",
-        "|---|---|---|---|---|---|---|",
+        "| image | size | input PSNR | PSNR RGB | SSIM RGB | PSNR Y | SSIM Y |"
+        + (" BM3D PSNR RGB |" * scored_bm3d),
+        "|---|---|---|---|---|---|---|" + ("---|" * scored_bm3d),
     ]
     for r in results["per_image"]:
         lines.append(
             f"| {r['key']} | {r['width']}x{r['height']} | {r['input_psnr_rgb']:.2f} | {r['psnr_rgb']:.2f} | "
             f"{r['ssim_rgb']:.4f} | {r['psnr_y']:.2f} | {r['ssim_y']:.4f} |"
+            + (f" {r['bm3d_psnr_rgb']:.2f} |" if scored_bm3d else "")
         )
     return "\n".join(lines) + "\n"  # fmt: skip
+
+
+def bm3d_line(bm3d: dict[str, Any]) -> str:
+    """BM3D's means in one line, or why there are none."""
+    if "error" in bm3d:
+        return bm3d["error"]
+    return (
+        f"PSNR RGB {bm3d['psnr_rgb']:.2f} dB, SSIM RGB {bm3d['ssim_rgb']:.4f}, "
+        f"PSNR Y {bm3d['psnr_y']:.2f} dB, SSIM Y {bm3d['ssim_y']:.4f}"
+    )
 
 
 def write_reports(out_url: str, results: dict[str, Any]) -> None:
@@ -281,6 +339,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--overlap", type=int, default=DEFAULT_OVERLAP, help=f"tile overlap ({DEFAULT_OVERLAP})"
     )
+    parser.add_argument(
+        "--bm3d-sigma",
+        type=float,
+        metavar="SIGMA",
+        help="also score BM3D told this noise sigma (0-255) on the same inputs (needs `pip install bm3d`)",
+    )
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -298,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.weights, args.shards, out_url=args.out, model_size=args.model, overrides=args.overrides,
             benchmark=args.benchmark, crop_border=args.crop_border, max_images=args.max_images, num_grids=args.grids,
             save_images=args.save_images, tile=args.tile, overlap=args.overlap, device=args.device,
-            progress=not args.quiet,
+            progress=not args.quiet, bm3d_sigma=args.bm3d_sigma,
         )  # fmt: skip
     except (ValueError, WeightsError, ConfigError, ManifestError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -312,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{bench['name']}: {bench['psnr']:.2f} dB / {bench['ssim']:.4f} [{bench['convention']}] {published}"
         )
+    if "bm3d" in results:
+        print(f"{results['bm3d']['method']}: {bm3d_line(results['bm3d'])}")
     print(
         f"{results['images']} images, model {results['model_size']}, {results['macs'] / 1e9:.3f} GMACs at 256x256"
     )

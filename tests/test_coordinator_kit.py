@@ -125,6 +125,7 @@ def test_kit_pipeline_from_raw_layouts_to_the_results_table(tmp_path, photo_path
     state = new_state(plan.spec.name, plan.stage_kinds())
     for name, evaluation in plan.evaluations.items():
         argv = evaluation.job(str(checkpoint)).entrypoint[3:]  # python -m kitdist.evaluate ...
+        argv += ["--bm3d-sigma", "20"] if name == "denoise" else []  # as a task's eval_args asks
         assert evaluate.main([*argv, "--tile", "64", "--overlap", "16", "--grids", "0", "--quiet"]) == 0
         results = json.loads((Path(evaluation.out) / "results.json").read_text())
         stage = state.stages[f"evaluate/{name}"]
@@ -146,6 +147,11 @@ def test_kit_pipeline_from_raw_layouts_to_the_results_table(tmp_path, photo_path
     table = (tmp_path / "state" / "results.md").read_text()
     assert "| denoise | SIDD | SIDD |" in table and "39.85 / 0.974 (KiT† (ImageNet pre-trained)" in table
     assert rows["denoise"]["psnr"] == sidd["psnr_rgb"] and rows["denoise"]["paper_psnr"] == 39.85
+    bm3d = f"| {sidd['bm3d']['psnr_rgb']:.2f} / {sidd['bm3d']['ssim_rgb']:.4f} |"  # SIDD's RGB, beside ours
+    assert "| SSIM | BM3D PSNR / SSIM |" in table and f"{sidd['ssim_rgb']:.4f} {bm3d}" in table
+    assert (
+        rows["deblur/GoPro"]["bm3d_psnr"] is None and rows["denoise"]["bm3d_psnr"] == sidd["bm3d"]["psnr_rgb"]
+    )
     for name in rain:  # deraining: the Y channel, no published number
         results = state.stages[f"evaluate/{name}"].results
         assert (rows[name]["psnr"], rows[name]["ssim"]) == (results["psnr_y"], results["ssim_y"])

@@ -173,3 +173,74 @@ def test_benchmark_protocol_on_whole_frames_larger_than_the_tile(tmp_path, check
     assert "Benchmark Rain100L:" in (out / "results.md").read_text()
     with pytest.raises(ValueError, match="benchmark SIDD is measured with border 0 px"):
         evaluate.evaluate(str(checkpoint), str(shards / "Rain100L"), benchmark="SIDD", crop_border=4)
+
+
+@pytest.fixture(scope="module")
+def noisy_pairs(tmp_path_factory, photo_paths) -> str:
+    """Two photographs with Gaussian noise of sigma 25 saved as 8-bit files, in SIDD's layout, as shards."""
+    src = tmp_path_factory.mktemp("sidd")
+    rng = np.random.default_rng(25)
+    for index, path in enumerate(photo_paths[1:3]):
+        clean = np.asarray(Image.open(path).convert("RGB"))[:64, : 80 + 16 * index]
+        noisy = np.clip(clean + rng.normal(0, 25, clean.shape), 0, 255).round().astype(np.uint8)
+        scene = src / "Data" / f"{index:04d}_001_TEST_{index}"
+        write_image(scene / f"{index:04d}_NOISY_SRGB_010.PNG", noisy)
+        write_image(scene / f"{index:04d}_GT_SRGB_010.PNG", clean)
+    out = str(tmp_path_factory.mktemp("sidd-shards"))
+    build_shards("sidd", src, out, splits=["train"], progress=False)
+    return f"{out}/train"
+
+
+def test_bm3d_is_scored_on_the_same_inputs_as_the_model(tmp_path, checkpoint, noisy_pairs, capsys):
+    """--bm3d-sigma: BM3D told the true sigma on each test input, scored in the model's conventions;
+    the reference is bm3d_rgb on the saved noisy file and scikit-image's metrics."""
+    from bm3d import bm3d_rgb
+
+    out = tmp_path / "eval"
+    argv = ["--weights", str(checkpoint), "--shards", noisy_pairs, "--out", str(out), "--quiet"]
+    assert evaluate.main([*argv, "--tile", "64", "--overlap", "16", "--bm3d-sigma", "25"]) == 0
+    assert "BM3D (bm3d_rgb, told sigma 25): PSNR RGB" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["bm3d"]["sigma"] == 25 and len(results["per_image"]) == 2
+    shards = wds_pairs(noisy_pairs)
+    for record in results["per_image"]:
+        noisy, clean = shards[record["key"]]
+        denoised = np.clip(bm3d_rgb(noisy / 255.0, sigma_psd=25 / 255.0), 0, 1)
+        reference = skimage_metrics((denoised * 255.0).round().astype(np.uint8), clean, 0)
+        for name in ("psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y"):
+            assert abs(record[f"bm3d_{name}"] - reference[name]) < 1e-3, (record["key"], name)
+        assert record["bm3d_psnr_rgb"] > record["input_psnr_rgb"] + 3  # it denoised
+    for name in ("psnr_rgb", "ssim_y"):
+        assert results["bm3d"][name] == pytest.approx(
+            np.mean([r[f"bm3d_{name}"] for r in results["per_image"]])
+        )
+    assert "BM3D (bm3d_rgb, told sigma 25) on the same inputs" in (out / "results.md").read_text()
+
+
+def wds_pairs(url: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The shard set's (input, target) uint8 images by key, read with plain webdataset."""
+    import glob
+
+    import webdataset as wds
+
+    pairs = {}
+    for sample in wds.WebDataset(sorted(glob.glob(f"{url}/*.tar")), shardshuffle=False):
+        images = {
+            k.split(".")[0]: np.asarray(Image.open(io.BytesIO(v)).convert("RGB"))
+            for k, v in sample.items()
+            if k.startswith(("input", "target"))
+        }
+        pairs[sample["__key__"]] = (images["input"], images["target"])
+    return pairs
+
+
+def test_bm3d_not_installed_is_said_in_the_results_not_raised(tmp_path, checkpoint, noisy_pairs, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bm3d", None)  # `import bm3d` now raises ImportError
+    results = evaluate.evaluate(
+        str(checkpoint), noisy_pairs, bm3d_sigma=25, tile=64, overlap=16, progress=False
+    )
+    assert "pip install bm3d" in results["bm3d"]["error"] and results["images"] == 2
+    with pytest.raises(ValueError, match="--bm3d-sigma"):
+        evaluate.evaluate(str(checkpoint), noisy_pairs, bm3d_sigma=0, progress=False)

@@ -24,6 +24,7 @@ def result_rows(state: State, plan: Any) -> list[dict[str, Any]]:
                 "stage": name,
                 "dataset": task_plan.task.dataset,
                 **_headline(task_plan.benchmark, results),
+                **_bm3d(task_plan.benchmark, results.get("bm3d")),
                 "test_shards": task_plan.test_shards,
                 "psnr_rgb": results.get("psnr_rgb"),
                 "ssim_rgb": results.get("ssim_rgb"),
@@ -64,6 +65,20 @@ def _headline(benchmark: str, results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _bm3d(benchmark: str, bm3d: dict[str, Any] | None) -> dict[str, Any]:
+    """BM3D on the same test inputs (evaluate's --bm3d-sigma), in the headline's colour space."""
+    from kitdist.benchmarks import get_benchmark
+
+    space = get_benchmark(benchmark).space if benchmark else "rgb"
+    bm3d = bm3d or {}
+    return {
+        "bm3d_psnr": bm3d.get(f"psnr_{space}"),
+        "bm3d_ssim": bm3d.get(f"ssim_{space}"),
+        "bm3d_method": bm3d.get("method", ""),
+        "bm3d_error": bm3d.get("error", ""),
+    }
+
+
 def _row_status(finetune: Any, evaluate: Any) -> str:
     if finetune is None or finetune.status != "succeeded":
         return f"fine-tune {finetune.status if finetune else 'missing'}"
@@ -73,8 +88,8 @@ def _row_status(finetune: Any, evaluate: Any) -> str:
 
 
 def markdown_table(state: State, rows: list[dict[str, Any]]) -> str:
-    head = "| task | dataset | benchmark | PSNR | SSIM | paper PSNR / SSIM | protocol | params | MACs | checkpoint | train time | status |"
-    lines = [f"# Results of pipeline {state.pipeline}", "", head, "|" + " --- |" * 12]
+    head = "| task | dataset | benchmark | PSNR | SSIM | BM3D PSNR / SSIM | paper PSNR / SSIM | protocol | params | MACs | checkpoint | train time | status |"
+    lines = [f"# Results of pipeline {state.pipeline}", "", head, "|" + " --- |" * 13]
     for row in rows:
         paper = row["paper_psnr"] is not None
         cells = [
@@ -83,6 +98,7 @@ def markdown_table(state: State, rows: list[dict[str, Any]]) -> str:
             row["benchmark"] or "-",
             _number(row["psnr"], "{:.2f}"),
             _number(row["ssim"], "{:.4f}"),
+            _bm3d_cell(row),
             f"{row['paper_psnr']:.2f} / {row['paper_ssim']:.3f} ({row['paper_method']})" if paper else "-",
             row["protocol"],
             _number(row["params"] and row["params"] / 1e6, "{:.2f} M"),
@@ -95,7 +111,9 @@ def markdown_table(state: State, rows: list[dict[str, Any]]) -> str:
     lines += [
         "",
         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; PSNR in dB, SSIM on [0, 1], in each benchmark's "
-        "protocol (kitdist/benchmarks.py); results.json has RGB and Y for every row.",
+        "protocol (kitdist/benchmarks.py); results.json has RGB and Y for every row. BM3D: the classical "
+        "denoiser told the true sigma, on the same inputs and in the same protocol, where a task's "
+        "eval_args ask for it (--bm3d-sigma).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -124,6 +142,14 @@ def status_text(state: State) -> str:
     if state.results:
         lines.append(f"results: {state.results.get('markdown')}")
     return "\n".join(lines)
+
+
+def _bm3d_cell(row: dict[str, Any]) -> str:
+    if row["bm3d_error"]:
+        return row["bm3d_error"]
+    if row["bm3d_psnr"] is None:
+        return "-"
+    return f"{row['bm3d_psnr']:.2f} / {row['bm3d_ssim']:.4f}"
 
 
 def _number(value: Any, fmt: str) -> str:
