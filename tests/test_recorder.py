@@ -43,6 +43,18 @@ def test_metrics_reach_the_run_folder_on_the_flush_cadence(tmp_path):
     later.sync()  # what a checkpoint does
     assert tensorboard_scalars(metrics / "tensorboard") == [(1, 0.5), (2, 0.25)]
     later.close()
+    assert not at_once.local.exists() and not later.local.exists()  # no copy left in the worker's /tmp
+
+
+def test_a_failed_attempt_leaves_what_it_synced_and_no_local_copy(tmp_path):
+    metrics = tmp_path / "r" / "metrics"
+    recorder = MetricsRecorder(run_config(tmp_path, "train.metrics_flush_s=3600"))
+    recorder.log(1, {"loss": 0.5})
+    recorder.sync()
+    recorder.log(2, {"loss": 0.25})
+    recorder.discard()  # the attempt failed after step 2, its last checkpoint at step 1
+    assert not recorder.local.exists()
+    assert [json.loads(line)["step"] for line in (metrics / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_a_resumed_run_purges_the_steps_after_its_checkpoint(tmp_path):

@@ -53,7 +53,12 @@ def seed_everything(seed: int) -> None:
 def train_worker(cfg: RunConfig, session: Session) -> dict[str, Any]:
     """Trains until `train.max_steps`, resuming from the session's latest checkpoint if there is one."""
     trainer = Trainer.start(cfg, session)
-    last = trainer.run()
+    try:
+        last = trainer.run()
+    except BaseException:
+        if trainer.recorder is not None:
+            trainer.recorder.discard()
+        raise
     if trainer.recorder is not None:
         trainer.recorder.close()
     return last

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tempfile
 import time
 import uuid
@@ -83,14 +84,26 @@ class MetricsRecorder:
         self.synced = time.monotonic()
 
     def close(self) -> None:
-        self.sync()
+        """At the end of the run: everything to the run folder, the sinks ended, the local copy removed."""
+        try:
+            self.sync()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+                # and wait for W&B's service to write everything out: its own atexit hook does that, but it
+                # is "not reliable" (wandb.teardown's words) in processes like Ray's workers
+                wandb_module().teardown()
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def discard(self) -> None:
+        """After a failed attempt: the TensorBoard writer ended and the local copy removed (a worker
+        process outlives many attempts). The run folder keeps what was synced; the attempt that resumes
+        from the last checkpoint purges what came after it."""
         if self.tensorboard is not None:
             self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-            # and wait for W&B's service to write everything out: its own atexit hook does that, but it
-            # is "not reliable" (wandb.teardown's words) in processes like Ray's workers
-            wandb_module().teardown()
+        shutil.rmtree(self.local, ignore_errors=True)
 
 
 def purge_events(folder: str, last_step: int) -> None:
