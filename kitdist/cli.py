@@ -22,7 +22,7 @@ class TrainCommand:
     description: str
     configs: str  # the folder under configs/ whose files --help lists
     default_config: Path | None  # run without --config: the embedded default; None: --config is required
-    fine_tune: bool  # the run must start from train.init_weights and train on pairs (data.kind: paired)
+    fine_tune: bool  # the run must start from train.init_weights and learn a restoration (preflight.check_fine_tune_data)
 
 
 def parser(prog: str, description: str, kind: str) -> argparse.ArgumentParser:

@@ -167,7 +167,7 @@ def _check_resources(cfg: RunConfig, resources: dict[str, float]) -> None:
 
 
 def launch(
-    cfg: RunConfig, paired: bool = False, stop_on_sigterm: bool = False, console: RunConsole | None = None
+    cfg: RunConfig, fine_tune: bool = False, stop_on_sigterm: bool = False, console: RunConsole | None = None
 ) -> Any:
     """Checks, connects and runs training to the end; returns Ray Train's Result.
 
@@ -181,7 +181,9 @@ def launch(
 
     own_console, console = console is None, console or RunConsole(cfg)
     cfg = with_absolute_paths(cfg)
-    rerun.proceed(cfg, check_launchable(cfg, paired=paired), announce=lambda text: print(text, flush=True))
+    rerun.proceed(
+        cfg, check_launchable(cfg, fine_tune=fine_tune), announce=lambda text: print(text, flush=True)
+    )
     print(describe_batches(cfg), flush=True)  # the batches each phase trains on, or the key that cannot run
     cfg = connect_ray(cfg)
     print(
@@ -220,7 +222,7 @@ def launch(
             console.close()
 
 
-def run_or_exit(cfg: RunConfig, paired: bool, check_only: bool = False) -> None:
+def run_or_exit(cfg: RunConfig, fine_tune: bool, check_only: bool = False) -> None:
     """`launch` for the command line (or only its checks: `check_only`): a bad config, dataset or storage
     URL ends in one error line."""
     import sys
@@ -233,9 +235,9 @@ def run_or_exit(cfg: RunConfig, paired: bool, check_only: bool = False) -> None:
     console = RunConsole(cfg)
     try:
         if check_only:  # --check: the checks and what a launch prints first; no Ray, no workers
-            print(check_report(with_absolute_paths(cfg), paired=paired), flush=True)
+            print(check_report(with_absolute_paths(cfg), fine_tune=fine_tune), flush=True)
             return
-        result = launch(cfg, paired=paired, stop_on_sigterm=True, console=console)
+        result = launch(cfg, fine_tune=fine_tune, stop_on_sigterm=True, console=console)
     except (ConfigError, ManifestError, storage.StorageError, FileNotFoundError) as err:
         sys.exit(f"error: {one_line(err)}")
     except Exception as err:  # Ray Train's TrainingFailedError: one line, its traceback in the log

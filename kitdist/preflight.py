@@ -24,17 +24,29 @@ from kitdist.train.recorder import wandb_module
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
-def check_launchable(cfg: RunConfig, paired: bool = False) -> Rerun | None:
+def check_fine_tune_data(cfg: RunConfig) -> None:
+    """A fine-tune has a restoration to learn: paired shards (input/target), or clean ones with a synthetic
+    degradation drawn afresh every step (e.g. Gaussian noise of one sigma: a denoiser for that sigma,
+    without the overfitting of noise drawn once, when the shards were built)."""
+    degrade = cfg.degrade
+    if cfg.data.kind == "clean" and not (degrade.noise_prob or degrade.blur_prob or degrade.jpeg_prob):
+        raise ConfigError(
+            "data.kind: a fine-tune on clean shards learns to undo the degradation drawn for each sample, "
+            "but degrade.noise_prob, blur_prob and jpeg_prob are all 0; enable one or set data.kind=paired"
+        )
+
+
+def check_launchable(cfg: RunConfig, fine_tune: bool = False) -> Rerun | None:
     """Raises ConfigError, ManifestError or StorageError naming the key or URL of the first problem.
     Returns what the run name already holds (`kitdist.rerun`; None for a new name)."""
     from kitdist.shards.manifest import read_manifest_of_kind
 
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards: missing; set it to a shard folder URL (with manifest.json)")
-    if paired and cfg.data.kind != "paired":
-        raise ConfigError("data.kind: fine-tuning trains on input/target pairs; set data.kind=paired")
-    if paired and not cfg.train.init_weights:
+    if fine_tune and not cfg.train.init_weights:
         raise ConfigError("train.init_weights: fine-tuning starts from pre-trained weights; give their URL")
+    if fine_tune:
+        check_fine_tune_data(cfg)
     check_credentials_file()
     if "wandb" in cfg.train.report_to:
         wandb_module()
@@ -54,12 +66,12 @@ def check_launchable(cfg: RunConfig, paired: bool = False) -> Rerun | None:
     return rerun
 
 
-def check_report(cfg: RunConfig, paired: bool = False) -> str:
+def check_report(cfg: RunConfig, fine_tune: bool = False) -> str:
     """`--check`: every check of `check_launchable`, and what a launch would print before starting Ray:
     the resolved config, what happens to the run name, the batches and memory of each phase."""
     from kitdist.config import dump_yaml
 
-    rerun = check_launchable(cfg, paired=paired)
+    rerun = check_launchable(cfg, fine_tune=fine_tune)
     return "\n".join(
         ["resolved config:", dump_yaml(cfg).rstrip(), describe_rerun(cfg, rerun), describe_batches(cfg)]
     )

@@ -92,13 +92,13 @@ def run_command(argv: Sequence[str] | None, command: TrainCommand) -> None:
     """The training commands' one code path: parse, load the config, check, train, summarise."""
     args = parser(command.prog, command.description, command.configs).parse_args(argv)
     if args.config is None and command.default_config is None:
-        sys.exit("error: --config: fine-tuning needs a config naming the paired dataset (see --help)")
+        sys.exit("error: --config: fine-tuning needs a config naming its dataset (see --help)")
     cfg = config_or_exit(args.config or command.default_config, args.overrides)
     if args.config is None and not cfg.data.train_shards:
         cfg = config_or_exit(command.default_config, args.overrides, values=embedded_shards())
     from kitdist.launch import run_or_exit
 
-    run_or_exit(cfg, paired=command.fine_tune, check_only=args.check)
+    run_or_exit(cfg, fine_tune=command.fine_tune, check_only=args.check)
 
 
 def embedded_shards() -> dict[str, str]:

@@ -62,6 +62,19 @@ def test_fine_tune_model_must_match_the_pretrained_one(tmp_path, demo_data, caps
     assert "stage deblur: model (size 'small') does not match the pre-trained model" in err
 
 
+def test_a_fine_tune_on_clean_shards_needs_a_degradation(tmp_path, demo_data, capsys, monkeypatch):
+    path = write_pipeline(tmp_path / "p.yaml", demo_data)
+    clean = ["data.kind=clean", "degrade.noise_prob=0"]
+    edit(
+        path,
+        lambda t: t["finetune"][0].update(
+            train_shards=demo_data["photos_train"], val_shards="", overrides=clean
+        ),
+    )
+    err = run_fails(path, capsys, monkeypatch)
+    assert "stage denoise: " in err and "data.kind: a fine-tune on clean shards" in err
+
+
 def test_named_checkpoint_of_another_size(tmp_path, demo_data, capsys, monkeypatch):
     weights = tmp_path / "weights.safetensors"
     save_file({"conv_in.weight": torch.zeros(7, 3, 3, 3)}, str(weights))

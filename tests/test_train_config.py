@@ -45,13 +45,26 @@ def test_dataset_without_manifest_names_the_url(tmp_path):
     assert f"{tmp_path}/none/manifest.json" in message
 
 
-def test_finetune_needs_pretrained_weights(tmp_path):
+def test_finetune_needs_pretrained_weights_and_a_restoration_to_learn(tmp_path, capsys):
+    """Pairs, or clean shards with a degradation drawn each step (a Gaussian denoiser at one sigma); clean
+    shards with every degradation off would teach the identity, and are refused before any worker."""
+    from safetensors.torch import save_file
+
+    from kitdist.model import build_model
     from kitdist.pretrain import ensure_photo_shards
 
     train_url, _ = ensure_photo_shards(str(tmp_path / "shards"))
+    weights = tmp_path / "weights.safetensors"
+    save_file(build_model(load_config(None, ["model.size=debug"]).model).state_dict(), str(weights))
     config = tmp_path / "ft.yaml"
-    config.write_text(f"data:\n  train_shards: {train_url}\n  kind: clean\n")
-    assert "data.kind" in fails_with(finetune_main, ["--config", str(config)])
+    config.write_text(f"model:\n  size: debug\ndata:\n  train_shards: {train_url}\n  kind: clean\n")
+    base = ["--config", str(config), f"storage.root={tmp_path / 'runs'}"]
+    assert "train.init_weights" in fails_with(finetune_main, base)
+    base.append(f"train.init_weights={weights}")
+    message = fails_with(finetune_main, [*base, "degrade.noise_prob=0"])
+    assert message.startswith("error: data.kind:") and "degrade.noise_prob" in message
+    finetune_main(["--check", *base, "degrade.noise_sigma=[25,25]"])
+    assert "  noise_sigma:\n  - 25.0\n  - 25.0\n" in capsys.readouterr().out  # the resolved config
 
 
 def test_unreachable_storage_fails_fast_naming_the_url(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from kitdist.config_loader import as_overrides, replace_values
 from kitdist.coordinator.jobs import JobSpec
 from kitdist.coordinator.spec import EvalSet, PipelineSpec, Resources, TaskSpec
 from kitdist.launch import with_absolute_paths
-from kitdist.preflight import first_difference, model_shapes, weights_shapes
+from kitdist.preflight import check_fine_tune_data, first_difference, model_shapes, weights_shapes
 from kitdist.shards.manifest import ManifestError, read_manifest_of_kind
 from kitdist.storage import absolute
 
@@ -85,13 +85,13 @@ def make_plan(spec: PipelineSpec) -> Plan:
     """Checks the whole pipeline and returns its jobs; raises PlanError before anything runs."""
     pretrain = None
     if spec.pretrain.config:
-        pretrain = _train_plan(spec, PRETRAIN, "kitdist.pretrain", spec.pretrain, paired=False)
+        pretrain = _train_plan(spec, PRETRAIN, "kitdist.pretrain", spec.pretrain, fine_tune=False)
         reference, source = model_shapes(pretrain.cfg.model), f"pretrain ({spec.pretrain.config})"
     else:
         reference, source = _weights_shapes(spec.pretrain.weights), spec.pretrain.weights
     finetunes, evaluations = {}, {}
     for task in spec.finetune:
-        plan = _train_plan(spec, task.stage, "kitdist.finetune", task, paired=True)
+        plan = _train_plan(spec, task.stage, "kitdist.finetune", task, fine_tune=True)
         _check_same_model(task.stage, model_shapes(plan.cfg.model), reference, source, plan.cfg.model)
         finetunes[task.stage] = plan
         for name, test in task.test_sets().items():
@@ -102,7 +102,7 @@ def make_plan(spec: PipelineSpec) -> Plan:
     return Plan(spec, pretrain, finetunes, evaluations)
 
 
-def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool) -> TrainPlan:
+def _train_plan(spec: PipelineSpec, stage: str, module: str, part, fine_tune: bool) -> TrainPlan:
     label = f"stage {stage}"
     run_name = {"storage.run_name": f"{spec.name}-{stage.replace('_', '-')}"}
     given = {"storage.root": spec.storage_root} | {f"data.{k}": getattr(part, k) for k in SHARD_KEYS}
@@ -112,10 +112,8 @@ def _train_plan(spec: PipelineSpec, stage: str, module: str, part, paired: bool)
         cfg = with_absolute_paths(replace_values(cfg, run_name | {k: v for k, v in given.items() if v}))
     except ConfigError as err:
         raise PlanError(f"{label}: {err}") from None
-    if paired and cfg.data.kind != "paired":
-        raise PlanError(
-            f"{label}: {config_path}: data.kind: fine-tuning needs paired shards (data.kind: paired)"
-        )
+    if fine_tune:
+        _check(f"{label}: {config_path}", check_fine_tune_data, cfg)
     if not cfg.data.train_shards:
         raise PlanError(f"{label}: data.train_shards: missing dataset URL (in {part.config} or train_shards)")
     for key in ("train_shards", "val_shards"):
