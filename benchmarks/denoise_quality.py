@@ -117,7 +117,9 @@ def per_photo_table(rows: list[dict], sigma: int = 25) -> str:
     photos = list(dict.fromkeys(r["photo"] for r in rows))
     psnr = {(r["photo"], r["method"]): r["psnr_rgb"] for r in rows if r["sigma"] == sigma}
     lines = [f"| photo (sigma {sigma}) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    lines += [f"| {photo} | " + " | ".join(f"{psnr[photo, m]:.2f}" for m in methods) + " |" for photo in photos]
+    lines += [
+        f"| {photo} | " + " | ".join(f"{psnr[photo, m]:.2f}" for m in methods) + " |" for photo in photos
+    ]
     return "\n".join(lines)
 
 
@@ -127,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         "--weights", action="append", default=[], metavar="NAME=URL", help="KiT weights to compare"
     )
     parser.add_argument(
-        "--photos", nargs="+", type=Path, metavar="PHOTO",
+        "--photos",
+        nargs="+",
+        type=Path,
+        metavar="PHOTO",
         help="photographs to measure on (default: the embedded default's two held-out ones)",
     )
     parser.add_argument("--crop", type=int, default=256, help="centre square side per photo (0: whole; 256)")
