@@ -462,13 +462,22 @@ def test_one_recipe_on_two_workers_and_resumed_on_one_across_a_change_point(
     assert "steps 4..5: crop 64, global batch 2 = micro-batch 2 x accumulation 1 x 1 worker(s)" in printed
 
 
-def test_ddp_follows_deepspeed(tmp_path, ray_address, photo_shards):
+ZERO0 = ("train.max_steps=5", "train.precision=fp32", "dist.zero_stage=0")
+
+
+@pytest.fixture(scope="module")
+def zero0_run(tmp_path_factory, ray_address, photo_shards) -> tuple[Path, list[dict]]:
+    """A finished DeepSpeed ZeRO-0 fp32 run of 5 steps (run name "ds"): its root and metrics records.
+    Two tests read it, one run fewer to start (Ray's start-up is most of a run's cost here)."""
+    root = tmp_path_factory.mktemp("zero0")
+    return root, train(str(root), "ds", photo_shards, *ZERO0, "dist.strategy=deepspeed")
+
+
+def test_ddp_follows_deepspeed(tmp_path, zero0_run, photo_shards):
     """DDP fp32 on 2 workers gives the losses of DeepSpeed ZeRO-0 fp32 on the same batches. (A killed
     worker's restart is the embedded default's test above.)"""
-    root = str(tmp_path)
-    common = ("train.max_steps=5", "train.precision=fp32", "dist.zero_stage=0")
-    deepspeed = losses(train(root, "ds", photo_shards, *common, "dist.strategy=deepspeed"))
-    ddp = losses(train(root, "ddp", photo_shards, *common, "dist.strategy=ddp"))
+    deepspeed = losses(zero0_run[1])
+    ddp = losses(train(str(tmp_path), "ddp", photo_shards, *ZERO0, "dist.strategy=ddp"))
     assert deepspeed.keys() == ddp.keys() == {1, 2, 3, 4, 5}
     for step in deepspeed:
         assert ddp[step] == pytest.approx(deepspeed[step], rel=1e-4)
@@ -483,17 +492,19 @@ def worker_group_starts(ray_temp_dir: str) -> int:
 
 
 def test_error_no_retry_can_fix_ends_the_run_at_once_in_one_line(
-    tmp_path, ray_address, ray_temp_dir, photo_shards
+    tmp_path, ray_address, ray_temp_dir, photo_shards, zero0_run
 ):
     """A run resumed with another train.seed (storage.on_existing=resume_with_changes: the driver refuses it
     otherwise, tests/test_rerun.py): its saved data position cannot fit, and the workers find that out. With dist.max_failures=3 the run still ends after the first attempt:
     one worker group started, one error line naming the mismatch, no traceback of it, exit status 1.
-    (The other side, a killed worker's group being restarted, is the embedded default's test.)"""
+    (The other side, a killed worker's group being restarted, is the embedded default's test.)
+    The run resumed is a copy of the finished ZeRO-0 run (a run folder moves with its storage root)."""
     root = str(tmp_path / "runs")
-    train(root, "fatal", photo_shards, "train.max_steps=1")
+    shutil.copytree(zero0_run[0] / "ds", Path(root) / "ds")
     train_url, val_url = photo_shards
     args = [*BASE, f"data.train_shards={train_url}", f"data.val_shards={val_url}", f"storage.root={root}"]
-    args += ["storage.run_name=fatal", "train.max_steps=3", "train.seed=1", "dist.max_failures=3"]
+    args += [*ZERO0, "dist.strategy=deepspeed", "storage.run_name=ds"]
+    args += ["train.max_steps=7", "train.seed=1", "dist.max_failures=3"]
     args += ["storage.on_existing=resume_with_changes"]  # else the driver refuses the new seed
     starts = worker_group_starts(ray_temp_dir)
     again = Pretrain(tmp_path, ray_address, *args)
