@@ -99,11 +99,16 @@ def test_no_arguments_run_the_embedded_default_as_before(tmp_path, monkeypatch):
     from test_config import DATA, meaning, same_keys
 
     launched = []
-    monkeypatch.setattr("kitdist.launch.run_or_exit", lambda cfg, paired, **_: launched.append((cfg, paired)))
+    monkeypatch.setattr(
+        "kitdist.launch.run_or_exit", lambda cfg, fine_tune, **_: launched.append((cfg, fine_tune))
+    )
     monkeypatch.chdir(tmp_path)
     pretrain_main([])
-    (cfg, paired), before = launched[0], yaml.safe_load((DATA / "embedded-config-cae7b4d.yaml").read_text())
-    assert same_keys(meaning(cfg), before) == before and not paired
+    (cfg, fine_tune), before = (
+        launched[0],
+        yaml.safe_load((DATA / "embedded-config-cae7b4d.yaml").read_text()),
+    )
+    assert same_keys(meaning(cfg), before) == before and not fine_tune
     assert (tmp_path / cfg.data.train_shards / "manifest.json").is_file()
     assert (tmp_path / cfg.data.val_shards / "manifest.json").is_file()
     pretrain_main(["data.val_shards=", "train.max_steps=60"])  # the user's overrides still win
