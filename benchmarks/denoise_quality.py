@@ -5,13 +5,13 @@
 The photographs are the ones the embedded default run holds out for validation (the last
 `kitdist.pretrain.NUM_VAL_PHOTOS` of `kitdist.pretrain.photo_paths()`), so none was seen in training; the
 script checks that against the training shards' source folder when it exists. `--photos A.jpg B.png ...`
-measures on other photographs instead (ones outside the project, that no recipe was tuned on). Each is cut to its centre
-`--crop` square (0: whole) and given additive white Gaussian noise of sigma 15, 25, 50 (0-255 scale,
-seeded, unclipped as in the AWGN benchmarks and as training's degradation). Methods, all told the true
-sigma: non-local means (scikit-image `denoise_nl_means`, fast mode, 5x5 patches, distance 6, h = 0.8 sigma
-as in scikit-image's documentation example), BM3D (PyPI `bm3d`, `bm3d_rgb(sigma_psd=sigma/255)`), and each
-`--weights`. PSNR/SSIM as `kitdist.evaluate` measures them (RGB, 8-bit rounded, data range 1, no border
-crop); means over the photographs. Prints a Markdown table; writes a comparison grid at sigma 25.
+measures on other photographs instead (ones outside the project, that no recipe was tuned on). Each is cut to
+its centre `--crop` square (0: whole) and given additive white Gaussian noise of sigma 15, 25, 50 (0-255
+scale, seeded, unclipped as in the AWGN benchmarks and as training's degradation). Methods, all told the true
+sigma: non-local means (scikit-image `denoise_nl_means`, fast mode, 5x5 patches, distance 6, h = 0.8 sigma as
+in scikit-image's documentation example), BM3D (PyPI `bm3d`, `bm3d_rgb(sigma_psd=sigma/255)`), and each
+`--weights`. PSNR/SSIM as `kitdist.evaluate` measures them (RGB, 8-bit rounded, data range 1, no border crop);
+means over the photographs. Prints a Markdown table; writes a comparison grid at sigma 25.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ saved file, and measured on RGB and on BT.601 luma. `--benchmark NAME` (`kitdist
 HIDE, REDS, Rain100H, ...) measures as papers do on that test set and reports its headline PSNR/SSIM (RGB
 or Y) beside the KiT paper's published number where there is one. `--bm3d-sigma S` also denoises every
 input with BM3D told the noise sigma S (the classical method denoisers are compared with; PyPI `bm3d`,
-free for non-commercial use, not installed with kitdist) and scores it the same way. Written to --out: `results.json` (means, per-image
-values, the convention of every number, model size, params, MACs), `results.md` (the same as tables),
+free for non-commercial use, not installed with kitdist) and scores it the same way. Written to --out:
+`results.json` (means, per-image values, the convention of every number, model size, params, MACs),
+`results.md` (the same as tables),
 `grids/<key>.png` (input | restored | target with a zoomed detail) and `chart.png` (PSNR vs GMACs).
 """
 
@@ -24,7 +25,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,13 +96,7 @@ def evaluate(
     from kitdist.model.profile import count_macs, count_params
 
     protocol = get_benchmark(benchmark) if benchmark else None
-    if crop_border is None:
-        crop_border = protocol.crop_border if protocol else 0
-    elif protocol and crop_border != protocol.crop_border:
-        raise ValueError(
-            f"--crop-border {crop_border}: benchmark {protocol.name} is measured with border "
-            f"{protocol.crop_border} px; leave --crop-border out"
-        )
+    crop_border = _border(protocol, crop_border)
     bm3d = bm3d_denoiser(bm3d_sigma) if bm3d_sigma is not None else None
     restorer = load_restorer(weights_url, model_size, device)
     cfg = eval_config(restorer, shards_url, overrides, max_images)
@@ -112,7 +107,7 @@ def evaluate(
         tqdm(val_batches(cfg, 0, 1), total=total, unit="image", disable=not progress)
     ):
         record, scored = _score(restorer, batch, tile, overlap, crop_border)
-        if callable(bm3d):
+        if bm3d is not None:
             record.update(_score_bm3d(bm3d, batch, crop_border))
         records.append(record)
         if out_url is not None:
@@ -121,8 +116,8 @@ def evaluate(
     if not records:
         raise ValueError(f"{shards_url}: no readable test images")
     results = _summary(restorer, cfg, shards_url, records, crop_border)
-    if bm3d is not None:
-        results["bm3d"] = bm3d_summary(bm3d, bm3d_sigma, records)
+    if bm3d_sigma is not None:
+        results["bm3d"] = bm3d_summary(bm3d_sigma, records if bm3d is not None else None)
     if protocol is not None:
         results["benchmark"] = benchmark_summary(protocol, results)
     results.update(params=count_params(restorer.model), macs=count_macs(restorer.model_cfg, 256, 256))
@@ -130,6 +125,19 @@ def evaluate(
     if out_url is not None:
         write_reports(out_url, results)
     return results
+
+
+def _border(protocol: Benchmark | None, crop_border: int | None) -> int:
+    """The border to crop: the benchmark's own unless given (0 without one); another than its own is an
+    error, not a silent change of protocol."""
+    if crop_border is None:
+        return protocol.crop_border if protocol else 0
+    if protocol and crop_border != protocol.crop_border:
+        raise ValueError(
+            f"--crop-border {crop_border}: benchmark {protocol.name} is measured with border "
+            f"{protocol.crop_border} px; leave --crop-border out"
+        )
+    return crop_border
 
 
 def _score(restorer: Restorer, batch: dict, tile: int, overlap: int, crop_border: int) -> tuple[dict, Scored]:
@@ -153,15 +161,18 @@ def _score(restorer: Restorer, batch: dict, tile: int, overlap: int, crop_border
     return record, scored
 
 
-def bm3d_denoiser(sigma: float):
+BM3D_MISSING = "not installed: pip install bm3d (its licence: non-commercial use)"
+
+
+def bm3d_denoiser(sigma: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """BM3D (PyPI `bm3d`, `bm3d_rgb`) told the noise sigma (0-255 scale): a function of an [3, H, W] float
-    tensor in [0, 1] scale; or, when the package is not installed, the sentence that says so."""
+    tensor in [0, 1] scale; None when the package is not installed."""
     if sigma <= 0:
         raise ValueError(f"--bm3d-sigma: the noise sigma on the 0-255 scale is > 0, got {sigma}")
     try:
         from bm3d import bm3d_rgb
     except ImportError:
-        return "not installed: pip install bm3d (its licence: non-commercial use)"
+        return None
 
     def denoise(noisy: torch.Tensor) -> torch.Tensor:
         pixels = noisy.detach().cpu().permute(1, 2, 0).double().numpy()
@@ -176,11 +187,12 @@ def _score_bm3d(denoise, batch: dict, crop_border: int) -> dict[str, float]:
     return {f"bm3d_{name}": value for name, value in scores.items()}
 
 
-def bm3d_summary(bm3d, sigma: float, records: list[dict]) -> dict[str, Any]:
-    """BM3D's means over the images, in the same conventions as the model's; or why there are none."""
+def bm3d_summary(sigma: float, records: list[dict] | None) -> dict[str, Any]:
+    """BM3D's means over the images (records scored with it), in the same conventions as the model's; or,
+    records None, why there are none."""
     method = f"BM3D (bm3d_rgb, told sigma {sigma:g})"
-    if not callable(bm3d):
-        return {"method": method, "sigma": sigma, "error": bm3d}
+    if records is None:
+        return {"method": method, "sigma": sigma, "error": BM3D_MISSING}
     means = {name: float(np.mean([r[f"bm3d_{name}"] for r in records])) for name in METRICS}
     return {"method": method, "sigma": sigma, **means}
 

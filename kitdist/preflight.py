@@ -43,9 +43,11 @@ def check_launchable(cfg: RunConfig, fine_tune: bool = False) -> Rerun | None:
 
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards: missing; set it to a shard folder URL (with manifest.json)")
-    if fine_tune and not cfg.train.init_weights:
-        raise ConfigError("train.init_weights: fine-tuning starts from pre-trained weights; give their URL")
     if fine_tune:
+        if not cfg.train.init_weights:
+            raise ConfigError(
+                "train.init_weights: fine-tuning starts from pre-trained weights; give their URL"
+            )
         check_fine_tune_data(cfg)
     check_credentials_file()
     if "wandb" in cfg.train.report_to:

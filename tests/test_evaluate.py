@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 from restorekit import export_debug_checkpoint, write_image
+from shardkit import noisy
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from test_shards_recipes import decode, read_samples
 
 from kitdist import evaluate, storage
 from kitdist.report import chart
 from kitdist.shards import build_shards
+from kitdist.shards.manifest import read_manifest, shard_urls
 from kitdist.train.validation import image_metrics
 
 CONTRACT = (
@@ -179,12 +182,10 @@ def test_benchmark_protocol_on_whole_frames_larger_than_the_tile(tmp_path, check
 def noisy_pairs(tmp_path_factory, photo_paths) -> str:
     """Two photographs with Gaussian noise of sigma 25 saved as 8-bit files, in SIDD's layout, as shards."""
     src = tmp_path_factory.mktemp("sidd")
-    rng = np.random.default_rng(25)
     for index, path in enumerate(photo_paths[1:3]):
         clean = np.asarray(Image.open(path).convert("RGB"))[:64, : 80 + 16 * index]
-        noisy = np.clip(clean + rng.normal(0, 25, clean.shape), 0, 255).round().astype(np.uint8)
         scene = src / "Data" / f"{index:04d}_001_TEST_{index}"
-        write_image(scene / f"{index:04d}_NOISY_SRGB_010.PNG", noisy)
+        write_image(scene / f"{index:04d}_NOISY_SRGB_010.PNG", noisy(clean, scene.name, sigma=25))
         write_image(scene / f"{index:04d}_GT_SRGB_010.PNG", clean)
     out = str(tmp_path_factory.mktemp("sidd-shards"))
     build_shards("sidd", src, out, splits=["train"], progress=False)
@@ -219,14 +220,10 @@ def test_bm3d_is_scored_on_the_same_inputs_as_the_model(tmp_path, checkpoint, no
 
 def wds_pairs(url: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The shard set's (input, target) uint8 images by key, read with plain webdataset."""
-    import glob
-
-    import webdataset as wds
-
     pairs = {}
-    for sample in wds.WebDataset(sorted(glob.glob(f"{url}/*.tar")), shardshuffle=False):
+    for sample in read_samples(shard_urls(url, read_manifest(url))):
         images = {
-            k.split(".")[0]: np.asarray(Image.open(io.BytesIO(v)).convert("RGB"))
+            k.split(".")[0]: np.asarray(decode(v))
             for k, v in sample.items()
             if k.startswith(("input", "target"))
         }

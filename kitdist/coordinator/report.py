@@ -24,7 +24,6 @@ def result_rows(state: State, plan: Any) -> list[dict[str, Any]]:
                 "stage": name,
                 "dataset": task_plan.task.dataset,
                 **_headline(task_plan.benchmark, results),
-                **_bm3d(task_plan.benchmark, results.get("bm3d")),
                 "test_shards": task_plan.test_shards,
                 "psnr_rgb": results.get("psnr_rgb"),
                 "ssim_rgb": results.get("ssim_rgb"),
@@ -45,37 +44,28 @@ def result_rows(state: State, plan: Any) -> list[dict[str, Any]]:
 
 def _headline(benchmark: str, results: dict[str, Any]) -> dict[str, Any]:
     """The numbers a paper would print for this test set: its benchmark's colour space (RGB without
-    one), the KiT paper's published number where there is one, and the protocol in words."""
+    one), BM3D's on the same inputs in that space (evaluate's --bm3d-sigma), the KiT paper's published
+    number where there is one, and the protocol in words."""
     from kitdist.benchmarks import get_benchmark
 
-    if not benchmark:
-        return {"benchmark": "", "psnr": results.get("psnr_rgb"), "ssim": results.get("ssim_rgb"),
-                "paper_psnr": None, "paper_ssim": None, "paper_method": "",
-                "protocol": "RGB, border 0 px, 8-bit rounded (no benchmark named)"}  # fmt: skip
-    protocol = get_benchmark(benchmark)
-    paper = protocol.paper()
+    protocol = get_benchmark(benchmark) if benchmark else None
+    psnr_key, ssim_key = (protocol.psnr_key, protocol.ssim_key) if protocol else ("psnr_rgb", "ssim_rgb")
+    paper = protocol.paper() if protocol else None
+    bm3d = results.get("bm3d") or {}
     return {
-        "benchmark": benchmark,
-        "psnr": results.get(protocol.psnr_key),
-        "ssim": results.get(protocol.ssim_key),
+        "benchmark": benchmark or "",
+        "psnr": results.get(psnr_key),
+        "ssim": results.get(ssim_key),
+        "bm3d_psnr": bm3d.get(psnr_key),
+        "bm3d_ssim": bm3d.get(ssim_key),
+        "bm3d_method": bm3d.get("method", ""),
+        "bm3d_error": bm3d.get("error", ""),
         "paper_psnr": paper.psnr if paper else None,
         "paper_ssim": paper.ssim if paper else None,
         "paper_method": f"{paper.method}, {paper.source}" if paper else "",
-        "protocol": protocol.convention(),
-    }
-
-
-def _bm3d(benchmark: str, bm3d: dict[str, Any] | None) -> dict[str, Any]:
-    """BM3D on the same test inputs (evaluate's --bm3d-sigma), in the headline's colour space."""
-    from kitdist.benchmarks import get_benchmark
-
-    space = get_benchmark(benchmark).space if benchmark else "rgb"
-    bm3d = bm3d or {}
-    return {
-        "bm3d_psnr": bm3d.get(f"psnr_{space}"),
-        "bm3d_ssim": bm3d.get(f"ssim_{space}"),
-        "bm3d_method": bm3d.get("method", ""),
-        "bm3d_error": bm3d.get("error", ""),
+        "protocol": protocol.convention()
+        if protocol
+        else "RGB, border 0 px, 8-bit rounded (no benchmark named)",
     }
 
 

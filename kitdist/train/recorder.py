@@ -87,19 +87,17 @@ class MetricsRecorder:
         """At the end of the run: everything to the run folder, the sinks ended, the local copy removed."""
         try:
             self.sync()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
             if self.wandb is not None:
                 self.wandb.finish()
                 # and wait for W&B's service to write everything out: its own atexit hook does that, but it
                 # is "not reliable" (wandb.teardown's words) in processes like Ray's workers
                 wandb_module().teardown()
         finally:
-            shutil.rmtree(self.local, ignore_errors=True)
+            self.discard()
 
     def discard(self) -> None:
-        """After a failed attempt: the TensorBoard writer ended and the local copy removed (a worker
-        process outlives many attempts). The run folder keeps what was synced; the attempt that resumes
+        """The TensorBoard writer ended and the local copy removed; alone, after a failed attempt (a worker
+        process outlives many attempts): the run folder keeps what was synced, and the attempt that resumes
         from the last checkpoint purges what came after it."""
         if self.tensorboard is not None:
             self.tensorboard.close()
