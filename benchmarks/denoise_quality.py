@@ -10,13 +10,14 @@ its centre `--crop` square (0: whole) and given additive white Gaussian noise of
 scale, seeded, unclipped as in the AWGN benchmarks and as training's degradation). Methods, all told the true
 sigma: non-local means (scikit-image `denoise_nl_means`, fast mode, 5x5 patches, distance 6, h = 0.8 sigma as
 in scikit-image's documentation example), BM3D (PyPI `bm3d`, `bm3d_rgb(sigma_psd=sigma/255)`), and each
-`--weights`. PSNR/SSIM as `kitdist.evaluate` measures them (RGB, 8-bit rounded, data range 1, no border crop);
+`--weights` (with `--self-ensemble` also each weights' x8 self-ensemble, "NAME x8"). PSNR/SSIM as `kitdist.evaluate` measures them (RGB, 8-bit rounded, data range 1, no border crop);
 means over the photographs. Prints a Markdown table; writes a comparison grid at sigma 25.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -66,13 +67,17 @@ def classical_methods() -> dict:
 
 
 def run(
-    weights: dict[str, str], photos: list[Path], crop: int, tile: int
+    weights: dict[str, str], photos: list[Path], crop: int, tile: int, self_ensemble: bool = False
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """One row per (sigma, method, photo); and the sigma-25 outputs of the first photo for the grid."""
     methods = classical_methods()
     for name, url in weights.items():
         restorer = load_restorer(url, device="auto")
-        methods[name] = lambda noisy, sigma, r=restorer: r.restore(noisy.astype(np.float32), tile=tile)
+        variants = {name: restorer}
+        if self_ensemble:
+            variants[f"{name} x8"] = dataclasses.replace(restorer, self_ensemble=True)
+        for label, variant in variants.items():
+            methods[label] = lambda noisy, sigma, r=variant: r.restore(noisy.astype(np.float32), tile=tile)
     rows, grid = [], {}
     for index, path in enumerate(photos):
         clean = centre_crop(np.asarray(Image.open(path).convert("RGB")), crop)
@@ -138,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, default=256, help="centre square side per photo (0: whole; 256)")
     parser.add_argument("--tile", type=int, default=512, help="restore tile side (512)")
     parser.add_argument(
+        "--self-ensemble", action="store_true", help="also each weights' x8 self-ensemble (NAME x8)"
+    )
+    parser.add_argument(
         "--out", default="runs/denoise_quality", help="folder for the grid (runs/denoise_quality)"
     )
     args = parser.parse_args(argv)
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"--photos: no such file: {', '.join(missing)}")
     print(f"photographs: {', '.join(p.name for p in photos)}; crop {args.crop or 'none'}")
-    rows, grid = run(weights, photos, args.crop, args.tile)
+    rows, grid = run(weights, photos, args.crop, args.tile, args.self_ensemble)
     print(table(rows))
     print()
     print(per_photo_table(rows))

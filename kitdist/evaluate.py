@@ -10,9 +10,10 @@ settings of the run that trained the weights, overridable here), so every run se
 Every image is restored whole or in tiles (as `python -m kitdist.restore` does), rounded to 8 bits like a
 saved file, and measured on RGB and on BT.601 luma. `--benchmark NAME` (`kitdist.benchmarks`: SIDD, GoPro,
 HIDE, REDS, Rain100H, ...) measures as papers do on that test set and reports its headline PSNR/SSIM (RGB
-or Y) beside the KiT paper's published number where there is one. `--bm3d-sigma S` also denoises every
-input with BM3D told the noise sigma S (the classical method denoisers are compared with; PyPI `bm3d`,
-free for non-commercial use, not installed with kitdist) and scores it the same way. Written to --out:
+or Y) beside the KiT paper's published number where there is one. `--self-ensemble` restores every image
+in its 8 orientations and averages them (`kitdist.inference`; the results say so). `--bm3d-sigma S` also
+denoises every input with BM3D told the noise sigma S (the classical method denoisers are compared with;
+PyPI `bm3d`, free for non-commercial use, not installed with kitdist) and scores it the same way. Written to --out:
 `results.json` (means, per-image values, the convention of every number, model size, params, MACs),
 `results.md` (the same as tables),
 `grids/<key>.png` (input | restored | target with a zoomed detail) and `chart.png` (PSNR vs GMACs).
@@ -86,6 +87,7 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     bm3d_sigma: float | None = None,
+    self_ensemble: bool = False,
 ) -> dict[str, Any]:
     """Measures the weights on the shard set; writes the reports under `out_url` when given.
 
@@ -98,7 +100,7 @@ def evaluate(
     protocol = get_benchmark(benchmark) if benchmark else None
     crop_border = _border(protocol, crop_border)
     bm3d = bm3d_denoiser(bm3d_sigma) if bm3d_sigma is not None else None
-    restorer = load_restorer(weights_url, model_size, device)
+    restorer = load_restorer(weights_url, model_size, device, self_ensemble=self_ensemble)
     cfg = eval_config(restorer, shards_url, overrides, max_images)
     total = read_manifest(shards_url).total_samples
     total = min(total, max_images) if max_images else total
@@ -213,6 +215,7 @@ def _summary(restorer: Restorer, cfg: RunConfig, shards_url: str, records: list,
         "inputs": source,
         "images": len(records),
         "model_size": restorer.size_name,
+        "self_ensemble": restorer.self_ensemble,
         "weights": restorer.weights_url,
         "shards": shards_url,
         "device": str(restorer.device),
@@ -256,11 +259,12 @@ def _write_figures(out_url, record, degraded, scored: Scored, grid: bool, save_i
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as Markdown tables: means with their conventions, then every image."""
+    ensemble = " with x8 self-ensemble (8 orientations averaged)" if results.get("self_ensemble") else ""
     lines = [
         f"# Evaluation of `{results['weights']}`",
         "",
         f"Test set `{results['shards']}`: "
-        f"{results['images']} images; inputs: {results['inputs']}. Model `{results['model_size']}`, "
+        f"{results['images']} images; inputs: {results['inputs']}. Model `{results['model_size']}`{ensemble}, "
         f"{results['params'] / 1e6:.3f} M parameters, {results['macs'] / 1e9:.3f} GMACs at 256x256.",
         "",
         "| metric | mean | convention |",
@@ -357,6 +361,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="SIGMA",
         help="also score BM3D told this noise sigma (0-255) on the same inputs (needs `pip install bm3d`)",
     )
+    parser.add_argument(
+        "--self-ensemble",
+        action="store_true",
+        help="restore each image in its 8 orientations (quarter turns, mirrored) and average: 8x the time",
+    )
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -374,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.weights, args.shards, out_url=args.out, model_size=args.model, overrides=args.overrides,
             benchmark=args.benchmark, crop_border=args.crop_border, max_images=args.max_images, num_grids=args.grids,
             save_images=args.save_images, tile=args.tile, overlap=args.overlap, device=args.device,
-            progress=not args.quiet, bm3d_sigma=args.bm3d_sigma,
+            progress=not args.quiet, bm3d_sigma=args.bm3d_sigma, self_ensemble=args.self_ensemble,
         )  # fmt: skip
     except (ValueError, WeightsError, ConfigError, ManifestError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -390,8 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if "bm3d" in results:
         print(f"{results['bm3d']['method']}: {bm3d_line(results['bm3d'])}")
+    ensemble = ", x8 self-ensemble" if results["self_ensemble"] else ""
     print(
-        f"{results['images']} images, model {results['model_size']}, {results['macs'] / 1e9:.3f} GMACs at 256x256"
+        f"{results['images']} images, model {results['model_size']}{ensemble}, "
+        f"{results['macs'] / 1e9:.3f} GMACs at 256x256"
     )
     if args.out:
         print(f"reports: {storage.join(args.out, 'results.json')}, results.md, grids/, chart.png")

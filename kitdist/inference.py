@@ -9,6 +9,11 @@ weights hold another fails with a message naming both, except where a size chang
 (`kitdist.model.sizes.FORMER_ARCHITECTURES`): weights written under the old name that fit the former
 architecture load as it (`debug` checkpoints from before the new skeleton load as `debug_v1`).
 
+`self_ensemble=True` restores each tile in its 8 orientations (rotations by 90 degrees, each also mirrored),
+turns the 8 results back and averages them: the "+" variant restoration papers report (EDSR+, SwinIR+),
+8x the compute for a few tenths of a dB (benchmarks/RESULTS.md). KiT is not equivariant to these maps
+(the patch grid, LSH rotations and learned position biases all have a direction), so the 8 differ.
+
 Large images are restored in overlapping tiles. Each tile's result is weighted by a window that is 0 in a
 margin along every edge that borders another tile, then ramps linearly to 1 across the rest of the overlap:
 a seam would come from pixels near a tile's inner edge (they see less context), and those get no weight,
@@ -120,6 +125,35 @@ def _tile_window(
     return vertical[:, None] * horizontal[None, :]
 
 
+DIHEDRAL_ORIENTATIONS = 8
+
+
+def orient(batch: torch.Tensor, index: int) -> torch.Tensor:
+    """Orientation `index` (0-7) of `[B, C, H, W]`: rotated by `index % 4` quarter turns, mirrored left-right
+    first when `index >= 4`. 0 is the identity."""
+    if index >= 4:
+        batch = batch.flip(-1)
+    return torch.rot90(batch, index % 4, dims=(-2, -1))
+
+
+def unorient(batch: torch.Tensor, index: int) -> torch.Tensor:
+    """The inverse of `orient(., index)`."""
+    batch = torch.rot90(batch, -(index % 4), dims=(-2, -1))
+    return batch.flip(-1) if index >= 4 else batch
+
+
+def ensembled(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`fn` ([B, 3, h, w] -> same) applied in all 8 orientations, turned back and averaged."""
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        total = fn(batch).double()
+        for index in range(1, DIHEDRAL_ORIENTATIONS):
+            total += unorient(fn(orient(batch, index)), index).double()
+        return (total / DIHEDRAL_ORIENTATIONS).to(batch.dtype)
+
+    return forward
+
+
 @dataclass
 class Restorer:
     """A KiT in eval mode on its device, with the facts a report needs about where it came from."""
@@ -129,13 +163,20 @@ class Restorer:
     weights_url: str
     device: torch.device
     precision: str = "fp32"  # "bf16": autocast on CUDA (faster; outputs differ by ~1e-3)
+    self_ensemble: bool = False  # every forward averages the 8 orientations (see the module docstring)
 
     @property
     def size_name(self) -> str:
         return self.model_cfg.size
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """[B, 3, h, w] float32 in [0, 1] -> restored, same shape (not clamped)."""
+        """[B, 3, h, w] float32 in [0, 1] -> restored, same shape (not clamped); with `self_ensemble` the
+        mean of the 8 orientations' restorations."""
+        if self.self_ensemble:
+            return ensembled(self._forward_once)(batch)
+        return self._forward_once(batch)
+
+    def _forward_once(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             if self.precision == "bf16" and self.device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -173,17 +214,22 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_restorer(
-    url: str, size: str | None = None, device: str = "auto", precision: str = "fp32"
+    url: str,
+    size: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    self_ensemble: bool = False,
 ) -> Restorer:
     """The model whose weights are at `url` (a file, a checkpoint or a run folder: see
-    `kitdist.checkpoints.weights_url`), in eval mode on `device`."""
+    `kitdist.checkpoints.weights_url`), in eval mode on `device`; `self_ensemble`: x8 (see the module
+    docstring)."""
     resolved = checkpoints.weights_url(url)
     weights = checkpoints.load_weights_url(resolved)
     model_cfg = _model_config(resolved, weights, size)
     model = build_model(dataclasses.replace(model_cfg, checkpoint_activations=False))
     model.load_state_dict(weights, strict=True)
     target = pick_device(device)
-    return Restorer(model.eval().to(target), model_cfg, resolved, target, precision)
+    return Restorer(model.eval().to(target), model_cfg, resolved, target, precision, self_ensemble)
 
 
 def _model_config(weights_url: str, weights: dict[str, torch.Tensor], asked: str | None) -> ModelConfig:

@@ -218,6 +218,38 @@ def test_bm3d_is_scored_on_the_same_inputs_as_the_model(tmp_path, checkpoint, no
     assert "BM3D (bm3d_rgb, told sigma 25) on the same inputs" in (out / "results.md").read_text()
 
 
+def test_self_ensemble_is_evaluated_and_said(tmp_path, checkpoint, noisy_pairs, capsys):
+    """--self-ensemble: every image restored by the x8 ensemble (the per-image numbers are those of its
+    output), and results.json, results.md and the summary line say so."""
+    from kitdist.inference import load_restorer
+
+    out = tmp_path / "eval"
+    argv = [
+        "--weights",
+        str(checkpoint),
+        "--shards",
+        noisy_pairs,
+        "--out",
+        str(out),
+        "--quiet",
+        "--save-images",
+    ]
+    assert evaluate.main([*argv, "--tile", "64", "--overlap", "16", "--self-ensemble"]) == 0
+    assert "model debug, x8 self-ensemble" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["self_ensemble"] is True
+    assert "with x8 self-ensemble (8 orientations averaged)" in (out / "results.md").read_text()
+    ensemble = load_restorer(str(checkpoint), device="cpu", self_ensemble=True)
+    plain = evaluate.evaluate(str(checkpoint), noisy_pairs, tile=64, overlap=16, progress=False)
+    assert plain["self_ensemble"] is False
+    for record, plain_record in zip(results["per_image"], plain["per_image"], strict=True):
+        noisy_input, clean = wds_pairs(noisy_pairs)[record["key"]]
+        restored = ensemble.restore(noisy_input / np.float32(255.0), tile=64, overlap=16)
+        assert np.array_equal(np.asarray(Image.open(out / "restored" / f"{record['key']}.png")),
+                              (restored * 255).round().astype(np.uint8))  # fmt: skip
+        assert record["psnr_rgb"] != plain_record["psnr_rgb"]
+
+
 def wds_pairs(url: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The shard set's (input, target) uint8 images by key, read with plain webdataset."""
     pairs = {}

@@ -17,6 +17,7 @@ ENTRY_POINTS = (
     "finetune",
     "evaluate",
     "restore",
+    "sidd_submit",
     "torchrun",
     "cli",
 )

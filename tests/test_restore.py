@@ -3,6 +3,7 @@ photographs; tiled against whole-image restoration, seams, formats and sizes, an
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 from restorekit import export_debug_checkpoint, write_image
 
 from kitdist import restore
+from kitdist.data import transforms
 from kitdist.inference import WeightsError, load_restorer, restore_tiled
 
 
@@ -96,6 +98,30 @@ def test_cli_restores_sizes_and_formats_and_reports_bad_inputs(
             assert (image.format, image.size, image.mode) == ("PNG", size, mode)
     direct = restorer.restore(np.asarray(Image.open(odd), dtype=np.float32) / 255.0)
     assert np.array_equal(np.asarray(Image.open(out / "odd.png")), (direct * 255).round().astype(np.uint8))
+
+
+def test_self_ensemble_is_the_mean_of_the_eight_orientations(tmp_path, checkpoint, restorer, photo_paths):
+    """x8: each of the data pipeline's 8 orientations (`transforms.orient`, numpy) restored, turned back and
+    averaged, then clamped; on a non-square crop, so the quarter turns swap height and width. The CLI's
+    --self-ensemble writes that image."""
+    noisy = noisy_crop(photo_paths[1], 48, 80)
+    outputs = []
+    for code in range(8):
+        oriented = torch.from_numpy(np.ascontiguousarray(transforms.orient(noisy, code))).permute(2, 0, 1)
+        restored = restorer.forward(oriented[None])[0].permute(1, 2, 0).numpy()
+        back = np.rot90(restored, k=-(code & 3), axes=(0, 1))
+        outputs.append(back[:, ::-1] if code & 4 else back)
+    reference = np.clip(np.mean(outputs, axis=0), 0, 1)
+    ensemble = dataclasses.replace(restorer, self_ensemble=True)
+    assert np.abs(ensemble.restore(noisy) - reference).max() < 1e-5
+    # the orientations really differ (KiT is not equivariant to them), so the mean is not the plain output
+    assert np.abs(restorer.restore(noisy) - reference).max() > 1e-3
+    write_image(tmp_path / "in" / "noisy.png", (noisy.clip(0, 1) * 255).round().astype(np.uint8))
+    argv = ["--weights", str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]
+    assert restore.main([*argv, "--self-ensemble"]) == 0
+    saved = np.asarray(Image.open(tmp_path / "in" / "noisy.png"), dtype=np.float32) / 255.0
+    expected = (ensemble.restore(saved) * 255).round().astype(np.uint8)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "noisy.png")), expected)
 
 
 def test_cli_truncated_image_is_skipped_others_restored(tmp_path, checkpoint, photo_paths, capsys):

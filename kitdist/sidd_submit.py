@@ -1,0 +1,198 @@
+"""`python -m kitdist.sidd_submit`: SIDD's benchmark submission file, SubmitSrgb.mat, from trained weights.
+
+SIDD withholds its benchmark's ground truth: its authors score a MATLAB file laid out as their own kit
+writes it (`SIDD_Denoise.m`, `DenoiseSrgb.m`): `DenoisedBlocksSrgb`, an images x blocks (40 x 32) cell array
+whose cell {i, b} is block b of image i denoised (256 x 256 x 3, single, in [0, 1]); `TimeMPSrgb`, seconds
+of denoising per megapixel; `OptionalData`, a struct of text about the method (MethodName, Authors,
+PaperTitle, Venue). This command restores every block of a shard set that the `sidd` recipe built from the
+.mat files (split `benchmark`; or `val`, to score the file oneself against ValidationGtBlocksSrgb), puts
+each in its cell by its key (`<split>__image<ii>__block<bb>`), rounded to 8 bits as a saved image is (as
+`kitdist.evaluate` scores), and writes the file with scipy.io.savemat (MATLAB 5 format, which MATLAB's
+`load` and scipy.io.loadmat read). Every block must be there: a partial submission is refused, naming the
+blocks that are missing.
+
+    python -m kitdist.sidd_submit --weights runs/finetune-sidd --shards runs/data/sidd/benchmark \\
+        --out runs/sidd-submission/SubmitSrgb.mat --authors "A. Author"
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from kitdist import storage
+from kitdist.checkpoints import WeightsError
+from kitdist.data.decode import CorruptSample, decode_rgb, image_bytes
+from kitdist.data.shardio import ReadOptions, ShardCursor, ShardSet
+from kitdist.inference import DEFAULT_TILE, Restorer, load_restorer
+from kitdist.shards.manifest import ManifestError, read_manifest, shard_urls
+from kitdist.train.validation import to_uint8
+
+BLOCK_KEY = re.compile(r"^(?P<split>.+)__image(?P<image>\d+)__block(?P<block>\d+)$")
+OPTIONAL_FIELDS = ("MethodName", "Authors", "PaperTitle", "Venue")
+
+
+class SubmissionError(ValueError):
+    """A shard set that cannot make a complete submission; the message names the URL or the blocks."""
+
+
+def block_samples(shards_url: str):
+    """(image, block, uint8 noisy block) for every sample of a SIDD block shard set, in manifest order."""
+    manifest = read_manifest(shards_url)
+    if manifest.kind not in ("input", "paired"):
+        raise SubmissionError(
+            f"{shards_url}: holds {manifest.kind} samples; a SIDD block set (python -m kitdist.shards build "
+            "sidd, split benchmark or val) holds input or paired ones"
+        )
+    if manifest.rejects:
+        raise SubmissionError(
+            f"{shards_url}: the build rejected {len(manifest.rejects)} block(s) (first: {manifest.rejects[0].path}: {manifest.rejects[0].reason}); "
+            "SIDD scores complete submissions only: rebuild from intact .mat files"
+        )
+    shards = ShardSet(
+        tuple(shard_urls(shards_url, manifest)),
+        tuple(shard.name for shard in manifest.shards),
+        tuple(shard.samples for shard in manifest.shards),
+        tuple(shard.bytes for shard in manifest.shards),
+    )
+    cursor = ShardCursor(shards, 0, 1, ReadOptions())
+    for shard, count in enumerate(shards.samples):
+        for offset in range(count):
+            sample = cursor.get(0, shard, offset)
+            if sample is None:
+                raise SubmissionError(f"{shards.urls[shard]}: no readable sample at offset {offset}")
+            key = sample["__key__"]
+            found = BLOCK_KEY.match(key)
+            if found is None:
+                raise SubmissionError(
+                    f"{shards_url}: sample {key!r} is not a SIDD block (keys <split>__image<ii>__block<bb>, "
+                    "as the sidd recipe writes them from the .mat files)"
+                )
+            try:
+                pixels = decode_rgb(image_bytes(sample, "input"), key)
+            except CorruptSample as err:
+                raise SubmissionError(f"{shards.urls[shard]}: {err}") from None
+            yield int(found["image"]), int(found["block"]), pixels
+
+
+def denoise_blocks(
+    restorer: Restorer, shards_url: str, progress: bool = True
+) -> tuple[np.ndarray, float, int]:
+    """The images x blocks object array of denoised blocks (float32 [h, w, 3] in [0, 1], 8-bit levels),
+    the seconds spent restoring, and the pixels restored."""
+    total = read_manifest(shards_url).total_samples
+    cells: dict[tuple[int, int], np.ndarray] = {}
+    seconds, pixels = 0.0, 0
+    for image, block, noisy in tqdm(
+        block_samples(shards_url), total=total, unit="block", disable=not progress, file=sys.stderr
+    ):
+        if (image, block) in cells:
+            raise SubmissionError(f"{shards_url}: image {image} block {block} appears twice")
+        started = time.perf_counter()
+        restored = restorer.restore(noisy.astype(np.float32) / np.float32(255.0), tile=DEFAULT_TILE)
+        seconds += time.perf_counter() - started
+        pixels += noisy.shape[0] * noisy.shape[1]
+        cells[image, block] = to_uint8(restored).astype(np.float32) / np.float32(255.0)
+    if not cells:
+        raise SubmissionError(f"{shards_url}: no blocks")
+    images, blocks = (max(index[axis] for index in cells) + 1 for axis in (0, 1))
+    missing = [(i, b) for i in range(images) for b in range(blocks) if (i, b) not in cells]
+    if missing:
+        shown = ", ".join(f"image {i} block {b}" for i, b in missing[:5])
+        raise SubmissionError(
+            f"{shards_url}: {len(missing)} of {images} x {blocks} blocks missing ({shown}"
+            f"{', ...' if len(missing) > 5 else ''}); SIDD scores complete submissions only"
+        )
+    grid = np.empty((images, blocks), dtype=object)
+    for (image, block), pixels_of_block in cells.items():
+        grid[image, block] = pixels_of_block
+    return grid, seconds, pixels
+
+
+def submission_bytes(grid: np.ndarray, seconds_per_megapixel: float, optional: dict[str, str]) -> bytes:
+    """SubmitSrgb.mat's bytes: DenoisedBlocksSrgb (cell), TimeMPSrgb (double), OptionalData (struct)."""
+    import scipy.io
+
+    buffer = io.BytesIO()
+    scipy.io.savemat(
+        buffer,
+        {
+            "DenoisedBlocksSrgb": grid,
+            "TimeMPSrgb": float(seconds_per_megapixel),
+            "OptionalData": {name: optional.get(name, "") for name in OPTIONAL_FIELDS},
+        },
+        do_compression=True,
+    )
+    return buffer.getvalue()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kitdist.sidd_submit",
+        description="Denoise SIDD's benchmark blocks with trained KiT weights and write the submission "
+        "file SIDD's authors score (SubmitSrgb.mat: DenoisedBlocksSrgb, TimeMPSrgb, OptionalData, as their "
+        "MATLAB kit writes it).",
+        epilog="--shards: a shard set built by `python -m kitdist.shards build sidd --src SIDD --out OUT` "
+        "(OUT/benchmark from BenchmarkNoisyBlocksSrgb.mat; OUT/val from the validation files, to check the "
+        "file against ValidationGtBlocksSrgb yourself). Weights: a weights.safetensors, a checkpoint folder "
+        "or a run folder (newest step-*).",
+    )
+    parser.add_argument("--weights", required=True, help="URL of the weights")
+    parser.add_argument("--shards", required=True, help="the SIDD block shard set (e.g. .../sidd/benchmark)")
+    parser.add_argument("--out", required=True, help="URL of the .mat file to write (e.g. SubmitSrgb.mat)")
+    parser.add_argument("--model", help="model size of a bare weights file")
+    parser.add_argument("--method-name", default="", help="OptionalData.MethodName (default: KiT (<size>))")
+    parser.add_argument("--authors", default="", help="OptionalData.Authors")
+    parser.add_argument("--paper-title", default="", help="OptionalData.PaperTitle")
+    parser.add_argument("--venue", default="", help="OptionalData.Venue")
+    parser.add_argument(
+        "--self-ensemble",
+        action="store_true",
+        help="restore each block in its 8 orientations and average (8x the time, counted in TimeMPSrgb)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if not args.out.endswith(".mat"):
+            raise SubmissionError(
+                f"--out {args.out}: a MATLAB file name ending in .mat (SIDD: SubmitSrgb.mat)"
+            )
+        storage.check_writable(args.out.rpartition("/")[0] or ".")  # before the work, not after
+        restorer = load_restorer(args.weights, args.model, args.device, self_ensemble=args.self_ensemble)
+        grid, seconds, pixels = denoise_blocks(restorer, args.shards, progress=not args.quiet)
+        optional = {
+            "MethodName": args.method_name or f"KiT ({restorer.size_name})",
+            "Authors": args.authors,
+            "PaperTitle": args.paper_title,
+            "Venue": args.venue,
+        }
+        per_megapixel = seconds * 2**20 / pixels  # SIDD's TimeMP: seconds per 1024 x 1024 pixels
+        storage.write_bytes(args.out, submission_bytes(grid, per_megapixel, optional))
+    except (ValueError, WeightsError, ManifestError, storage.StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    images, blocks = grid.shape
+    print(
+        f"{images} x {blocks} blocks denoised ({per_megapixel:.2f} s per megapixel on {restorer.device}); "
+        f"wrote {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from kitdist.distributed.env import keep_freed_memory_in_this_program
+
+    keep_freed_memory_in_this_program()  # as kitdist.restore and kitdist.evaluate do
+    sys.exit(main(sys.argv[1:]))

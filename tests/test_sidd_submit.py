@@ -1,0 +1,121 @@
+"""`python -m kitdist.sidd_submit`: SIDD's submission file from tiny .mat files in SIDD's own layout, read
+back with scipy.io.loadmat (as MATLAB's `load` and SIDD's scorer read it); every block in its cell, bit for
+bit the restorer's output of the .mat's block; incomplete and foreign shard sets refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+from restorekit import export_debug_checkpoint, write_image
+from test_shards_recipes import write_sidd_mats
+
+from kitdist import sidd_submit
+from kitdist.evaluate import evaluate
+from kitdist.inference import load_restorer
+from kitdist.shards import build_shards
+from kitdist.shards.manifest import read_manifest, shard_urls
+from kitdist.train.validation import image_metrics, to_uint8
+
+IMAGES, BLOCKS, SIDE = 3, 4, 32
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, photo_paths):
+    return export_debug_checkpoint(tmp_path_factory.mktemp("ckpt"), photo_paths[0])
+
+
+@pytest.fixture(scope="module")
+def sidd(tmp_path_factory, photo_paths):
+    """The three .mat files ([3, 4, 32, 32, 3] uint8 each) and their val and benchmark shard sets."""
+    src = tmp_path_factory.mktemp("sidd-src")
+    arrays = write_sidd_mats(photo_paths, src, images=IMAGES, blocks=BLOCKS, side=SIDE)
+    out = tmp_path_factory.mktemp("sidd-shards")
+    build_shards("sidd", src, str(out), splits=["val", "benchmark"], samples_per_shard=5, progress=False)
+    return arrays, out
+
+
+def test_submission_holds_every_block_in_its_cell(tmp_path, checkpoint, sidd, capsys):
+    arrays, shards = sidd
+    out = tmp_path / "SubmitSrgb.mat"
+    argv = ["--weights", str(checkpoint), "--shards", str(shards / "benchmark"), "--out", str(out), "--quiet"]
+    assert sidd_submit.main([*argv, "--authors", "A. Author", "--device", "cpu"]) == 0
+    assert f"{IMAGES} x {BLOCKS} blocks denoised" in capsys.readouterr().out
+    written = scipy.io.loadmat(out)
+    cells = written["DenoisedBlocksSrgb"]
+    assert cells.dtype == object and cells.shape == (IMAGES, BLOCKS)
+    restorer = load_restorer(str(checkpoint), device="cpu")
+    for image in range(IMAGES):
+        for block in range(BLOCKS):
+            noisy = arrays["benchmark_input"][image, block].astype(np.float32) / 255.0
+            expected = to_uint8(restorer.restore(noisy)).astype(np.float32) / 255.0
+            cell = cells[image, block]
+            assert cell.dtype == np.float32 and cell.shape == (SIDE, SIDE, 3)
+            assert np.array_equal(cell, expected), (image, block)
+    assert written["TimeMPSrgb"].shape == (1, 1) and written["TimeMPSrgb"][0, 0] > 0
+    optional = written["OptionalData"][0, 0]
+    assert optional["MethodName"][0] == "KiT (debug)" and optional["Authors"][0] == "A. Author"
+    assert set(optional.dtype.names) == set(sidd_submit.OPTIONAL_FIELDS)
+
+
+def test_validation_file_scores_as_evaluate_does(tmp_path, checkpoint, sidd):
+    """The val split's file against ValidationGtBlocksSrgb (what a user checks before submitting) gives
+    `kitdist.evaluate`'s PSNR on the same shards."""
+    arrays, shards = sidd
+    out = tmp_path / "ValidationSrgb.mat"
+    argv = ["--weights", str(checkpoint), "--shards", str(shards / "val"), "--out", str(out), "--quiet"]
+    assert sidd_submit.main([*argv, "--device", "cpu"]) == 0
+    cells = scipy.io.loadmat(out)["DenoisedBlocksSrgb"]
+    psnr = [
+        image_metrics((cells[i, b] * 255).round().astype(np.uint8), arrays["val_target"][i, b])["psnr_rgb"]
+        for i in range(IMAGES)
+        for b in range(BLOCKS)
+    ]
+    results = evaluate(str(checkpoint), str(shards / "val"), device="cpu", progress=False)
+    assert results["images"] == IMAGES * BLOCKS
+    assert np.mean(psnr) == pytest.approx(results["psnr_rgb"], abs=1e-6)
+
+
+def test_incomplete_and_foreign_shard_sets_are_refused(tmp_path, checkpoint, sidd, photo_paths, capsys):
+    _, shards = sidd
+    # the benchmark's first shard alone (blocks 0-3 of image 0 and block 0 of image 1), under a manifest
+    # that lists only it
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    manifest = json.loads((shards / "benchmark" / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    manifest["total_samples"] = manifest["shards"][0]["samples"]
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    first = shard_urls(str(shards / "benchmark"), read_manifest(str(shards / "benchmark")))[0]
+    shutil.copy(first, partial)
+    out = tmp_path / "SubmitSrgb.mat"
+    argv = ["--weights", str(checkpoint), "--out", str(out), "--quiet", "--device", "cpu"]
+    assert sidd_submit.main([*argv, "--shards", str(partial)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "3 of 2 x 4 blocks missing (image 1 block 1, image 1 block 2, image 1 block 3)" in err
+        and "complete submissions only" in err
+    )
+    assert not out.exists()
+
+    # a build that rejected a block (its manifest says so) makes no submission either
+    rejected = tmp_path / "rejected"
+    shutil.copytree(shards / "benchmark", rejected)
+    manifest = json.loads((rejected / "manifest.json").read_text())
+    manifest["rejects"] = [{"path": "BenchmarkNoisyBlocksSrgb.mat", "reason": "block 2, 3: unreadable"}]
+    (rejected / "manifest.json").write_text(json.dumps(manifest))
+    assert sidd_submit.main([*argv, "--shards", str(rejected)]) == 2
+    assert "rejected 1 block(s) (first: BenchmarkNoisyBlocksSrgb.mat: block 2, 3" in capsys.readouterr().err
+
+    photos = tmp_path / "photos"
+    write_image(photos / "a.png", np.asarray(Image.open(photo_paths[0]).convert("RGB"))[:40, :40])
+    build_shards("folder", photos, str(tmp_path / "clean"), progress=False)
+    assert sidd_submit.main([*argv, "--shards", str(tmp_path / "clean")]) == 2
+    assert "holds clean samples; a SIDD block set" in capsys.readouterr().err
+    argv[argv.index("--out") + 1] = str(tmp_path / "SubmitSrgb.txt")
+    assert sidd_submit.main([*argv, "--shards", str(shards / "val")]) == 2
+    assert "a MATLAB file name ending in .mat" in capsys.readouterr().err
