@@ -5,13 +5,16 @@ earlier attempt logged past the checkpoint is purged), and the W&B sink in W&B's
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from kitdist.config import load_config
-from kitdist.train.recorder import MetricsRecorder
+from kitdist.train.recorder import MetricsRecorder, remove_orphaned_copies
 
 
 def run_config(root: Path, *overrides: str):
@@ -55,6 +58,43 @@ def test_a_failed_attempt_leaves_what_it_synced_and_no_local_copy(tmp_path):
     recorder.discard()  # the attempt failed after step 2, its last checkpoint at step 1
     assert not recorder.local.exists()
     assert [json.loads(line)["step"] for line in (metrics / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+HOLD_A_COPY = """
+import sys, time
+from kitdist.train.recorder import local_copy
+folder, _ = local_copy()
+(folder / "metrics.jsonl").write_text("{}")
+print(folder, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_workers_local_copy_is_removed_and_live_ones_are_kept(tmp_path):
+    """A worker killed with SIGKILL removes nothing; the next recorder removes its folder, not the folder of
+    a process that still runs, nor its own."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    holders = [
+        subprocess.Popen([sys.executable, "-c", HOLD_A_COPY], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    try:
+        killed, alive = (Path(holder.stdout.readline().strip()) for holder in holders)
+        assert killed.parent == tmp_path and (killed / "metrics.jsonl").is_file() and alive.is_dir()
+        holders[0].kill()
+        holders[0].wait()
+        assert killed.is_dir()  # nothing removed it
+        assert remove_orphaned_copies(str(tmp_path)) == [killed]
+        assert not killed.exists() and alive.is_dir()
+        recorder = MetricsRecorder(run_config(tmp_path / "runs"))
+        assert remove_orphaned_copies(str(recorder.local.parent)).count(recorder.local) == 0
+        assert recorder.local.is_dir()
+        recorder.close()
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    assert remove_orphaned_copies(str(tmp_path)) == [alive]  # its process has ended now
 
 
 def test_a_resumed_run_purges_the_steps_after_its_checkpoint(tmp_path):

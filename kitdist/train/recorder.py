@@ -7,12 +7,19 @@ and at the end, so a run can be watched while it trains and its metrics live bes
 On resume, what the earlier attempts recorded past the checkpoint being resumed (steps that are done
 again) is dropped: JSONL lines and TensorBoard events (each events file rewritten without them). A W&B run
 lasts as long as the run folder: its id is kept in `metrics/wandb-run-id`, and a resumed run continues it.
+
+The local folder (`kitdist-locked-metrics-*` in the temp dir) is removed at the end of a run and after a failed
+attempt; a worker that is killed (SIGKILL, the OOM killer) removes nothing, so each folder is held with an
+flock while its process lives, and every new recorder first removes the folders no live process holds
+(the kernel drops a dead process's locks, whatever killed it, and in any PID namespace).
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -30,6 +37,44 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb-run-id"
+# Only folders made under the lock are candidates for removal: an unlocked `kitdist-metrics-*` folder of an
+# earlier version may belong to a live process
+LOCAL_PREFIX = "kitdist-locked-metrics-"
+STAGING_PREFIX = "kitdist-new-metrics-"  # not matched by LOCAL_PREFIX + "*": see local_copy
+
+
+def local_copy() -> tuple[Path, int]:
+    """A new local folder for metrics, and the descriptor of the flock that marks it as in use (closed
+    when the folder is removed, or by the kernel when the process dies). Orphans are removed first."""
+    remove_orphaned_copies()
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX))
+    held = os.open(staging, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    # locked before it carries the name the clean-up looks for, so it is never seen unlocked
+    folder = staging.with_name(LOCAL_PREFIX + staging.name.removeprefix(STAGING_PREFIX))
+    staging.rename(folder)
+    return folder, held
+
+
+def remove_orphaned_copies(root: str | None = None) -> list[Path]:
+    """Removes the metrics folders under `root` (the temp dir) that no live process holds: those of killed
+    workers. Returns them."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(LOCAL_PREFIX + "*"):
+        try:
+            probe = os.open(folder, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its process is alive
+            continue
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(probe)
+    return removed
 
 
 class MetricsRecorder:
@@ -38,7 +83,7 @@ class MetricsRecorder:
     def __init__(self, cfg: RunConfig, resume_step: int = 0) -> None:
         self.metrics_url = storage.join(run_url(cfg), METRICS_DIR)
         self.flush_s = cfg.train.metrics_flush_s
-        self.local = Path(tempfile.mkdtemp(prefix="kitdist-metrics-"))
+        self.local, self._held = local_copy()
         self._fetch_previous(resume_step)
         self.tensorboard = None
         if "tensorboard" in cfg.train.report_to:
@@ -102,6 +147,9 @@ class MetricsRecorder:
         if self.tensorboard is not None:
             self.tensorboard.close()
         shutil.rmtree(self.local, ignore_errors=True)
+        if self._held >= 0:
+            os.close(self._held)
+            self._held = -1
 
 
 def purge_events(folder: str, last_step: int) -> None:
