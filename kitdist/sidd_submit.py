@@ -22,7 +22,7 @@ import io
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -43,7 +43,7 @@ class SubmissionError(ValueError):
     """A shard set that cannot make a complete submission; the message names the URL or the blocks."""
 
 
-def block_samples(shards_url: str):
+def block_samples(shards_url: str) -> Iterator[tuple[int, int, np.ndarray]]:
     """(image, block, uint8 noisy block) for every sample of a SIDD block shard set, in manifest order."""
     manifest = read_manifest(shards_url)
     if manifest.kind not in ("input", "paired"):
@@ -110,9 +110,9 @@ def denoise_blocks(
             f"{shards_url}: {len(missing)} of {images} x {blocks} blocks missing ({shown}"
             f"{', ...' if len(missing) > 5 else ''}); SIDD scores complete submissions only"
         )
-    grid = np.empty((images, blocks), dtype=object)
-    for (image, block), pixels_of_block in cells.items():
-        grid[image, block] = pixels_of_block
+    grid = np.empty((images, blocks), dtype=object)  # scipy.io.savemat writes an object array as a cell array
+    for (image, block), denoised in cells.items():
+        grid[image, block] = denoised
     return grid, seconds, pixels
 
 

@@ -57,6 +57,15 @@ def photo_paths() -> list[Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, photo_paths) -> Path:
+    """A `debug` KiT trained for two steps and exported by training's own code (read only: the restore,
+    evaluate and SIDD submission tests share it)."""
+    from restorekit import export_debug_checkpoint
+
+    return export_debug_checkpoint(tmp_path_factory.mktemp("ckpt"), photo_paths[0])
+
+
 # Each GPU test's own limit, so that one stuck test (a hung NCCL call, a compile that never ends) fails
 # alone and the GPU battery's other tests still run; `@pytest.mark.gpu(timeout_s=N)` sets a test's own.
 # The GPU machines carry no more than the battery's wheels: this needs no plugin (pytest-timeout).

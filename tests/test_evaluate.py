@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from restorekit import export_debug_checkpoint, write_image
+from restorekit import write_image
 from shardkit import noisy
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -32,11 +32,6 @@ CONTRACT = (
     "macs",
     "model_size",
 )
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, photo_paths):
-    return export_debug_checkpoint(tmp_path_factory.mktemp("ckpt"), photo_paths[0])
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from restorekit import export_debug_checkpoint, write_image
+from restorekit import write_image
 
 from kitdist import restore
 from kitdist.data import transforms
 from kitdist.inference import WeightsError, load_restorer, restore_tiled
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, photo_paths):
-    return export_debug_checkpoint(tmp_path_factory.mktemp("ckpt"), photo_paths[0])
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.io
 from PIL import Image
-from restorekit import export_debug_checkpoint, write_image
+from restorekit import write_image
 from test_shards_recipes import write_sidd_mats
 
 from kitdist import sidd_submit
@@ -22,11 +22,6 @@ from kitdist.shards.manifest import read_manifest, shard_urls
 from kitdist.train.validation import image_metrics, to_uint8
 
 IMAGES, BLOCKS, SIDE = 3, 4, 32
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, photo_paths):
-    return export_debug_checkpoint(tmp_path_factory.mktemp("ckpt"), photo_paths[0])
 
 
 @pytest.fixture(scope="module")
