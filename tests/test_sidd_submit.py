@@ -4,6 +4,7 @@ bit the restorer's output of the .mat's block; incomplete and foreign shard sets
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -14,7 +15,7 @@ from PIL import Image
 from restorekit import write_image
 from test_shards_recipes import write_sidd_mats
 
-from kitdist import sidd_submit
+from kitdist import sidd_submit, storage
 from kitdist.evaluate import evaluate
 from kitdist.inference import load_restorer
 from kitdist.shards import build_shards
@@ -55,6 +56,21 @@ def test_submission_holds_every_block_in_its_cell(tmp_path, checkpoint, sidd, ca
     optional = written["OptionalData"][0, 0]
     assert optional["MethodName"][0] == "KiT (debug)" and optional["Authors"][0] == "A. Author"
     assert set(optional.dtype.names) == set(sidd_submit.OPTIONAL_FIELDS)
+
+
+@pytest.mark.s3
+def test_shards_and_submission_on_s3(s3_env, checkpoint, sidd, capsys):
+    """Blocks read from the S3 server, the file written there: the same cells as from local shards."""
+    arrays, shards = sidd
+    for name in ("manifest.json", *(p.name for p in (shards / "benchmark").glob("*.tar"))):
+        storage.put_file(str(shards / "benchmark" / name), f"{s3_env}/benchmark/{name}")
+    out = f"{s3_env}/submission/SubmitSrgb.mat"
+    argv = ["--weights", str(checkpoint), "--shards", f"{s3_env}/benchmark", "--out", out, "--quiet"]
+    assert sidd_submit.main([*argv, "--device", "cpu"]) == 0
+    cells = scipy.io.loadmat(io.BytesIO(storage.read_bytes(out)))["DenoisedBlocksSrgb"]
+    restorer = load_restorer(str(checkpoint), device="cpu")
+    noisy = arrays["benchmark_input"][2, 3].astype(np.float32) / 255.0
+    assert np.array_equal(cells[2, 3], to_uint8(restorer.restore(noisy)).astype(np.float32) / 255.0)
 
 
 def test_validation_file_scores_as_evaluate_does(tmp_path, checkpoint, sidd):
