@@ -7,9 +7,10 @@ of denoising per megapixel; `OptionalData`, a struct of text about the method (M
 PaperTitle, Venue). This command restores every block of a shard set that the `sidd` recipe built from the
 .mat files (split `benchmark`; or `val`, to score the file oneself against ValidationGtBlocksSrgb), puts
 each in its cell by its key (`<split>__image<ii>__block<bb>`), rounded to 8 bits as a saved image is (as
-`kitdist.evaluate` scores), and writes the file with scipy.io.savemat (MATLAB 5 format, which MATLAB's
-`load` and scipy.io.loadmat read). Every block must be there: a partial submission is refused, naming the
-blocks that are missing.
+`kitdist.evaluate` scores), and writes the file with scipy.io.savemat: MATLAB 5 format, where the kit saves
+7.3; MATLAB's `load` reads both alike, and so does scipy.io.loadmat. Every one of the 40 x 32 blocks must be
+there (`--grid` for other sizes): a partial submission is refused, naming the blocks that are missing.
+`TimeMPSrgb` counts the restoring only (not reading, and not a first, untimed pass that compiles kernels).
 
     python -m kitdist.sidd_submit --weights runs/finetune-sidd --shards runs/data/sidd/benchmark \\
         --out runs/sidd-submission/SubmitSrgb.mat --authors "A. Author"
@@ -30,21 +31,24 @@ from tqdm import tqdm
 from kitdist import storage
 from kitdist.checkpoints import WeightsError
 from kitdist.data.decode import CorruptSample, decode_rgb, image_bytes
-from kitdist.data.shardio import ReadOptions, ShardCursor, ShardSet
+from kitdist.data.shardio import ReadOptions, ShardCursor
+from kitdist.data.stream import open_shard_set
+from kitdist.data.transforms import to_float
 from kitdist.inference import DEFAULT_TILE, Restorer, load_restorer
-from kitdist.shards.manifest import ManifestError, read_manifest, shard_urls
+from kitdist.shards.manifest import ManifestError, read_manifest
 from kitdist.train.validation import to_uint8
 
 BLOCK_KEY = re.compile(r"^(?P<split>.+)__image(?P<image>\d+)__block(?P<block>\d+)$")
 OPTIONAL_FIELDS = ("MethodName", "Authors", "PaperTitle", "Venue")
+SIDD_GRID = (40, 32)  # images x blocks of SIDD's validation and benchmark sets
 
 
 class SubmissionError(ValueError):
     """A shard set that cannot make a complete submission; the message names the URL or the blocks."""
 
 
-def block_samples(shards_url: str) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(image, block, uint8 noisy block) for every sample of a SIDD block shard set, in manifest order."""
+def block_samples(shards_url: str) -> Iterator[tuple[str, int, int, np.ndarray]]:
+    """(key, image, block, uint8 noisy block) for every sample of a SIDD block shard set, in manifest order."""
     manifest = read_manifest(shards_url)
     if manifest.kind not in ("input", "paired"):
         raise SubmissionError(
@@ -52,16 +56,12 @@ def block_samples(shards_url: str) -> Iterator[tuple[int, int, np.ndarray]]:
             "sidd, split benchmark or val) holds input or paired ones"
         )
     if manifest.rejects:
+        first = manifest.rejects[0]
         raise SubmissionError(
-            f"{shards_url}: the build rejected {len(manifest.rejects)} block(s) (first: {manifest.rejects[0].path}: {manifest.rejects[0].reason}); "
-            "SIDD scores complete submissions only: rebuild from intact .mat files"
+            f"{shards_url}: the build rejected {len(manifest.rejects)} block(s) (first: {first.path}: "
+            f"{first.reason}); SIDD scores complete submissions only: rebuild from intact .mat files"
         )
-    shards = ShardSet(
-        tuple(shard_urls(shards_url, manifest)),
-        tuple(shard.name for shard in manifest.shards),
-        tuple(shard.samples for shard in manifest.shards),
-        tuple(shard.bytes for shard in manifest.shards),
-    )
+    shards = open_shard_set(shards_url, manifest.kind, "--shards")
     cursor = ShardCursor(shards, 0, 1, ReadOptions())
     for shard, count in enumerate(shards.samples):
         for offset in range(count):
@@ -79,44 +79,58 @@ def block_samples(shards_url: str) -> Iterator[tuple[int, int, np.ndarray]]:
                 pixels = decode_rgb(image_bytes(sample, "input"), key)
             except CorruptSample as err:
                 raise SubmissionError(f"{shards.urls[shard]}: {err}") from None
-            yield int(found["image"]), int(found["block"]), pixels
+            yield key, int(found["image"]), int(found["block"]), pixels
 
 
 def denoise_blocks(
-    restorer: Restorer, shards_url: str, progress: bool = True
+    restorer: Restorer, shards_url: str, grid: tuple[int, int] = SIDD_GRID, progress: bool = True
 ) -> tuple[np.ndarray, float, int]:
-    """The images x blocks object array of denoised blocks (float32 [h, w, 3] in [0, 1], 8-bit levels),
-    the seconds spent restoring, and the pixels restored."""
-    total = read_manifest(shards_url).total_samples
+    """The `grid` (images x blocks) object array of denoised blocks (float32 [h, w, 3] in [0, 1], 8-bit
+    levels), the seconds spent restoring (the first block's warm-up not counted), and the pixels restored."""
+    manifest = read_manifest(shards_url)
+    images, blocks = grid
     cells: dict[tuple[int, int], np.ndarray] = {}
     seconds, pixels = 0.0, 0
-    for image, block, noisy in tqdm(
-        block_samples(shards_url), total=total, unit="block", disable=not progress, file=sys.stderr
-    ):
+    for key, image, block, noisy in tqdm(
+        block_samples(shards_url), total=manifest.total_samples, unit="block", disable=not progress,
+        file=sys.stderr,
+    ):  # fmt: skip
+        if image >= images or block >= blocks:
+            raise SubmissionError(
+                f"{shards_url}: {key} lies outside the {images} x {blocks} blocks of a submission (--grid)"
+            )
         if (image, block) in cells:
-            raise SubmissionError(f"{shards_url}: image {image} block {block} appears twice")
+            raise SubmissionError(f"{shards_url}: {key} appears twice")
+        degraded = to_float(noisy)
+        if not cells:  # kernels are compiled or tuned on first use (Flex on CUDA): not denoising time
+            restorer.restore(degraded, tile=DEFAULT_TILE)
         started = time.perf_counter()
-        restored = restorer.restore(noisy.astype(np.float32) / np.float32(255.0), tile=DEFAULT_TILE)
+        restored = restorer.restore(degraded, tile=DEFAULT_TILE)
         seconds += time.perf_counter() - started
         pixels += noisy.shape[0] * noisy.shape[1]
-        cells[image, block] = to_uint8(restored).astype(np.float32) / np.float32(255.0)
-    if not cells:
-        raise SubmissionError(f"{shards_url}: no blocks")
-    images, blocks = (max(index[axis] for index in cells) + 1 for axis in (0, 1))
+        cells[image, block] = to_float(to_uint8(restored))
     missing = [(i, b) for i in range(images) for b in range(blocks) if (i, b) not in cells]
     if missing:
-        shown = ", ".join(f"image {i} block {b}" for i, b in missing[:5])
+        shown = ", ".join(f"{manifest.split}__image{i:02d}__block{b:02d}" for i, b in missing[:5])
         raise SubmissionError(
-            f"{shards_url}: {len(missing)} of {images} x {blocks} blocks missing ({shown}"
+            f"{shards_url}: {len(missing)} of the {images} x {blocks} blocks missing ({shown}"
             f"{', ...' if len(missing) > 5 else ''}); SIDD scores complete submissions only"
         )
-    grid = np.empty((images, blocks), dtype=object)  # scipy.io.savemat writes an object array as a cell array
+    cell_array = np.empty(grid, dtype=object)  # scipy.io.savemat writes an object array as a cell array
     for (image, block), denoised in cells.items():
-        grid[image, block] = denoised
-    return grid, seconds, pixels
+        cell_array[image, block] = denoised
+    return cell_array, seconds, pixels
 
 
-def submission_bytes(grid: np.ndarray, seconds_per_megapixel: float, optional: dict[str, str]) -> bytes:
+def parse_grid(text: str) -> tuple[int, int]:
+    """`40x32` -> (40, 32)."""
+    images, _, blocks = text.partition("x")
+    if not (images.isdigit() and blocks.isdigit() and int(images) > 0 and int(blocks) > 0):
+        raise SubmissionError(f"--grid {text}: expected IMAGESxBLOCKS, e.g. 40x32")
+    return int(images), int(blocks)
+
+
+def submission_bytes(cells: np.ndarray, seconds_per_megapixel: float, optional: dict[str, str]) -> bytes:
     """SubmitSrgb.mat's bytes: DenoisedBlocksSrgb (cell), TimeMPSrgb (double), OptionalData (struct)."""
     import scipy.io
 
@@ -124,7 +138,7 @@ def submission_bytes(grid: np.ndarray, seconds_per_megapixel: float, optional: d
     scipy.io.savemat(
         buffer,
         {
-            "DenoisedBlocksSrgb": grid,
+            "DenoisedBlocksSrgb": cells,
             "TimeMPSrgb": float(seconds_per_megapixel),
             "OptionalData": {name: optional.get(name, "") for name in OPTIONAL_FIELDS},
         },
@@ -148,6 +162,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--shards", required=True, help="the SIDD block shard set (e.g. .../sidd/benchmark)")
     parser.add_argument("--out", required=True, help="URL of the .mat file to write (e.g. SubmitSrgb.mat)")
     parser.add_argument("--model", help="model size of a bare weights file")
+    parser.add_argument(
+        "--grid",
+        default="x".join(map(str, SIDD_GRID)),
+        metavar="IMAGESxBLOCKS",
+        help=f"the blocks the file must hold ({SIDD_GRID[0]}x{SIDD_GRID[1]}: SIDD's)",
+    )
     parser.add_argument("--method-name", default="", help="OptionalData.MethodName (default: KiT (<size>))")
     parser.add_argument("--authors", default="", help="OptionalData.Authors")
     parser.add_argument("--paper-title", default="", help="OptionalData.PaperTitle")
@@ -169,9 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SubmissionError(
                 f"--out {args.out}: a MATLAB file name ending in .mat (SIDD: SubmitSrgb.mat)"
             )
-        storage.check_writable(args.out.rpartition("/")[0] or ".")  # before the work, not after
+        grid = parse_grid(args.grid)
+        folder = args.out.rpartition("/")[0] or ("/" if args.out.startswith("/") else ".")
+        storage.check_writable(folder)  # before the work, not after
         restorer = load_restorer(args.weights, args.model, args.device, self_ensemble=args.self_ensemble)
-        grid, seconds, pixels = denoise_blocks(restorer, args.shards, progress=not args.quiet)
+        cells, seconds, pixels = denoise_blocks(restorer, args.shards, grid, progress=not args.quiet)
         optional = {
             "MethodName": args.method_name or f"KiT ({restorer.size_name})",
             "Authors": args.authors,
@@ -179,11 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "Venue": args.venue,
         }
         per_megapixel = seconds * 2**20 / pixels  # SIDD's TimeMP: seconds per 1024 x 1024 pixels
-        storage.write_bytes(args.out, submission_bytes(grid, per_megapixel, optional))
+        storage.write_bytes(args.out, submission_bytes(cells, per_megapixel, optional))
     except (ValueError, WeightsError, ManifestError, storage.StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    images, blocks = grid.shape
+    images, blocks = cells.shape
     print(
         f"{images} x {blocks} blocks denoised ({per_megapixel:.2f} s per megapixel on {restorer.device}); "
         f"wrote {args.out}"

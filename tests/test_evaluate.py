@@ -237,6 +237,7 @@ def test_self_ensemble_is_evaluated_and_said(tmp_path, checkpoint, noisy_pairs, 
     ensemble = load_restorer(str(checkpoint), device="cpu", self_ensemble=True)
     plain = evaluate.evaluate(str(checkpoint), noisy_pairs, tile=64, overlap=16, progress=False)
     assert plain["self_ensemble"] is False
+    assert results["macs"] == 8 * plain["macs"]  # what restoring an image costs as evaluated
     for record, plain_record in zip(results["per_image"], plain["per_image"], strict=True):
         noisy_input, clean = wds_pairs(noisy_pairs)[record["key"]]
         restored = ensemble.restore(noisy_input / np.float32(255.0), tile=64, overlap=16)

@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,25 @@ def test_a_killed_workers_local_copy_is_removed_and_live_ones_are_kept(tmp_path)
             holder.kill()
             holder.wait()
     assert remove_orphaned_copies(str(tmp_path)) == [alive]  # its process has ended now
+
+
+def test_a_recorder_that_fails_to_start_leaves_no_folder(tmp_path, monkeypatch):
+    """A worker outlives many attempts: a start that fails (here: an unreadable earlier metrics file to
+    resume from) removes its local folder and lets go of its lock."""
+    local_root = tmp_path / "tmp"
+    local_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(local_root))
+    (tmp_path / "r" / "metrics").mkdir(parents=True)
+    (tmp_path / "r" / "metrics" / "metrics.jsonl").write_text("{not json\n")
+    with pytest.raises(json.JSONDecodeError):
+        MetricsRecorder(run_config(tmp_path), resume_step=1)
+    assert list(local_root.iterdir()) == []
+    recorder = MetricsRecorder(run_config(tmp_path / "other"))
+    recorder.close()
+    assert list(local_root.iterdir()) == []
+    synced = tmp_path / "other" / "r" / "metrics"
+    assert {p.name for p in synced.rglob("*")} >= {"metrics.jsonl"}
+    assert not list(synced.rglob(".kitdist-owner"))  # the lock file is never synced
 
 
 def test_a_resumed_run_purges_the_steps_after_its_checkpoint(tmp_path):

@@ -23,6 +23,7 @@ from kitdist.shards.manifest import read_manifest, shard_urls
 from kitdist.train.validation import image_metrics, to_uint8
 
 IMAGES, BLOCKS, SIDE = 3, 4, 32
+GRID = f"{IMAGES}x{BLOCKS}"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_submission_holds_every_block_in_its_cell(tmp_path, checkpoint, sidd, ca
     arrays, shards = sidd
     out = tmp_path / "SubmitSrgb.mat"
     argv = ["--weights", str(checkpoint), "--shards", str(shards / "benchmark"), "--out", str(out), "--quiet"]
-    assert sidd_submit.main([*argv, "--authors", "A. Author", "--device", "cpu"]) == 0
+    assert sidd_submit.main([*argv, "--authors", "A. Author", "--device", "cpu", "--grid", GRID]) == 0
     assert f"{IMAGES} x {BLOCKS} blocks denoised" in capsys.readouterr().out
     written = scipy.io.loadmat(out)
     cells = written["DenoisedBlocksSrgb"]
@@ -66,7 +67,7 @@ def test_shards_and_submission_on_s3(s3_env, checkpoint, sidd, capsys):
         storage.put_file(str(shards / "benchmark" / name), f"{s3_env}/benchmark/{name}")
     out = f"{s3_env}/submission/SubmitSrgb.mat"
     argv = ["--weights", str(checkpoint), "--shards", f"{s3_env}/benchmark", "--out", out, "--quiet"]
-    assert sidd_submit.main([*argv, "--device", "cpu"]) == 0
+    assert sidd_submit.main([*argv, "--device", "cpu", "--grid", GRID]) == 0
     cells = scipy.io.loadmat(io.BytesIO(storage.read_bytes(out)))["DenoisedBlocksSrgb"]
     restorer = load_restorer(str(checkpoint), device="cpu")
     noisy = arrays["benchmark_input"][2, 3].astype(np.float32) / 255.0
@@ -79,7 +80,7 @@ def test_validation_file_scores_as_evaluate_does(tmp_path, checkpoint, sidd):
     arrays, shards = sidd
     out = tmp_path / "ValidationSrgb.mat"
     argv = ["--weights", str(checkpoint), "--shards", str(shards / "val"), "--out", str(out), "--quiet"]
-    assert sidd_submit.main([*argv, "--device", "cpu"]) == 0
+    assert sidd_submit.main([*argv, "--device", "cpu", "--grid", GRID]) == 0
     cells = scipy.io.loadmat(out)["DenoisedBlocksSrgb"]
     psnr = [
         image_metrics((cells[i, b] * 255).round().astype(np.uint8), arrays["val_target"][i, b])["psnr_rgb"]
@@ -104,14 +105,19 @@ def test_incomplete_and_foreign_shard_sets_are_refused(tmp_path, checkpoint, sid
     first = shard_urls(str(shards / "benchmark"), read_manifest(str(shards / "benchmark")))[0]
     shutil.copy(first, partial)
     out = tmp_path / "SubmitSrgb.mat"
-    argv = ["--weights", str(checkpoint), "--out", str(out), "--quiet", "--device", "cpu"]
+    argv = ["--weights", str(checkpoint), "--out", str(out), "--quiet", "--device", "cpu", "--grid", GRID]
     assert sidd_submit.main([*argv, "--shards", str(partial)]) == 2
     err = capsys.readouterr().err
-    assert (
-        "3 of 2 x 4 blocks missing (image 1 block 1, image 1 block 2, image 1 block 3)" in err
-        and "complete submissions only" in err
-    )
+    assert "7 of the 3 x 4 blocks missing (benchmark__image01__block01, benchmark__image01__block02, " in err
+    assert "benchmark__image02__block01, ...); SIDD scores complete submissions only" in err
     assert not out.exists()
+    # SIDD's own 40 x 32 unless told otherwise; a block beyond the grid is named
+    assert sidd_submit.main([*argv[:-2], "--shards", str(shards / "benchmark")]) == 2
+    assert "1268 of the 40 x 32 blocks missing" in capsys.readouterr().err
+    assert sidd_submit.main([*argv[:-1], "2x4", "--shards", str(shards / "benchmark")]) == 2
+    assert "benchmark__image02__block00 lies outside the 2 x 4 blocks" in capsys.readouterr().err
+    assert sidd_submit.main([*argv[:-1], "40-32", "--shards", str(shards / "benchmark")]) == 2
+    assert "--grid 40-32: expected IMAGESxBLOCKS" in capsys.readouterr().err
 
     # a build that rejected a block (its manifest says so) makes no submission either
     rejected = tmp_path / "rejected"

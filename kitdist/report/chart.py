@@ -55,7 +55,8 @@ class MeasuredPoint:
     @classmethod
     def from_results(cls, results: dict) -> MeasuredPoint:
         """A point from an evaluate `results.json` body."""
-        label = f"{results['model_size']} ({results['images']} images)"
+        ensemble = " x8 self-ensemble" if results.get("self_ensemble") else ""
+        label = f"{results['model_size']}{ensemble} ({results['images']} images)"
         return cls(label, results["macs"] / 1e9, results["psnr_rgb"], results["shards"])
 
 

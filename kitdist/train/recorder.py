@@ -10,8 +10,9 @@ lasts as long as the run folder: its id is kept in `metrics/wandb-run-id`, and a
 
 The local folder (`kitdist-locked-metrics-*` in the temp dir) is removed at the end of a run and after a failed
 attempt; a worker that is killed (SIGKILL, the OOM killer) removes nothing, so each folder is held with an
-flock while its process lives, and every new recorder first removes the folders no live process holds
-(the kernel drops a dead process's locks, whatever killed it, and in any PID namespace).
+flock (on a file inside it, opened for writing, as NFS needs; never synced) while its process lives, and
+every new recorder first removes the folders no live process holds (the kernel drops a dead process's locks,
+whatever killed it, and in any PID namespace).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,10 +39,17 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb-run-id"
+log = logging.getLogger(__name__)
+
 # Only folders made under the lock are candidates for removal: an unlocked `kitdist-metrics-*` folder of an
 # earlier version may belong to a live process
 LOCAL_PREFIX = "kitdist-locked-metrics-"
 STAGING_PREFIX = "kitdist-new-metrics-"  # not matched by LOCAL_PREFIX + "*": see local_copy
+OWNER_FILE = ".kitdist-owner"  # the file whose flock marks a folder in use
+
+
+def _open_owner(folder: Path, create: bool) -> int:
+    return os.open(folder / OWNER_FILE, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
 
 
 def local_copy() -> tuple[Path, int]:
@@ -48,8 +57,14 @@ def local_copy() -> tuple[Path, int]:
     when the folder is removed, or by the kernel when the process dies). Orphans are removed first."""
     remove_orphaned_copies()
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX))
-    held = os.open(staging, os.O_RDONLY)
-    fcntl.flock(held, fcntl.LOCK_EX)
+    held = _open_owner(staging, create=True)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:  # a file system without locks: keep the staging name, which no clean-up removes
+        log.warning(
+            "metrics folder %s cannot be locked (%s); a killed worker would leave it behind", staging, err
+        )
+        return staging, held
     # locked before it carries the name the clean-up looks for, so it is never seen unlocked
     folder = staging.with_name(LOCAL_PREFIX + staging.name.removeprefix(STAGING_PREFIX))
     staging.rename(folder)
@@ -62,8 +77,8 @@ def remove_orphaned_copies(root: str | None = None) -> list[Path]:
     removed = []
     for folder in Path(root or tempfile.gettempdir()).glob(LOCAL_PREFIX + "*"):
         try:
-            probe = os.open(folder, os.O_RDONLY)
-        except OSError:  # gone meanwhile, or not ours to read
+            probe = _open_owner(folder, create=False)
+        except OSError:  # gone meanwhile, or not ours to open
             continue
         try:
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,16 +98,20 @@ class MetricsRecorder:
     def __init__(self, cfg: RunConfig, resume_step: int = 0) -> None:
         self.metrics_url = storage.join(run_url(cfg), METRICS_DIR)
         self.flush_s = cfg.train.metrics_flush_s
+        self.tensorboard = self.wandb = None
         self.local, self._held = local_copy()
-        self._fetch_previous(resume_step)
-        self.tensorboard = None
-        if "tensorboard" in cfg.train.report_to:
-            from torch.utils.tensorboard import SummaryWriter
+        try:
+            self._fetch_previous(resume_step)
+            if "tensorboard" in cfg.train.report_to:
+                from torch.utils.tensorboard import SummaryWriter
 
-            purge_events(storage.join(self.metrics_url, TENSORBOARD_DIR), resume_step)
-            self.tensorboard = SummaryWriter(log_dir=str(self.local / TENSORBOARD_DIR))
-        self.wandb = open_wandb(cfg, self.metrics_url) if "wandb" in cfg.train.report_to else None
-        self.sync()  # the trimmed JSONL replaces the earlier one now, not at the next checkpoint
+                purge_events(storage.join(self.metrics_url, TENSORBOARD_DIR), resume_step)
+                self.tensorboard = SummaryWriter(log_dir=str(self.local / TENSORBOARD_DIR))
+            self.wandb = open_wandb(cfg, self.metrics_url) if "wandb" in cfg.train.report_to else None
+            self.sync()  # the trimmed JSONL replaces the earlier one now, not at the next checkpoint
+        except BaseException:  # a worker outlives many attempts: no folder or lock left per failed start
+            self.discard()
+            raise
 
     def _fetch_previous(self, resume_step: int) -> None:
         remote = storage.join(self.metrics_url, METRICS_FILE)
@@ -124,7 +143,7 @@ class MetricsRecorder:
         if self.tensorboard is not None:
             self.tensorboard.flush()
         for path in sorted(self.local.rglob("*")):
-            if path.is_file():
+            if path.is_file() and path.name != OWNER_FILE:
                 storage.put_file(str(path), storage.join(self.metrics_url, str(path.relative_to(self.local))))
         self.synced = time.monotonic()
 
