@@ -12,11 +12,10 @@ saved file, and measured on RGB and on BT.601 luma. `--benchmark NAME` (`kitdist
 HIDE, REDS, Rain100H, ...) measures as papers do on that test set and reports its headline PSNR/SSIM (RGB
 or Y) beside the KiT paper's published number where there is one. `--self-ensemble` restores every image
 in its 8 orientations and averages them (`kitdist.inference`; the results say so). `--bm3d-sigma S` also
-denoises every input with BM3D told the noise sigma S (the classical method denoisers are compared with;
-PyPI `bm3d`, free for non-commercial use, not installed with kitdist) and scores it the same way. Written to --out:
-`results.json` (means, per-image values, the convention of every number, model size, params, MACs),
-`results.md` (the same as tables),
-`grids/<key>.png` (input | restored | target with a zoomed detail) and `chart.png` (PSNR vs GMACs).
+denoises every input with BM3D told the noise sigma S and scores it the same way (`kitdist.bm3d_reference`).
+Written to --out: `results.json` (means, per-image values, the convention of every number, model size,
+params, MACs), `results.md` (the same as tables), `grids/<key>.png` (input | restored | target with a
+zoomed detail) and `chart.png` (PSNR vs GMACs).
 """
 
 from __future__ import annotations
@@ -26,15 +25,15 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from kitdist import storage
 from kitdist.benchmarks import BENCHMARKS, Benchmark, get_benchmark
+from kitdist.bm3d_reference import bm3d_denoiser, bm3d_line, bm3d_summary, score_bm3d
 from kitdist.config import ConfigError, ModelConfig, RunConfig, to_dict
 from kitdist.config_loader import override, replace_values
 from kitdist.inference import (
@@ -43,6 +42,7 @@ from kitdist.inference import (
     DIHEDRAL_ORIENTATIONS,
     Restorer,
     WeightsError,
+    add_self_ensemble_argument,
     load_restorer,
     recorded_run_config,
 )
@@ -111,7 +111,7 @@ def evaluate(
     ):
         record, scored = _score(restorer, batch, tile, overlap, crop_border)
         if bm3d is not None:
-            record.update(_score_bm3d(bm3d, batch, crop_border))
+            record.update(score_bm3d(bm3d, batch, crop_border))
         records.append(record)
         if out_url is not None:
             degraded = batch["input"][0].permute(1, 2, 0).numpy()
@@ -125,7 +125,8 @@ def evaluate(
         results["benchmark"] = benchmark_summary(protocol, results)
     # macs: what restoring a 256x256 image costs as evaluated (the x8 ensemble runs 8 forwards)
     forwards = DIHEDRAL_ORIENTATIONS if restorer.self_ensemble else 1
-    results.update(params=count_params(restorer.model), macs=forwards * count_macs(restorer.model_cfg, 256, 256))
+    macs = forwards * count_macs(restorer.model_cfg, 256, 256)
+    results.update(params=count_params(restorer.model), macs=macs)
     results["seconds"] = round(time.perf_counter() - started, 2)
     if out_url is not None:
         write_reports(out_url, results)
@@ -164,42 +165,6 @@ def _score(restorer: Restorer, batch: dict, tile: int, overlap: int, crop_border
     }
     record["input_psnr_rgb"] = score_unrestored(degraded, target, crop_border)["psnr_rgb"]
     return record, scored
-
-
-BM3D_MISSING = "not installed: pip install bm3d (its licence: non-commercial use)"
-
-
-def bm3d_denoiser(sigma: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """BM3D (PyPI `bm3d`, `bm3d_rgb`) told the noise sigma (0-255 scale): a function of an [3, H, W] float
-    tensor in [0, 1] scale; None when the package is not installed."""
-    if sigma <= 0:
-        raise ValueError(f"--bm3d-sigma: the noise sigma on the 0-255 scale is > 0, got {sigma}")
-    try:
-        from bm3d import bm3d_rgb
-    except ImportError:
-        return None
-
-    def denoise(noisy: torch.Tensor) -> torch.Tensor:
-        pixels = noisy.detach().cpu().permute(1, 2, 0).double().numpy()
-        return torch.from_numpy(bm3d_rgb(pixels, sigma_psd=sigma / 255.0)).permute(2, 0, 1).float()
-
-    return denoise
-
-
-def _score_bm3d(denoise, batch: dict, crop_border: int) -> dict[str, float]:
-    """BM3D's output on one image, scored as a restoration is (8-bit rounded, same convention)."""
-    scores = score_unrestored(denoise(batch["input"][0]), batch["target"][0], crop_border)
-    return {f"bm3d_{name}": value for name, value in scores.items()}
-
-
-def bm3d_summary(sigma: float, records: list[dict] | None) -> dict[str, Any]:
-    """BM3D's means over the images (records scored with it), in the same conventions as the model's; or,
-    records None, why there are none."""
-    method = f"BM3D (bm3d_rgb, told sigma {sigma:g})"
-    if records is None:
-        return {"method": method, "sigma": sigma, "error": BM3D_MISSING}
-    means = {name: float(np.mean([r[f"bm3d_{name}"] for r in records])) for name in METRICS}
-    return {"method": method, "sigma": sigma, **means}
 
 
 def _summary(restorer: Restorer, cfg: RunConfig, shards_url: str, records: list, crop_border: int) -> dict:
@@ -306,16 +271,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"  # fmt: skip
 
 
-def bm3d_line(bm3d: dict[str, Any]) -> str:
-    """BM3D's means in one line, or why there are none."""
-    if "error" in bm3d:
-        return bm3d["error"]
-    return (
-        f"PSNR RGB {bm3d['psnr_rgb']:.2f} dB, SSIM RGB {bm3d['ssim_rgb']:.4f}, "
-        f"PSNR Y {bm3d['psnr_y']:.2f} dB, SSIM Y {bm3d['ssim_y']:.4f}"
-    )
-
-
 def write_reports(out_url: str, results: dict[str, Any]) -> None:
     """results.json, results.md and chart.png under `out_url`."""
     from kitdist.report import MeasuredPoint, draw_chart
@@ -364,11 +319,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="SIGMA",
         help="also score BM3D told this noise sigma (0-255) on the same inputs (needs `pip install bm3d`)",
     )
-    parser.add_argument(
-        "--self-ensemble",
-        action="store_true",
-        help="restore each image in its 8 orientations (quarter turns, mirrored) and average: 8x the time",
-    )
+    add_self_ensemble_argument(parser)
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(

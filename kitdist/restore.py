@@ -28,6 +28,7 @@ from kitdist.inference import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
     WeightsError,
+    add_self_ensemble_argument,
     check_tiling,
     count_tiles,
     load_restorer,
@@ -167,11 +168,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="tiles per forward pass (1)")
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on GPU")
-    parser.add_argument(
-        "--self-ensemble",
-        action="store_true",
-        help="restore in the 8 orientations (quarter turns, mirrored) and average: a little better, 8x the time",
-    )
+    add_self_ensemble_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 

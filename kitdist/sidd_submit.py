@@ -32,10 +32,10 @@ from kitdist import storage
 from kitdist.checkpoints import WeightsError
 from kitdist.data.decode import CorruptSample, decode_rgb, image_bytes
 from kitdist.data.shardio import ReadOptions, ShardCursor
-from kitdist.data.stream import open_shard_set
+from kitdist.data.stream import shard_set
 from kitdist.data.transforms import to_float
-from kitdist.inference import DEFAULT_TILE, Restorer, load_restorer
-from kitdist.shards.manifest import ManifestError, read_manifest
+from kitdist.inference import DEFAULT_TILE, Restorer, add_self_ensemble_argument, load_restorer
+from kitdist.shards.manifest import Manifest, ManifestError, read_manifest
 from kitdist.train.validation import to_uint8
 
 BLOCK_KEY = re.compile(r"^(?P<split>.+)__image(?P<image>\d+)__block(?P<block>\d+)$")
@@ -47,9 +47,9 @@ class SubmissionError(ValueError):
     """A shard set that cannot make a complete submission; the message names the URL or the blocks."""
 
 
-def block_samples(shards_url: str) -> Iterator[tuple[str, int, int, np.ndarray]]:
-    """(key, image, block, uint8 noisy block) for every sample of a SIDD block shard set, in manifest order."""
-    manifest = read_manifest(shards_url)
+def block_samples(shards_url: str, manifest: Manifest) -> Iterator[tuple[str, int, int, np.ndarray]]:
+    """(key, image, block, uint8 noisy block) for every sample of a SIDD block shard set (its manifest
+    given), in manifest order."""
     if manifest.kind not in ("input", "paired"):
         raise SubmissionError(
             f"{shards_url}: holds {manifest.kind} samples; a SIDD block set (python -m kitdist.shards build "
@@ -61,7 +61,7 @@ def block_samples(shards_url: str) -> Iterator[tuple[str, int, int, np.ndarray]]
             f"{shards_url}: the build rejected {len(manifest.rejects)} block(s) (first: {first.path}: "
             f"{first.reason}); SIDD scores complete submissions only: rebuild from intact .mat files"
         )
-    shards = open_shard_set(shards_url, manifest.kind, "--shards")
+    shards = shard_set(shards_url, manifest)
     cursor = ShardCursor(shards, 0, 1, ReadOptions())
     for shard, count in enumerate(shards.samples):
         for offset in range(count):
@@ -92,7 +92,7 @@ def denoise_blocks(
     cells: dict[tuple[int, int], np.ndarray] = {}
     seconds, pixels = 0.0, 0
     for key, image, block, noisy in tqdm(
-        block_samples(shards_url), total=manifest.total_samples, unit="block", disable=not progress,
+        block_samples(shards_url, manifest), total=manifest.total_samples, unit="block", disable=not progress,
         file=sys.stderr,
     ):  # fmt: skip
         if image >= images or block >= blocks:
@@ -172,11 +172,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--authors", default="", help="OptionalData.Authors")
     parser.add_argument("--paper-title", default="", help="OptionalData.PaperTitle")
     parser.add_argument("--venue", default="", help="OptionalData.Venue")
-    parser.add_argument(
-        "--self-ensemble",
-        action="store_true",
-        help="restore each block in its 8 orientations and average (8x the time, counted in TimeMPSrgb)",
-    )
+    add_self_ensemble_argument(parser)
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)

@@ -40,14 +40,18 @@ from kitdist.data.batch import finish
 from kitdist.data.shardio import ShardSet
 from kitdist.data.stream_state import DataProblems, ResumeError, StreamState, WorkerState, stream_of
 from kitdist.data.worker import EpochWorker, ResampledWorker, StreamSpec, fresh_worker_state
-from kitdist.shards.manifest import read_manifest_of_kind, shard_urls
+from kitdist.shards.manifest import Manifest, read_manifest_of_kind, shard_urls
 
-__all__ = ["ResumeError", "TrainStream", "batch_layout", "open_shard_set"]
+__all__ = ["ResumeError", "TrainStream", "batch_layout", "open_shard_set", "shard_set"]
 
 
 def open_shard_set(url: str, kind: str, key: str) -> ShardSet:
     """The shard set at `url`, checked against the run's data kind."""
-    manifest = read_manifest_of_kind(url, kind, key)
+    return shard_set(url, read_manifest_of_kind(url, kind, key))
+
+
+def shard_set(url: str, manifest: Manifest) -> ShardSet:
+    """What the readers need of the shard set at `url`, from its manifest (already read)."""
     return ShardSet(
         tuple(shard_urls(url, manifest)),
         tuple(shard.name for shard in manifest.shards),

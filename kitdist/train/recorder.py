@@ -8,11 +8,11 @@ On resume, what the earlier attempts recorded past the checkpoint being resumed 
 again) is dropped: JSONL lines and TensorBoard events (each events file rewritten without them). A W&B run
 lasts as long as the run folder: its id is kept in `metrics/wandb-run-id`, and a resumed run continues it.
 
-The local folder (`kitdist-locked-metrics-*` in the temp dir) is removed at the end of a run and after a failed
-attempt; a worker that is killed (SIGKILL, the OOM killer) removes nothing, so each folder is held with an
-flock (on a file inside it, opened for writing, as NFS needs; never synced) while its process lives, and
-every new recorder first removes the folders no live process holds (the kernel drops a dead process's locks,
-whatever killed it, and in any PID namespace).
+The local folder (`kitdist-locked-metrics-*` in the temp dir) is removed at the end of a run and after a
+failed attempt; a worker that is killed (SIGKILL, the OOM killer) removes nothing, so each folder is held
+with an flock (on a file inside it, opened for writing, as NFS needs; never synced) while its process
+lives, and every new recorder first removes the folders no live process holds (the kernel drops a dead
+process's locks, whatever killed it, and in any PID namespace).
 """
 
 from __future__ import annotations
